@@ -1,0 +1,111 @@
+//! Command line, logging set-up and exit codes: `0` clean stop, `2` bad usage or configuration,
+//! `1` any other fatal error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::str::FromStr;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::prelude::*;
+
+use crate::config::{self, Config, Loaded};
+
+/// Exit status for bad usage or a bad configuration (systemd: `RestartPreventExitStatus=2`).
+pub const EXIT_CONFIG: u8 = 2;
+/// Exit status for any other fatal error.
+pub const EXIT_FAILURE: u8 = 1;
+
+/// Firmware for an internet-connected nightlight: light sensor, LED, MQTT, offline queue.
+#[derive(Debug, Parser)]
+#[command(name = "nightlight", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Configuration file [default: $NIGHTLIGHT_CONFIG, ./device.toml, /etc/nightlight/device.toml]
+    #[arg(long, short, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+enum Command {
+    /// Run the device: read the sensor, publish telemetry, obey commands (the default)
+    Run,
+    /// Validate the configuration and print the effective one, secrets redacted
+    Check,
+}
+
+/// Parses the command line, runs the command and maps the outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let source = config::locate(cli.config.as_deref(), std::env::var(config::CONFIG_ENV).ok().as_deref());
+    let loaded = match Config::load(&source) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("nightlight: configuration error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => check(&loaded),
+        Command::Run => run(loaded),
+    }
+}
+
+fn check(loaded: &Loaded) -> ExitCode {
+    let c = &loaded.config;
+    println!("# configuration OK\n# source: {}\n{}", loaded.source, c.to_redacted_toml());
+    let has_password = c.mqtt.password.is_some() || !c.mqtt.password_file.is_empty();
+    if has_password && !c.mqtt.tls.enabled && !is_loopback(&c.mqtt.host) {
+        eprintln!(
+            "nightlight: warning: the MQTT password would travel unencrypted to {}; enable [mqtt.tls]",
+            c.mqtt.host
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+fn run(loaded: Loaded) -> ExitCode {
+    tracing::info!(config = %loaded.source, "configuration loaded");
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nightlight: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = crate::shutdown::signal_future()?;
+        crate::device::run(loaded.config, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("nightlight: {e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Logs to stderr; the level comes from `RUST_LOG` (default `info`); no timestamps under
+/// journald, which adds its own.
+fn init_logging() {
+    let spec = std::env::var("RUST_LOG").unwrap_or_default();
+    let filter = Targets::from_str(&spec)
+        .ok()
+        .filter(|_| !spec.trim().is_empty())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false);
+    let registry = tracing_subscriber::registry().with(filter);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        registry.with(fmt.without_time()).init();
+    } else {
+        registry.with(fmt).init();
+    }
+}

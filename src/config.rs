@@ -1,0 +1,572 @@
+//! Configuration: built-in defaults, then the file, then `NIGHTLIGHT__*` environment variables.
+//!
+//! This module owns the schema (serde structs that mirror `device.toml`), where the file is looked
+//! for, validation with messages that name the key and where its value came from, and the
+//! redacted rendering that `nightlight check` prints. It does no I/O beyond reading the file and
+//! the password file.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variable naming the config file when `--config` is not given.
+pub const CONFIG_ENV: &str = "NIGHTLIGHT_CONFIG";
+/// Where the file is looked for when neither `--config` nor `$NIGHTLIGHT_CONFIG` names one.
+pub const DEFAULT_PATHS: [&str; 2] = ["device.toml", "/etc/nightlight/device.toml"];
+/// Stands in for a secret wherever the configuration is printed.
+pub const REDACTED: &str = "<redacted>";
+
+/// A configuration that cannot be used; the program exits with status 2.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The named file does not exist or cannot be read: fix the path or the permissions.
+    #[error("cannot read config file {path}: {source}")]
+    Unreadable { path: PathBuf, source: std::io::Error },
+    /// The file is not valid TOML, or a value has the wrong type or an unknown key.
+    #[error("{0}")]
+    Parse(String),
+    /// A value parsed but is out of range.
+    #[error("invalid value for `{key}` {origin}: {reason}")]
+    Invalid { key: &'static str, origin: String, reason: String },
+}
+
+/// The whole configuration. Every field has a default, so an empty file is valid.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Topic prefix and default client id: `[A-Za-z0-9_-]{1,64}`.
+    pub id: String,
+    pub mqtt: MqttConfig,
+    pub sensor: SensorConfig,
+    pub led: LedConfig,
+    pub homeassistant: HomeAssistantConfig,
+    pub queue: QueueConfig,
+    pub server: ServerConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    /// Empty means "use `id`".
+    pub client_id: String,
+    pub keep_alive_s: u64,
+    pub clean_session: bool,
+    pub qos: u8,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    pub username: String,
+    pub password_file: String,
+    /// Only ever set from `NIGHTLIGHT__MQTT__PASSWORD`; never printed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    pub tls: TlsConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub enabled: bool,
+    pub ca_file: String,
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+/// Which light sensor to read.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SensorKind {
+    Grove,
+    Ads1115,
+    Bh1750,
+    Virtual,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SensorConfig {
+    pub kind: SensorKind,
+    pub interval_ms: u64,
+    pub i2c_bus: u8,
+    /// The chip's I2C address; `None` means the chip's default (grove probes 0x04 then 0x08).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<u8>,
+    pub channel: u8,
+    pub full_scale_lux: f64,
+    #[serde(rename = "virtual")]
+    pub simulated: SimulatedSensorConfig,
+}
+
+/// The shape of the simulated light level.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Pattern {
+    Constant,
+    Daylight,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimulatedSensorConfig {
+    pub pattern: Pattern,
+    pub value: u16,
+    pub period_s: u64,
+}
+
+/// Which LED to drive.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LedKind {
+    Gpio,
+    Virtual,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedConfig {
+    pub kind: LedKind,
+    pub pin: u8,
+    pub active_low: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HomeAssistantConfig {
+    pub enabled: bool,
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    pub dir: String,
+    pub max_bytes: u64,
+    pub spill_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub threshold: u16,
+    pub hysteresis: u16,
+    pub shared_group: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            id: "nightlight-01".into(),
+            mqtt: MqttConfig::default(),
+            sensor: SensorConfig::default(),
+            led: LedConfig::default(),
+            homeassistant: HomeAssistantConfig::default(),
+            queue: QueueConfig::default(),
+            server: ServerConfig::default(),
+        }
+    }
+}
+
+impl Default for HomeAssistantConfig {
+    fn default() -> Self {
+        HomeAssistantConfig { enabled: true, prefix: "homeassistant".into() }
+    }
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig { dir: "state".into(), max_bytes: 64 * 1024 * 1024, spill_ms: 1000 }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { threshold: 300, hysteresis: 20, shared_group: String::new() }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            host: "localhost".into(),
+            port: 1883,
+            client_id: String::new(),
+            keep_alive_s: 30,
+            clean_session: false,
+            qos: 1,
+            reconnect_min_ms: 250,
+            reconnect_max_ms: 30_000,
+            username: String::new(),
+            password_file: String::new(),
+            password: None,
+            tls: TlsConfig::default(),
+        }
+    }
+}
+
+impl Default for SensorConfig {
+    fn default() -> Self {
+        SensorConfig {
+            kind: if cfg!(feature = "hardware") { SensorKind::Grove } else { SensorKind::Virtual },
+            interval_ms: 5000,
+            i2c_bus: 1,
+            address: None,
+            channel: 0,
+            full_scale_lux: 1000.0,
+            simulated: SimulatedSensorConfig::default(),
+        }
+    }
+}
+
+impl Default for SimulatedSensorConfig {
+    fn default() -> Self {
+        SimulatedSensorConfig { pattern: Pattern::Daylight, value: 400, period_s: 120 }
+    }
+}
+
+impl Default for LedConfig {
+    fn default() -> Self {
+        LedConfig {
+            kind: if cfg!(feature = "hardware") { LedKind::Gpio } else { LedKind::Virtual },
+            pin: 5,
+            active_low: false,
+        }
+    }
+}
+
+/// Where the configuration came from, for messages and `nightlight check`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    File(PathBuf),
+    /// No file was named and none exists at the default paths.
+    Defaults,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "{}", p.display()),
+            Source::Defaults => write!(f, "built-in defaults (no file at {})", DEFAULT_PATHS.join(", ")),
+        }
+    }
+}
+
+/// A loaded, validated configuration and where it came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub source: Source,
+}
+
+/// Picks the file: `--config`, else `$NIGHTLIGHT_CONFIG`, else the first default path that exists.
+pub fn locate(explicit: Option<&Path>, env_value: Option<&str>) -> Source {
+    if let Some(p) = explicit {
+        return Source::File(p.to_path_buf());
+    }
+    if let Some(p) = env_value.filter(|v| !v.is_empty()) {
+        return Source::File(PathBuf::from(p));
+    }
+    DEFAULT_PATHS.iter().map(PathBuf::from).find(|p| p.is_file()).map(Source::File).unwrap_or(Source::Defaults)
+}
+
+impl Config {
+    /// Loads defaults, then `source`, then the process environment, and validates the result.
+    ///
+    /// # Errors
+    /// A missing or unparsable file, an unknown key, a wrong type or an out-of-range value.
+    pub fn load(source: &Source) -> Result<Loaded, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_with_env(source, &env)
+    }
+
+    /// As [`Config::load`], with the environment given explicitly (for tests).
+    pub fn load_with_env(source: &Source, env: &[(String, String)]) -> Result<Loaded, ConfigError> {
+        let mut builder = config::Config::builder()
+            .add_source(config::Config::try_from(&Config::default()).map_err(|e| ConfigError::Parse(e.to_string()))?);
+        let mut file_table = toml::Table::new();
+        if let Source::File(path) = source {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| ConfigError::Unreadable { path: path.clone(), source: e })?;
+            // Parse here first: toml's own error carries the line and column.
+            file_table = text
+                .parse::<toml::Table>()
+                .map_err(|e| ConfigError::Parse(format!("{}: {}", path.display(), e.to_string().trim_end())))?;
+            builder = builder.add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml));
+        }
+        let env_map: config::Map<String, String> =
+            env.iter().filter(|(k, _)| k.starts_with("NIGHTLIGHT__")).cloned().collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("NIGHTLIGHT")
+                .prefix_separator("__")
+                .separator("__")
+                .source(Some(env_map.clone())),
+        );
+        let merged = builder.build().map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let origin_of = |key: &str| -> String {
+            let var = format!("NIGHTLIGHT__{}", key.replace('.', "__").to_uppercase());
+            if env_map.contains_key(&var) {
+                return format!("from environment variable {var}");
+            }
+            let mut node = Some(&file_table);
+            let mut parts = key.split('.').peekable();
+            while let (Some(table), Some(part)) = (node, parts.next()) {
+                match table.get(part) {
+                    Some(_) if parts.peek().is_none() => return format!("in {source}"),
+                    Some(toml::Value::Table(t)) => node = Some(t),
+                    _ => node = None,
+                }
+            }
+            "built-in default".to_owned()
+        };
+        let config: Config = merged.clone().try_deserialize().map_err(|e| {
+            let msg = e.to_string();
+            // serde's unknown-field message does not say which file or section: add both.
+            if msg.starts_with("unknown field") {
+                ConfigError::Parse(format!("{msg} (in {source} or a NIGHTLIGHT__* variable)"))
+            } else {
+                ConfigError::Parse(msg)
+            }
+        })?;
+        config.validate(&origin_of)?;
+        Ok(Loaded { config, source: source.clone() })
+    }
+
+    /// Checks ranges and combinations; `origin_of(key)` says where a key's value came from.
+    fn validate(&self, origin_of: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, reason: String| ConfigError::Invalid { key, origin: origin_of(key), reason };
+        if !valid_id(&self.id) {
+            return Err(bad("id", format!("{:?} must be 1-64 of A-Z a-z 0-9 _ - (no '/', '+' or '#')", self.id)));
+        }
+        let m = &self.mqtt;
+        if m.host.is_empty() {
+            return Err(bad("mqtt.host", "must not be empty".into()));
+        }
+        if m.port == 0 {
+            return Err(bad("mqtt.port", "must be 1-65535".into()));
+        }
+        if m.client_id.len() > 256 || m.client_id.contains(['+', '#']) {
+            return Err(bad("mqtt.client_id", "at most 256 characters, no '+' or '#'".into()));
+        }
+        if m.keep_alive_s == 0 || m.keep_alive_s > 65_535 {
+            return Err(bad("mqtt.keep_alive_s", format!("{} is not in 1-65535", m.keep_alive_s)));
+        }
+        if m.qos > 1 {
+            return Err(bad("mqtt.qos", format!("{} is not 0 or 1", m.qos)));
+        }
+        if m.reconnect_min_ms == 0 {
+            return Err(bad("mqtt.reconnect_min_ms", "must be at least 1".into()));
+        }
+        if m.reconnect_max_ms < m.reconnect_min_ms {
+            return Err(bad(
+                "mqtt.reconnect_max_ms",
+                format!("{} is below mqtt.reconnect_min_ms ({})", m.reconnect_max_ms, m.reconnect_min_ms),
+            ));
+        }
+        if m.tls.enabled {
+            return Err(bad("mqtt.tls.enabled", "TLS is not supported by this build yet".into()));
+        }
+        if !m.password_file.is_empty() && !Path::new(&m.password_file).is_file() {
+            return Err(bad("mqtt.password_file", format!("cannot read {}", m.password_file)));
+        }
+        let s = &self.sensor;
+        if !(10..=86_400_000).contains(&s.interval_ms) {
+            return Err(bad("sensor.interval_ms", format!("{} is not in 10-86400000", s.interval_ms)));
+        }
+        if s.channel > 7 {
+            return Err(bad("sensor.channel", format!("{} is not in 0-7", s.channel)));
+        }
+        if let Some(a) = s.address {
+            if !(0x03..=0x77).contains(&a) {
+                return Err(bad("sensor.address", format!("{a:#04x} is not a 7-bit I2C address (0x03-0x77)")));
+            }
+        }
+        if !(s.full_scale_lux.is_finite() && s.full_scale_lux > 0.0) {
+            return Err(bad("sensor.full_scale_lux", "must be a positive number".into()));
+        }
+        if s.simulated.value > 1000 {
+            return Err(bad("sensor.virtual.value", format!("{} is not in 0-1000", s.simulated.value)));
+        }
+        if s.simulated.period_s == 0 {
+            return Err(bad("sensor.virtual.period_s", "must be at least 1".into()));
+        }
+        if s.kind == SensorKind::Virtual && !cfg!(feature = "virtual") {
+            return Err(bad("sensor.kind", "\"virtual\" needs a build with the `virtual` feature".into()));
+        }
+        if s.kind != SensorKind::Virtual && !cfg!(feature = "hardware") {
+            return Err(bad("sensor.kind", "hardware sensors need a build with the `hardware` feature".into()));
+        }
+        if self.led.kind == LedKind::Virtual && !cfg!(feature = "virtual") {
+            return Err(bad("led.kind", "\"virtual\" needs a build with the `virtual` feature".into()));
+        }
+        if self.led.kind == LedKind::Gpio && !cfg!(feature = "hardware") {
+            return Err(bad("led.kind", "\"gpio\" needs a build with the `hardware` feature".into()));
+        }
+        if self.led.pin > 53 {
+            return Err(bad("led.pin", format!("{} is not a BCM GPIO number (0-53)", self.led.pin)));
+        }
+        if self.queue.dir.is_empty() {
+            return Err(bad("queue.dir", "must not be empty".into()));
+        }
+        if self.queue.max_bytes < 64 * 1024 {
+            return Err(bad("queue.max_bytes", format!("{} is below the minimum of 65536", self.queue.max_bytes)));
+        }
+        if !(1..=3_600_000).contains(&self.queue.spill_ms) {
+            return Err(bad("queue.spill_ms", format!("{} is not in 1-3600000", self.queue.spill_ms)));
+        }
+        if self.server.threshold > 1000 {
+            return Err(bad("server.threshold", format!("{} is not in 0-1000", self.server.threshold)));
+        }
+        if self.homeassistant.prefix.is_empty() || self.homeassistant.prefix.contains(['+', '#']) {
+            return Err(bad("homeassistant.prefix", "must be a non-empty topic without '+' or '#'".into()));
+        }
+        Ok(())
+    }
+
+    /// The MQTT client id: `mqtt.client_id`, or the device id when that is empty.
+    pub fn client_id(&self) -> &str {
+        if self.mqtt.client_id.is_empty() {
+            &self.id
+        } else {
+            &self.mqtt.client_id
+        }
+    }
+
+    /// Reads the broker password from `mqtt.password` (environment) or `mqtt.password_file`.
+    ///
+    /// # Errors
+    /// The password file cannot be read.
+    pub fn password(&self) -> Result<Option<String>, ConfigError> {
+        if let Some(p) = &self.mqtt.password {
+            return Ok(Some(p.clone()));
+        }
+        if self.mqtt.password_file.is_empty() {
+            return Ok(None);
+        }
+        let path = PathBuf::from(&self.mqtt.password_file);
+        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::Unreadable { path, source: e })?;
+        Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()))
+    }
+
+    /// The effective configuration as TOML, with every secret replaced by [`REDACTED`].
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        if shown.mqtt.password.is_some() {
+            shown.mqtt.password = Some(REDACTED.into());
+        }
+        toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    }
+}
+
+/// `[A-Za-z0-9_-]{1,64}`: safe as a topic level and a Home Assistant object id.
+pub fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn load_str(toml_text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(toml_text.as_bytes()).unwrap();
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::load_with_env(&Source::File(f.path().to_path_buf()), &env).map(|l| l.config)
+    }
+
+    #[test]
+    fn empty_file_gives_contract_defaults() {
+        let c = load_str("", &[]).unwrap();
+        assert_eq!(c.id, "nightlight-01");
+        assert_eq!(c.mqtt.port, 1883);
+        assert_eq!(c.mqtt.keep_alive_s, 30);
+        assert!(!c.mqtt.clean_session);
+        assert_eq!(c.mqtt.qos, 1);
+        assert_eq!((c.mqtt.reconnect_min_ms, c.mqtt.reconnect_max_ms), (250, 30_000));
+        assert_eq!(c.sensor.interval_ms, 5000);
+        assert_eq!(c.led.pin, 5);
+        assert_eq!(c.queue.max_bytes, 67_108_864);
+        assert_eq!(c.queue.spill_ms, 1000);
+        assert_eq!(c.client_id(), "nightlight-01");
+    }
+
+    #[test]
+    fn file_values_override_defaults_and_env_overrides_file() {
+        let c = load_str(
+            "id = \"porch\"\n[mqtt]\nport = 1884\n[sensor.virtual]\nvalue = 10\n",
+            &[("NIGHTLIGHT__MQTT__PORT", "1999"), ("NIGHTLIGHT__SENSOR__VIRTUAL__VALUE", "250")],
+        )
+        .unwrap();
+        assert_eq!(c.id, "porch");
+        assert_eq!(c.mqtt.port, 1999);
+        assert_eq!(c.sensor.simulated.value, 250);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_naming_it() {
+        let e = load_str("[mqtt]\nprot = 1\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("prot"), "{e}");
+        let e = load_str("", &[("NIGHTLIGHT__MQTT__HOSTNAME", "x")]).unwrap_err().to_string();
+        assert!(e.contains("hostname"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_value_names_key_and_file() {
+        let err = load_str("[mqtt]\nqos = 2\n", &[]).unwrap_err();
+        let e = err.to_string();
+        assert!(e.contains("mqtt.qos"), "{e}");
+        assert!(e.contains("in /"), "names the file: {e}");
+        let e = load_str("", &[("NIGHTLIGHT__MQTT__QOS", "7")]).unwrap_err().to_string();
+        assert!(e.contains("NIGHTLIGHT__MQTT__QOS"), "names the variable: {e}");
+    }
+
+    #[test]
+    fn wrong_type_names_key() {
+        let e = load_str("[mqtt]\nport = \"abc\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("mqtt.port"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_names_file_and_line() {
+        let e = load_str("id = \"a\"\n[mqtt\nport = 1\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn bad_id_is_rejected() {
+        for id in ["", "a/b", "a+b", "x#", &"a".repeat(65)] {
+            let e = load_str(&format!("id = {id:?}\n"), &[]).unwrap_err().to_string();
+            assert!(e.contains("`id`"), "{id}: {e}");
+        }
+    }
+
+    #[test]
+    fn missing_file_is_an_error_naming_it() {
+        let e = Config::load_with_env(&Source::File("/nonexistent/x.toml".into()), &[]).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/x.toml"), "{e}");
+    }
+
+    #[test]
+    fn password_from_env_is_redacted_in_check_output() {
+        let c = load_str("[mqtt]\nusername = \"dev\"\n", &[("NIGHTLIGHT__MQTT__PASSWORD", "hunter2")]).unwrap();
+        assert_eq!(c.password().unwrap().as_deref(), Some("hunter2"));
+        let shown = c.to_redacted_toml();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains(REDACTED));
+    }
+
+    #[test]
+    fn password_file_trailing_newline_is_ignored() {
+        let mut pw = tempfile::NamedTempFile::new().unwrap();
+        pw.write_all(b"s3cret\n").unwrap();
+        let c = load_str(&format!("[mqtt]\npassword_file = {:?}\n", pw.path()), &[]).unwrap();
+        assert_eq!(c.password().unwrap().as_deref(), Some("s3cret"));
+        assert!(!c.to_redacted_toml().contains("s3cret"));
+    }
+
+    #[test]
+    fn locate_prefers_flag_then_env() {
+        assert_eq!(locate(Some(Path::new("a.toml")), Some("b.toml")), Source::File("a.toml".into()));
+        assert_eq!(locate(None, Some("b.toml")), Source::File("b.toml".into()));
+    }
+}

@@ -1,0 +1,395 @@
+//! The device: wires the sensor, the LED, the queue and the MQTT link together.
+//!
+//! ```text
+//!  sampler task ──readings──▶ ┌──────────── device loop ────────────┐
+//!  (interval, sensor.read)    │ queue.push ─▶ pump ─▶ client.try_publish ──▶ rumqttc
+//!                             │ poller batch ◀──────── events ◀──────────── rumqttc
+//!  shutdown future ─────────▶ │ PubAck ─▶ queue.ack; commands ─▶ led.set ─▶ state
+//!                             └─────────────────────────────────────┘
+//! ```
+//! The loop is the only owner of the queue, the LED and the client, so ordering is simple: a
+//! reading is published only after every older one, and a connection error rewinds the queue
+//! before anything else is sent.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use rumqttc::{AsyncClient, ConnectionError, Event, Incoming, Outgoing, Publish, QoS, SubscribeReasonCode};
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, MissedTickBehavior};
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, SensorKind};
+use crate::led::{self, Led};
+use crate::link::{self, Backoff, Poller};
+use crate::payload::{self, LedState, Topics, OFFLINE, ONLINE};
+use crate::queue::DiskQueue;
+use crate::sensor::{self, Reading, Sensor, SimulatedControl};
+
+/// Telemetry publishes in flight at once while a backlog drains.
+pub const WINDOW: usize = 64;
+/// How long a clean stop waits for the broker to take the `offline` status.
+const STOP_GRACE: Duration = Duration::from_millis(1200);
+/// A connection that lasted this long resets the reconnect backoff.
+const STABLE_CONNECTION: Duration = Duration::from_secs(5);
+
+/// Counters shared with the sampler task (and reported in health).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub sensor_errors: AtomicU64,
+    pub rejected_commands: AtomicU64,
+    pub reconnects: AtomicU64,
+}
+
+/// What a publish handed to rumqttc was, so its packet id can be mapped back.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Sent {
+    Telemetry(u64),
+    Other,
+}
+
+/// Runs the device until `shutdown` completes; returns after a clean stop.
+///
+/// # Errors
+/// The queue directory, the sensor or the LED cannot be opened.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let queue_dir = Path::new(&cfg.queue.dir);
+    let queue = DiskQueue::open(queue_dir, cfg.queue.max_bytes, Duration::from_millis(cfg.queue.spill_ms))
+        .with_context(|| format!("cannot open the offline queue (queue.dir = {})", queue_dir.display()))?;
+    let (sensor, simulated) = sensor::open(&cfg)?;
+    let led = led::open(&cfg)?;
+    let topics = Topics::new(&cfg.id);
+    let (client, eventloop) = link::connect_options(&cfg, &topics)?;
+    let counters = Arc::new(Counters::default());
+    let (readings_tx, readings_rx) = mpsc::channel(64);
+    let sampler =
+        tokio::spawn(sample(sensor, Duration::from_millis(cfg.sensor.interval_ms), readings_tx, counters.clone()));
+    info!(id = %cfg.id, broker = %format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port), queued = queue.stats().readings,
+        "nightlight started");
+    let mut device = Device {
+        backoff: Backoff::new(
+            Duration::from_millis(cfg.mqtt.reconnect_min_ms),
+            Duration::from_millis(cfg.mqtt.reconnect_max_ms),
+        ),
+        qos: if cfg.mqtt.qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce },
+        simulated_topic: cfg.sensor.kind == SensorKind::Virtual,
+        clean_session: cfg.mqtt.clean_session,
+        cfg,
+        topics,
+        queue,
+        led,
+        simulated,
+        client,
+        poller: Poller::new(eventloop),
+        counters,
+        connected: None,
+        reconnect_at: Some(tokio::time::Instant::now()),
+        sent: VecDeque::new(),
+        by_pkid: HashMap::new(),
+        purge: false,
+        last_failure: None,
+    };
+    let result = device.run(readings_rx, shutdown).await;
+    sampler.abort();
+    result
+}
+
+/// Reads the sensor every `interval` and hands readings to the device loop.
+async fn sample(
+    mut sensor: Box<dyn Sensor>,
+    interval: Duration,
+    readings_tx: mpsc::Sender<(Reading, u64)>,
+    counters: Arc<Counters>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut failed_reads = 0u64;
+    loop {
+        tick.tick().await;
+        let ts = unix_ms();
+        let res = if sensor.blocks() {
+            // Panics abort the process, so the blocking task always hands the sensor back.
+            let (s, r) = tokio::task::spawn_blocking(move || {
+                let r = sensor.read();
+                (sensor, r)
+            })
+            .await
+            .expect("sensor thread");
+            sensor = s;
+            r
+        } else {
+            sensor.read()
+        };
+        match res {
+            Ok(reading) => {
+                if failed_reads > 0 {
+                    info!(failed_reads, "sensor recovered");
+                    failed_reads = 0;
+                }
+                if readings_tx.send((reading, ts)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                counters.sensor_errors.fetch_add(1, Ordering::Relaxed);
+                if failed_reads == 0 {
+                    warn!(error = %e, "sensor read failed; skipping readings until it recovers");
+                }
+                failed_reads += 1;
+            }
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+struct Device {
+    cfg: Config,
+    topics: Topics,
+    queue: DiskQueue,
+    led: Box<dyn Led>,
+    simulated: Option<SimulatedControl>,
+    client: AsyncClient,
+    poller: Poller,
+    counters: Arc<Counters>,
+    backoff: Backoff,
+    qos: QoS,
+    clean_session: bool,
+    simulated_topic: bool,
+    /// When the current connection was acknowledged; `None` while disconnected.
+    connected: Option<Instant>,
+    /// When to try connecting again, while disconnected and not polling.
+    reconnect_at: Option<tokio::time::Instant>,
+    /// Publishes handed to rumqttc, in order, waiting for their packet id.
+    sent: VecDeque<Sent>,
+    /// QoS 1 publishes on the wire, waiting for PUBACK.
+    by_pkid: HashMap<u16, Sent>,
+    /// The broker holds a message too large to receive: the next connection discards the session.
+    purge: bool,
+    /// The last connection failure, so a retry that fails the same way is not logged again.
+    last_failure: Option<String>,
+}
+
+impl Device {
+    async fn run(
+        &mut self,
+        mut readings_rx: mpsc::Receiver<(Reading, u64)>,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        tokio::pin!(shutdown);
+        loop {
+            let spill_at = self.queue.next_deadline(self.connected.is_none()).map(tokio::time::Instant::from_std);
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                events = self.poller.next(), if self.poller.is_running() => {
+                    self.on_events(events);
+                    if self.reconnect_at.is_none() {
+                        self.poller.start();
+                    }
+                }
+                Some((reading, ts)) = readings_rx.recv() => {
+                    self.queue.push(reading.light, ts, reading.lux);
+                    self.pump();
+                }
+                _ = sleep_until(self.reconnect_at.unwrap_or_else(far_future)), if self.reconnect_at.is_some() => {
+                    self.reconnect_at = None;
+                    self.poller.start();
+                }
+                _ = sleep_until(spill_at.unwrap_or_else(far_future)), if spill_at.is_some() => {
+                    self.queue.tick(Instant::now(), self.connected.is_none());
+                }
+            }
+        }
+        self.stop().await;
+        Ok(())
+    }
+
+    fn on_events(&mut self, events: Vec<Result<Event, ConnectionError>>) {
+        for ev in events {
+            match ev {
+                Ok(Event::Incoming(Incoming::ConnAck(ack))) => self.on_connected(ack.session_present),
+                Ok(Event::Incoming(Incoming::PubAck(ack))) => {
+                    if let Some(Sent::Telemetry(seq)) = self.by_pkid.remove(&ack.pkid) {
+                        self.queue.ack(seq);
+                    }
+                }
+                Ok(Event::Incoming(Incoming::Publish(p))) => self.on_message(&p),
+                Ok(Event::Incoming(Incoming::SubAck(ack))) => {
+                    if ack.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure)) {
+                        warn!(topic = %self.topics.commands,
+                            "the broker refused a subscription (check its ACL): commands will not arrive");
+                    }
+                }
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => match self.sent.pop_front() {
+                    Some(Sent::Telemetry(seq)) if pkid == 0 => self.queue.ack(seq),
+                    Some(what) if pkid != 0 => {
+                        self.by_pkid.insert(pkid, what);
+                    }
+                    _ => {}
+                },
+                Ok(_) => {}
+                Err(e) => self.on_disconnected(&e),
+            }
+        }
+        self.pump();
+    }
+
+    fn on_connected(&mut self, session_present: bool) {
+        self.connected = Some(Instant::now());
+        self.last_failure = None;
+        if self.purge {
+            self.finish_purge();
+            return;
+        }
+        info!(broker = %format!("{}:{}", self.cfg.mqtt.host, self.cfg.mqtt.port), session_present,
+            backlog = self.queue.stats().readings, "connected");
+        // A session the broker kept still has our subscriptions; re-subscribing would make it
+        // deliver retained messages again.
+        if !session_present {
+            let mut topics = vec![rumqttc::SubscribeFilter::new(self.topics.commands.clone(), QoS::AtLeastOnce)];
+            if self.simulated_topic {
+                topics.push(rumqttc::SubscribeFilter::new(self.topics.virtual_light.clone(), QoS::AtLeastOnce));
+            }
+            if let Err(e) = self.client.try_subscribe_many(topics) {
+                warn!(error = %e, "cannot subscribe to commands");
+            }
+        }
+        self.publish_other(&self.topics.status.clone(), ONLINE.as_bytes().to_vec(), true);
+        let state = LedState { led_on: self.led.is_on() };
+        self.publish_other(&self.topics.state.clone(), state.to_json(), true);
+    }
+
+    /// The connection that discarded a poisoned session is up: clear any retained message on our
+    /// command topics (it may be the oversized one), then reconnect with the configured session.
+    fn finish_purge(&mut self) {
+        let mut topics = vec![self.topics.commands.clone()];
+        if self.simulated_topic {
+            topics.push(self.topics.virtual_light.clone());
+        }
+        for t in topics {
+            self.publish_other(&t, Vec::new(), true);
+        }
+        self.purge = false;
+        if let Some(el) = self.poller.eventloop() {
+            el.mqtt_options.set_clean_session(self.clean_session);
+        }
+        let _ = self.client.try_disconnect();
+        info!("discarded the broker session that held the oversized message; reconnecting");
+    }
+
+    fn on_disconnected(&mut self, e: &ConnectionError) {
+        let reason = link::describe(e);
+        match self.connected.take() {
+            Some(since) => {
+                self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                if since.elapsed() >= STABLE_CONNECTION {
+                    self.backoff.reset();
+                }
+                warn!(reason = %reason, backlog = self.queue.stats().readings, "disconnected");
+            }
+            None if self.last_failure.as_deref() != Some(reason.as_str()) => {
+                warn!(broker = %format!("{}:{}", self.cfg.mqtt.host, self.cfg.mqtt.port), reason = %reason,
+                    "cannot connect; retrying with backoff");
+            }
+            None => debug!(reason = %reason, "still cannot connect"),
+        }
+        self.last_failure = Some(reason);
+        if let Some(size) = link::is_oversized_incoming(e) {
+            warn!(bytes = size, limit = link::MAX_INCOMING_BYTES,
+                "the broker sent a message larger than the incoming limit; discarding the broker session to get past it");
+            self.counters.rejected_commands.fetch_add(1, Ordering::Relaxed);
+            self.purge = true;
+        }
+        self.poller.forget_unsent();
+        if let Some(el) = self.poller.eventloop() {
+            el.mqtt_options.set_clean_session(self.purge || self.clean_session);
+        }
+        self.sent.clear();
+        self.by_pkid.clear();
+        self.queue.rewind();
+        self.reconnect_at = Some(tokio::time::Instant::now() + self.backoff.next_delay());
+    }
+
+    fn on_message(&mut self, p: &Publish) {
+        if p.topic == self.topics.commands {
+            match payload::parse_command(&p.payload) {
+                Ok(cmd) => {
+                    self.led.set(cmd.led_on);
+                    self.publish_other(&self.topics.state.clone(), cmd.to_json(), true);
+                }
+                Err(e) => {
+                    let n = self.counters.rejected_commands.fetch_add(1, Ordering::Relaxed) + 1;
+                    warn!(topic = %p.topic, bytes = p.payload.len(), error = %e, rejected_total = n,
+                        "ignored an invalid command");
+                }
+            }
+        } else if p.topic == self.topics.virtual_light {
+            match (payload::parse_simulated_light(&p.payload), &self.simulated) {
+                (Some(v), Some(ctl)) => {
+                    info!(?v, "simulated light set");
+                    ctl.set(v);
+                }
+                (None, _) if p.payload.is_empty() => {}
+                _ => warn!(topic = %p.topic, bytes = p.payload.len(), "ignored: expected 0-1000 or `fail`"),
+            }
+        }
+    }
+
+    /// Publishes queued readings, oldest first, while the window has room.
+    fn pump(&mut self) {
+        if self.connected.is_none() || self.purge {
+            return;
+        }
+        while self.queue.in_flight() < WINDOW {
+            let Some(rec) = self.queue.peek_unsent() else { break };
+            if self.client.try_publish(self.topics.telemetry.clone(), self.qos, false, rec.to_json()).is_err() {
+                break; // the request channel is full; PUBACKs will make room
+            }
+            self.queue.mark_sent();
+            self.sent.push_back(Sent::Telemetry(rec.seq));
+        }
+    }
+
+    fn publish_other(&mut self, topic: &str, payload: Vec<u8>, retain: bool) {
+        match self.client.try_publish(topic, QoS::AtLeastOnce, retain, payload) {
+            Ok(()) => self.sent.push_back(Sent::Other),
+            Err(e) => warn!(topic, error = %e, "cannot publish"),
+        }
+    }
+
+    /// A clean stop: `offline`, disconnect, everything unacknowledged to disk.
+    async fn stop(&mut self) {
+        info!("stopping");
+        if self.connected.is_some() {
+            self.publish_other(&self.topics.status.clone(), OFFLINE.as_bytes().to_vec(), true);
+            let _ = self.client.try_disconnect();
+            let deadline = tokio::time::Instant::now() + STOP_GRACE;
+            self.poller.start();
+            // Poll until rumqttc has written the DISCONNECT (after the status), or time is up.
+            'wait: while let Ok(events) = tokio::time::timeout_at(deadline, self.poller.next()).await {
+                for ev in &events {
+                    if matches!(ev, Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_)) {
+                        break 'wait;
+                    }
+                }
+                self.on_events(events);
+                self.poller.start();
+            }
+        }
+        self.queue.close();
+        let st = self.queue.stats();
+        info!(queued = st.readings, dropped = st.dropped, "stopped");
+    }
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
+}

@@ -1,0 +1,31 @@
+//! nightlight: firmware for an internet-connected nightlight on a Raspberry Pi.
+//!
+//! The device reads a light sensor, publishes `{"light", "ts", "seq"}` to `<id>/telemetry`, and
+//! switches an LED on `{"led_on": bool}` from `<id>/commands`, over MQTT. Readings are owned by a
+//! durable queue until the broker acknowledges them, so a broker outage, a crash or a power cut
+//! loses nothing. The interface is specified in the README (and the project's CONTRACT.md).
+//!
+//! # Layout
+//! - [`cli`]: command-line parsing, logging set-up, exit codes (`main.rs` only calls it).
+//! - [`config`]: the configuration schema, layered loading and validation.
+//! - [`device`]: the orchestrator: sampler task, device loop, clean stop.
+//! - [`link`]: MQTT options, reconnect backoff, the cancel-safe poller around rumqttc.
+//! - [`queue`]: the durable offline queue (segments, checksums, group commit, byte cap).
+//! - [`payload`]: topics and JSON payloads; defensive command decoding.
+//! - [`sensor`]: the `Sensor` trait, I2C chip drivers and the simulated sensor.
+//! - [`led`]: the `Led` trait, the GPIO LED and the virtual LED.
+//! - [`shutdown`]: the SIGINT/SIGTERM future.
+
+pub mod cli;
+pub mod config;
+pub mod device;
+pub mod led;
+pub mod link;
+pub mod payload;
+pub mod queue;
+pub mod sensor;
+pub mod shutdown;
+
+pub use config::{Config, ConfigError};
+pub use queue::{DiskQueue, QueueError};
+pub use sensor::SensorError;

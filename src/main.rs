@@ -1,0 +1,5 @@
+//! The `nightlight` binary: everything happens in [`nightlight::cli`].
+
+fn main() -> std::process::ExitCode {
+    nightlight::cli::main()
+}

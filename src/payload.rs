@@ -1,0 +1,204 @@
+//! The wire format: topic names and the JSON payloads of the contract.
+//!
+//! Pure data and logic: encoding telemetry and state, and decoding commands defensively (size
+//! limit first, then JSON with serde_json's recursion limit, then the one field that matters).
+
+use serde::{Deserialize, Serialize};
+
+/// Commands larger than this are rejected unread.
+pub const MAX_COMMAND_BYTES: usize = 4096;
+
+/// The topics of one device, built once from its id.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub telemetry: String,
+    pub commands: String,
+    pub state: String,
+    pub status: String,
+    pub virtual_light: String,
+}
+
+impl Topics {
+    /// The topics under `<id>/`.
+    pub fn new(id: &str) -> Self {
+        Topics {
+            telemetry: format!("{id}/telemetry"),
+            commands: format!("{id}/commands"),
+            state: format!("{id}/state"),
+            status: format!("{id}/status"),
+            virtual_light: format!("{id}/virtual/light"),
+        }
+    }
+}
+
+/// Payload of `<id>/status`.
+pub const ONLINE: &str = "online";
+/// Payload of `<id>/status` as the Last Will and on a clean stop.
+pub const OFFLINE: &str = "offline";
+
+/// One light reading as published on `<id>/telemetry`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Telemetry {
+    /// 0-1000: input over supply voltage in 0.1 %, the lesson's scale.
+    pub light: u16,
+    /// Unix time in milliseconds when the reading was taken.
+    pub ts: u64,
+    /// Never reused, also across restarts.
+    pub seq: u64,
+    /// Lux, from lux-capable chips only.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub lux: Option<f32>,
+}
+
+impl Telemetry {
+    /// The JSON payload.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing a struct of plain numbers cannot fail.
+        serde_json::to_vec(self).expect("telemetry serializes")
+    }
+}
+
+/// The LED state, as commanded on `<id>/commands` and reported on `<id>/state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedState {
+    pub led_on: bool,
+}
+
+impl LedState {
+    /// The JSON payload: `{"led_on":true}`.
+    pub fn to_json(self) -> Vec<u8> {
+        if self.led_on {
+            br#"{"led_on":true}"#.to_vec()
+        } else {
+            br#"{"led_on":false}"#.to_vec()
+        }
+    }
+}
+
+/// Why a command was rejected; logged once per message, counted, and otherwise ignored.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CommandError {
+    #[error("{0} bytes is more than the {MAX_COMMAND_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("not UTF-8")]
+    NotUtf8,
+    #[error("not a JSON object with a boolean `led_on`: {0}")]
+    Invalid(String),
+}
+
+/// Decodes a command; extra fields are ignored.
+///
+/// # Errors
+/// Oversized, non-UTF-8, malformed or too deeply nested JSON, or no boolean `led_on`.
+pub fn parse_command(payload: &[u8]) -> Result<LedState, CommandError> {
+    if payload.len() > MAX_COMMAND_BYTES {
+        return Err(CommandError::TooLarge(payload.len()));
+    }
+    let text = std::str::from_utf8(payload).map_err(|_| CommandError::NotUtf8)?;
+    // serde would also accept `[true]` for a struct; the contract says an object.
+    if !text.trim_start().starts_with('{') {
+        return Err(CommandError::Invalid("not a JSON object".into()));
+    }
+    if nesting_depth(text) > MAX_COMMAND_DEPTH {
+        return Err(CommandError::Invalid(format!("nested deeper than {MAX_COMMAND_DEPTH} levels")));
+    }
+    serde_json::from_str::<LedState>(text).map_err(|e| CommandError::Invalid(e.to_string()))
+}
+
+/// A command is a flat object; anything nested deeper than this is hostile or a mistake.
+pub const MAX_COMMAND_DEPTH: usize = 8;
+
+/// The deepest nesting of `{` and `[` outside strings (serde ignores unknown fields of any depth).
+fn nesting_depth(text: &str) -> usize {
+    let (mut depth, mut max, mut in_str, mut escaped) = (0usize, 0usize, false, false);
+    for b in text.bytes() {
+        match (in_str, b) {
+            (true, _) if escaped => escaped = false,
+            (true, b'\\') => escaped = true,
+            (true, b'"') | (false, b'"') => in_str = !in_str,
+            (false, b'{' | b'[') => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            (false, b'}' | b']') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// What `<id>/virtual/light` asks of the simulated sensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimulatedLight {
+    /// Hold this level (0-1000).
+    Level(u16),
+    /// Fail every read until the next level.
+    Fail,
+}
+
+/// Decodes a `<id>/virtual/light` payload: a number 0-1000 or `fail`.
+pub fn parse_simulated_light(payload: &[u8]) -> Option<SimulatedLight> {
+    let text = std::str::from_utf8(payload).ok()?.trim();
+    if text.eq_ignore_ascii_case("fail") {
+        return Some(SimulatedLight::Fail);
+    }
+    text.parse::<u16>().ok().filter(|v| *v <= 1000).map(SimulatedLight::Level)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn telemetry_has_contract_fields() {
+        let t = Telemetry { light: 412, ts: 1_763_776_000_123, seq: 1042, lux: None };
+        let v: serde_json::Value = serde_json::from_slice(&t.to_json()).unwrap();
+        assert_eq!(v, serde_json::json!({"light": 412, "ts": 1_763_776_000_123u64, "seq": 1042}));
+        let t = Telemetry { lux: Some(12.5), ..t };
+        let v: serde_json::Value = serde_json::from_slice(&t.to_json()).unwrap();
+        assert_eq!(v["lux"], 12.5);
+    }
+
+    #[test]
+    fn valid_commands_parse_and_extra_fields_are_ignored() {
+        assert_eq!(parse_command(br#"{"led_on": true}"#), Ok(LedState { led_on: true }));
+        assert_eq!(parse_command(br#"{"led_on":false,"by":"server"}"#), Ok(LedState { led_on: false }));
+    }
+
+    #[test]
+    fn hostile_commands_are_rejected() {
+        for bad in [
+            &b"not json"[..],
+            br#"{"led_on": "yes"}"#,
+            br#"{"led_on": 1}"#,
+            br#"{}"#,
+            br#"[true]"#,
+            b"\xff\xfe\x00",
+            b"",
+        ] {
+            assert!(parse_command(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+        let deep = format!("{{\"x\":{}1{}, \"led_on\": true}}", "[".repeat(500), "]".repeat(500));
+        assert!(parse_command(deep.as_bytes()).is_err());
+        assert!(parse_command(br#"{"led_on": true, "meta": {"a": [1, {"b": "[[[[[[[[[["}]}}"#).is_ok());
+        let big = format!("{{\"led_on\":true,\"pad\":\"{}\"}}", "a".repeat(5000));
+        assert_eq!(parse_command(big.as_bytes()), Err(CommandError::TooLarge(big.len())));
+    }
+
+    #[test]
+    fn state_payload_round_trips() {
+        for on in [true, false] {
+            let s = LedState { led_on: on };
+            assert_eq!(parse_command(&s.to_json()), Ok(s));
+        }
+    }
+
+    #[test]
+    fn simulated_light_accepts_levels_and_fail() {
+        assert_eq!(parse_simulated_light(b"250"), Some(SimulatedLight::Level(250)));
+        assert_eq!(parse_simulated_light(b" 0\n"), Some(SimulatedLight::Level(0)));
+        assert_eq!(parse_simulated_light(b"fail"), Some(SimulatedLight::Fail));
+        assert_eq!(parse_simulated_light(b"1001"), None);
+        assert_eq!(parse_simulated_light(b"-1"), None);
+    }
+}
