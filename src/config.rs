@@ -291,7 +291,7 @@ impl Config {
             file_table = text
                 .parse::<toml::Table>()
                 .map_err(|e| ConfigError::Parse(format!("{}: {}", path.display(), e.to_string().trim_end())))?;
-            builder = builder.add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml));
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
         }
         let env_map: config::Map<String, String> =
             env.iter().filter(|(k, _)| k.starts_with("NIGHTLIGHT__")).cloned().collect();
@@ -318,13 +318,13 @@ impl Config {
             }
             "built-in default".to_owned()
         };
-        let config: Config = merged.clone().try_deserialize().map_err(|e| {
+        let config: Config = merged.try_deserialize().map_err(|e| {
             let msg = e.to_string();
-            // serde's unknown-field message does not say which file or section: add both.
-            if msg.starts_with("unknown field") {
-                ConfigError::Parse(format!("{msg} (in {source} or a NIGHTLIGHT__* variable)"))
-            } else {
-                ConfigError::Parse(msg)
+            // Say where the offending value came from: config only knows the key.
+            let key = msg.split("for key `").nth(1).and_then(|rest| rest.split('`').next());
+            match key {
+                Some(key) => ConfigError::Parse(format!("{msg} {}", origin_of(key))),
+                None => ConfigError::Parse(format!("{msg} (in {source} or a NIGHTLIGHT__* variable)")),
             }
         })?;
         config.validate(&origin_of)?;

@@ -1,1 +1,235 @@
-//! placeholder
+//! End to end: the real binary (virtual build) against a real Mosquitto started per test.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const S: Duration = Duration::from_secs(1);
+
+fn led_lines(d: &Daemon) -> Vec<String> {
+    d.stdout().into_iter().filter(|l| l.starts_with("led ")).collect()
+}
+
+#[test]
+fn telemetry_has_contract_fields_and_cadence() {
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 200, "");
+    let obs = Observer::new(broker.port, "#");
+    let d = dev.spawn();
+    let msgs = obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= 6);
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let mut last_ts = 0;
+    for (i, m) in msgs.iter().take(6).enumerate() {
+        let v = m.json();
+        assert!(!m.retain, "telemetry must not be retained");
+        assert_eq!(v["light"], 123, "{v}");
+        assert_eq!(v["seq"], i as u64 + 1, "seq starts at 1 and rises by one: {v}");
+        let ts = v["ts"].as_u64().expect("ts is a number");
+        assert!(ts <= before && ts + 60_000 > before, "ts is the Unix time in ms: {ts}");
+        if i > 0 {
+            let gap = ts - last_ts;
+            assert!((100..=1000).contains(&gap), "readings every ~200 ms, got a gap of {gap} ms");
+        }
+        last_ts = ts;
+    }
+    assert!(d.stdout().is_empty(), "nothing but LED lines on stdout: {:?}", d.stdout());
+}
+
+#[test]
+fn commands_switch_the_led_and_update_the_retained_state() {
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 1000, "");
+    let obs = Observer::new(broker.port, "#");
+    let d = dev.spawn();
+    obs.wait_on(&dev.topic("status"), 10 * S, |m| m.iter().any(|m| m.text() == "online"));
+    obs.wait_on(&dev.topic("state"), 5 * S, |m| m.iter().any(|m| m.json()["led_on"] == false));
+
+    obs.publish(&dev.topic("commands"), r#"{"led_on": true}"#, false);
+    let lines = d.wait_stdout_lines(1, 5 * S);
+    assert!(lines[0].starts_with("led on "), "{lines:?}");
+    obs.wait_on(&dev.topic("state"), 5 * S, |m| m.last().is_some_and(|m| m.json()["led_on"] == true));
+
+    // A repeated command changes nothing on the LED (no line) but is still acknowledged in state.
+    obs.publish(&dev.topic("commands"), r#"{"led_on": true, "from": "test"}"#, false);
+    obs.publish(&dev.topic("commands"), r#"{"led_on": false}"#, false);
+    let lines = d.wait_stdout_lines(2, 5 * S);
+    assert!(lines[1].starts_with("led off "), "{lines:?}");
+    let stamps: Vec<u64> = lines.iter().map(|l| l.split(' ').nth(2).unwrap().parse().unwrap()).collect();
+    assert!(stamps[0] < stamps[1], "monotonic stamps: {lines:?}");
+
+    // A late subscriber sees the retained state.
+    let late = Observer::new(broker.port, &dev.topic("state"));
+    let st = late.wait_on(&dev.topic("state"), 5 * S, |m| !m.is_empty());
+    assert!(st[0].retain);
+    assert_eq!(st[0].json(), serde_json::json!({"led_on": false}));
+    assert_eq!(led_lines(&d).len(), 2);
+}
+
+#[test]
+fn last_will_says_offline_after_kill_9() {
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 1000, "");
+    let obs = Observer::new(broker.port, &dev.topic("status"));
+    let mut d = dev.spawn();
+    obs.wait_on(&dev.topic("status"), 10 * S, |m| m.iter().any(|m| m.text() == "online"));
+    d.kill9();
+    obs.wait_on(&dev.topic("status"), 10 * S, |m| m.last().is_some_and(|m| m.text() == "offline"));
+    let late = Observer::new(broker.port, &dev.topic("status"));
+    let st = late.wait_on(&dev.topic("status"), 5 * S, |m| !m.is_empty());
+    assert!(st[0].retain && st[0].text() == "offline", "retained offline: {:?}", st[0]);
+}
+
+#[test]
+fn clean_stop_on_sigterm_and_sigint_publishes_offline_and_exits_zero() {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let broker = Mosquitto::start("");
+        let dev = DeviceDir::new(broker.port, 1000, "");
+        let obs = Observer::new(broker.port, "#");
+        let mut d = dev.spawn();
+        obs.wait_on(&dev.topic("status"), 10 * S, |m| m.iter().any(|m| m.text() == "online"));
+        let (status, took) = d.stop_with(sig, 5 * S);
+        assert_eq!(status.code(), Some(0), "signal {sig}: {}", d.stderr());
+        assert!(took < 2 * S, "stopped in {took:?}");
+        obs.wait_on(&dev.topic("status"), 5 * S, |m| m.last().is_some_and(|m| m.text() == "offline"));
+    }
+}
+
+#[test]
+fn device_rides_out_a_broker_restart_and_delivers_what_it_read_meanwhile() {
+    let mut broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 100, "");
+    let obs = Observer::new(broker.port, "#");
+    let mut d = dev.spawn();
+    obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= 3);
+    broker.stop();
+    std::thread::sleep(1500 * Duration::from_millis(1));
+    assert!(d.is_running(), "a vanished broker must not stop the device");
+    broker.restart();
+    // Readings taken during the outage arrive, none missing, in order.
+    obs.wait_on(&dev.topic("telemetry"), 15 * S, |m| m.len() >= 25);
+    let seqs = obs.seqs(&dev.topic("telemetry"));
+    let mut uniq = seqs.clone();
+    uniq.dedup();
+    assert_eq!(uniq[0], 1);
+    assert_contiguous(&uniq);
+    // The new broker has no session for us: the device must have subscribed again.
+    obs.publish(&dev.topic("commands"), r#"{"led_on": true}"#, false);
+    let lines = d.wait_stdout_lines(1, 5 * S);
+    assert!(lines[0].starts_with("led on"), "{lines:?}");
+    assert!(d.stderr().contains("disconnected"), "the outage is logged");
+}
+
+#[test]
+fn device_starts_while_the_broker_is_down_and_connects_when_it_comes() {
+    let mut broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 100, "");
+    broker.stop();
+    let mut d = dev.spawn();
+    d.wait_stderr("cannot connect", 5 * S);
+    std::thread::sleep(Duration::from_millis(800));
+    broker.restart();
+    let obs = Observer::new(broker.port, "#");
+    obs.wait_on(&dev.topic("telemetry"), 15 * S, |m| m.len() >= 10);
+    let seqs = obs.seqs(&dev.topic("telemetry"));
+    assert_eq!(seqs[0], 1, "readings from before the first connection are kept");
+    assert_contiguous(&seqs);
+    assert!(d.is_running());
+    assert_eq!(d.stderr().matches("cannot connect").count(), 1, "one line per failure streak:\n{}", d.stderr());
+}
+
+#[test]
+fn hostile_commands_change_nothing_and_the_device_goes_on() {
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 100, "");
+    let obs = Observer::new(broker.port, "#");
+    let d = dev.spawn();
+    obs.wait_on(&dev.topic("state"), 10 * S, |m| !m.is_empty());
+    let deep = format!("{{\"led_on\": true, \"x\": {}1{}}}", "[".repeat(5000), "]".repeat(5000));
+    let hostile: Vec<Vec<u8>> = vec![
+        b"not json".to_vec(),
+        br#"{"led_on": "true"}"#.to_vec(),
+        br#"{"led_on": 1}"#.to_vec(),
+        br#"[true]"#.to_vec(),
+        b"\x00\xff\xfe\x80binary".to_vec(),
+        format!("{{\"led_on\": true, \"pad\": \"{}\"}}", "a".repeat(5000)).into_bytes(),
+        deep.into_bytes(),
+        vec![b'{'; 100_000],
+    ];
+    let n = hostile.len();
+    for h in hostile {
+        obs.publish(&dev.topic("commands"), h, false);
+    }
+    d.wait_stderr("rejected_total=8", 10 * S);
+    let before = obs.on(&dev.topic("telemetry")).len();
+    obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= before + 5);
+    assert!(led_lines(&d).is_empty(), "a hostile command switched the LED: {:?}", d.stdout());
+    assert_eq!(d.stderr().matches("ignored an invalid command").count(), n, "one warning each:\n{}", d.stderr());
+    // And a valid command still works.
+    obs.publish(&dev.topic("commands"), r#"{"led_on": true}"#, false);
+    d.wait_stdout_lines(1, 5 * S);
+    assert!(!d.stderr().contains("disconnected"), "no reconnect loop:\n{}", d.stderr());
+}
+
+#[test]
+fn commands_sent_while_the_device_was_away_arrive_when_it_returns() {
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 1000, "");
+    let obs = Observer::new(broker.port, "#");
+    let mut d = dev.spawn();
+    obs.wait_on(&dev.topic("status"), 10 * S, |m| m.iter().any(|m| m.text() == "online"));
+    d.stop_with(libc::SIGTERM, 5 * S);
+    obs.publish(&dev.topic("commands"), r#"{"led_on": true}"#, false);
+    std::thread::sleep(Duration::from_millis(300));
+    let d = dev.spawn();
+    let lines = d.wait_stdout_lines(1, 10 * S);
+    assert!(lines[0].starts_with("led on"), "{lines:?}");
+}
+
+#[test]
+fn an_oversized_message_held_by_the_broker_does_not_trap_the_device() {
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 100, "");
+    let obs = Observer::new(broker.port, "#");
+    let mut d = dev.spawn();
+    obs.wait_on(&dev.topic("status"), 10 * S, |m| m.iter().any(|m| m.text() == "online"));
+    d.stop_with(libc::SIGTERM, 5 * S);
+    // Queued in the device's persistent session: re-delivered on every reconnect, unless handled.
+    obs.publish(&dev.topic("commands"), vec![b'x'; 600 * 1024], false);
+    std::thread::sleep(Duration::from_millis(300));
+    obs.clear();
+    let mut d = dev.spawn();
+    obs.wait_on(&dev.topic("telemetry"), 15 * S, |m| m.len() >= 20);
+    assert!(d.is_running());
+    d.wait_stderr("larger than the incoming limit", 5 * S);
+    assert_eq!(d.stderr().matches("larger than the incoming limit").count(), 1, "{}", d.stderr());
+    // Commands work afterwards, through a persistent session again.
+    obs.publish(&dev.topic("commands"), r#"{"led_on": true}"#, false);
+    d.wait_stdout_lines(1, 5 * S);
+}
+
+#[test]
+fn simulated_light_can_be_set_and_made_to_fail_at_run_time() {
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 100, "");
+    let obs = Observer::new(broker.port, "#");
+    let d = dev.spawn();
+    obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| !m.is_empty());
+    obs.publish(&dev.topic("virtual/light"), "777", false);
+    obs.wait_on(&dev.topic("telemetry"), 5 * S, |m| m.last().is_some_and(|m| m.json()["light"] == 777));
+    obs.publish(&dev.topic("virtual/light"), "fail", false);
+    d.wait_stderr("sensor read failed", 5 * S);
+    std::thread::sleep(Duration::from_millis(300));
+    let during = obs.on(&dev.topic("telemetry")).len();
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(obs.on(&dev.topic("telemetry")).len() <= during + 1, "no readings while the sensor fails");
+    obs.publish(&dev.topic("virtual/light"), "55", false);
+    d.wait_stderr("sensor recovered", 5 * S);
+    let msgs = obs.wait_on(&dev.topic("telemetry"), 5 * S, |m| m.last().is_some_and(|m| m.json()["light"] == 55));
+    let lights: Vec<i64> = msgs.iter().map(|m| m.json()["light"].as_i64().unwrap()).collect();
+    assert!(lights.iter().all(|l| [123, 777, 55].contains(l)), "no bogus reading: {lights:?}");
+    let seqs = obs.seqs(&dev.topic("telemetry"));
+    assert_contiguous(&seqs);
+    assert_eq!(d.stderr().matches("sensor read failed").count(), 1, "one warning per streak");
+}

@@ -56,9 +56,11 @@ impl<I2C: I2c> GroveAdc<I2C> {
             dev.address = addr;
             match dev.product_id() {
                 Ok(PRODUCT_BASE_HAT | PRODUCT_ZERO_HAT) => return Ok(dev),
-                Ok(other) => last = SensorError::WrongDevice(format!(
+                Ok(other) => {
+                    last = SensorError::WrongDevice(format!(
                     "product id {other:#06x} at {addr:#04x}; a Grove Base Hat reports 0x0004 (0x0005 for the Zero hat)"
-                )),
+                ))
+                }
                 Err(e) => last = e,
             }
         }

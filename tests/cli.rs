@@ -1,0 +1,107 @@
+//! The command line: `check`, exit codes, and configuration errors that name the key and file.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn check_prints_the_effective_config_with_env_overrides() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_file(dir.path(), "device.toml", "id = \"porch\"\n[mqtt]\nport = 1884\n");
+    let (code, out, err) =
+        run_to_end(&["check", "--config", cfg.to_str().unwrap()], &[("NIGHTLIGHT__MQTT__PORT", "1999")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("id = \"porch\""), "{out}");
+    assert!(out.contains("port = 1999"), "{out}");
+    assert!(out.contains(cfg.to_str().unwrap()), "names its source: {out}");
+}
+
+#[test]
+fn check_never_prints_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = write_file(dir.path(), "pw", "correct-horse-battery\n");
+    let cfg = write_file(
+        dir.path(),
+        "device.toml",
+        &format!("[mqtt]\nhost = \"broker.example.org\"\nusername = \"dev\"\npassword_file = {:?}\n", pw),
+    );
+    let (code, out, err) = run_to_end(&["check", "--config", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("correct-horse") && !err.contains("correct-horse"));
+    assert!(err.contains("unencrypted"), "warns about a password without TLS to a remote host: {err}");
+    let (code, out, err) =
+        run_to_end(&["check", "--config", cfg.to_str().unwrap()], &[("NIGHTLIGHT__MQTT__PASSWORD", "env-secret-42")]);
+    assert_eq!(code, 0);
+    assert!(!out.contains("env-secret-42") && !err.contains("env-secret-42"), "{out}{err}");
+    assert!(out.contains("<redacted>"));
+}
+
+#[test]
+fn config_errors_exit_2_and_name_the_key_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[mqtt]\nqos = 3\n", "mqtt.qos"),
+        ("[mqtt]\nport = \"http\"\n", "mqtt.port"),
+        ("[mqtt]\nhostname = \"x\"\n", "hostname"),
+        ("[sensor]\ninterval_ms = 0\n", "sensor.interval_ms"),
+        ("id = \"a/b\"\n", "`id`"),
+        ("[queue]\nmax_bytes = 10\n", "queue.max_bytes"),
+        ("[mqtt\nport = 1\n", "line 1"),
+    ];
+    for (i, (text, key)) in cases.iter().enumerate() {
+        let cfg = write_file(dir.path(), &format!("bad{i}.toml"), text);
+        for cmd in ["check", "run"] {
+            let (code, _, err) = run_to_end(&[cmd, "--config", cfg.to_str().unwrap()], &[]);
+            assert_eq!(code, 2, "{cmd} with {text:?}: {err}");
+            assert!(err.contains(key), "{cmd} with {text:?} should name {key}: {err}");
+            if *key != "hostname" {
+                assert!(err.contains(&format!("bad{i}.toml")), "{cmd} with {text:?} should name the file: {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_missing_config_file_exits_2_naming_it() {
+    let (code, _, err) = run_to_end(&["run", "--config", "/nonexistent/nightlight.toml"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent/nightlight.toml"), "{err}");
+    let (code, _, err) = run_to_end(&["check"], &[("NIGHTLIGHT_CONFIG", "/nonexistent/env.toml")]);
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent/env.toml"), "{err}");
+}
+
+#[test]
+fn a_bad_environment_value_names_the_variable() {
+    let (code, _, err) = run_to_end(&["check", "--config", "/dev/null"], &[("NIGHTLIGHT__MQTT__QOS", "5")]);
+    assert_eq!(code, 2);
+    assert!(err.contains("NIGHTLIGHT__MQTT__QOS"), "{err}");
+}
+
+#[test]
+fn usage_errors_exit_2_and_help_and_version_exit_0() {
+    assert_eq!(run_to_end(&["frobnicate"], &[]).0, 2);
+    let (code, out, _) = run_to_end(&["--help"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains("check"));
+    let (code, out, _) = run_to_end(&["--version"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn an_unusable_queue_directory_exits_1_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = write_file(dir.path(), "not-a-dir", "");
+    let cfg = write_file(
+        dir.path(),
+        "device.toml",
+        &format!("[queue]\ndir = \"{}/sub\"\n[mqtt]\nport = {}\n", blocker.display(), free_port()),
+    );
+    let (code, _, err) = run_to_end(
+        &["run", "--config", cfg.to_str().unwrap()],
+        &[("NIGHTLIGHT__SENSOR__KIND", "virtual"), ("NIGHTLIGHT__LED__KIND", "virtual")],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not-a-dir"), "{err}");
+}

@@ -1,0 +1,363 @@
+//! Test harness: a private Mosquitto per test, the real `nightlight` binary, and an MQTT
+//! observer. Every guard stops what it started when dropped.
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rumqttc::{Client, Event, Incoming, MqttOptions, QoS};
+
+/// Where Debian puts the broker (not on a normal user's PATH).
+const MOSQUITTO_PATHS: [&str; 3] = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "mosquitto"];
+
+fn mosquitto_bin() -> PathBuf {
+    for p in MOSQUITTO_PATHS {
+        let path = PathBuf::from(p);
+        if path.is_absolute() && path.is_file() {
+            return path;
+        }
+    }
+    if Command::new("mosquitto").arg("-h").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok() {
+        return PathBuf::from("mosquitto");
+    }
+    panic!("mosquitto is not installed: run the README's test command (scripts/test.sh), which installs it");
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A Mosquitto broker on 127.0.0.1 with its own config, killed on drop.
+pub struct Mosquitto {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    extra: String,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    /// Starts a broker; `extra` is appended to its config (persistence, limits, ...).
+    pub fn start(extra: &str) -> Self {
+        let mut m =
+            Mosquitto { port: free_port(), dir: tempfile::tempdir().unwrap(), extra: extra.into(), child: None };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let conf = self.dir.path().join("mosquitto.conf");
+        let text = format!(
+            "listener {} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence_location {}/\n{}\n",
+            self.port,
+            self.dir.path().display(),
+            self.extra
+        );
+        std::fs::write(&conf, text).unwrap();
+        let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).unwrap();
+        let child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start mosquitto");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not listen on {}: {}", self.port, self.log());
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the broker (SIGTERM, as an operator would), keeping its port and config.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), libc::SIGTERM);
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the broker again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a child we spawned and have not yet reaped.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+/// One message seen by the [`Observer`].
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
+
+impl Msg {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.payload).into_owned()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.payload).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// An MQTT client that records everything on `filter` and can publish; reconnects by itself.
+pub struct Observer {
+    client: Client,
+    msgs: Arc<Mutex<Vec<Msg>>>,
+}
+
+impl Observer {
+    pub fn new(port: u16, filter: &str) -> Self {
+        let mut opts = MqttOptions::new(format!("observer-{}", fastrand::u64(..)), "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5)).set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut conn) = Client::new(opts, 100);
+        let msgs = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (sub_client, sink, filter) = (client.clone(), msgs.clone(), filter.to_string());
+        thread::spawn(move || {
+            for ev in conn.iter() {
+                match ev {
+                    Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                        let _ = sub_client.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                    }
+                    Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(Event::Incoming(Incoming::Publish(p))) => sink.lock().unwrap().push(Msg {
+                        topic: p.topic.clone(),
+                        payload: p.payload.to_vec(),
+                        retain: p.retain,
+                    }),
+                    Ok(_) => {}
+                    Err(_) => thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(10)).expect("observer subscribed");
+        Observer { client, msgs }
+    }
+
+    pub fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>, retain: bool) {
+        self.client.publish(topic, QoS::AtLeastOnce, retain, payload.into()).unwrap();
+    }
+
+    pub fn all(&self) -> Vec<Msg> {
+        self.msgs.lock().unwrap().clone()
+    }
+
+    pub fn on(&self, topic: &str) -> Vec<Msg> {
+        self.all().into_iter().filter(|m| m.topic == topic).collect()
+    }
+
+    pub fn clear(&self) {
+        self.msgs.lock().unwrap().clear();
+    }
+
+    /// Waits until `done(messages on topic)` holds; panics with what was seen after `timeout`.
+    pub fn wait_on(&self, topic: &str, timeout: Duration, done: impl Fn(&[Msg]) -> bool) -> Vec<Msg> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = self.on(topic);
+            if done(&seen) {
+                return seen;
+            }
+            if Instant::now() > deadline {
+                let texts: Vec<String> = seen.iter().map(Msg::text).collect();
+                panic!("timed out waiting on {topic}; saw {} messages: {texts:?}", seen.len());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Telemetry `seq` values seen on `topic`, in arrival order.
+    pub fn seqs(&self, topic: &str) -> Vec<u64> {
+        self.on(topic).iter().filter_map(|m| m.json()["seq"].as_u64()).collect()
+    }
+}
+
+/// A device config written to a temporary directory, with its queue inside.
+pub struct DeviceDir {
+    pub dir: tempfile::TempDir,
+    pub id: String,
+}
+
+impl DeviceDir {
+    /// A virtual device talking to `port`; `extra` is appended to the TOML.
+    pub fn new(port: u16, interval_ms: u64, extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let id = format!("dev-{}", fastrand::u32(..));
+        let text = format!(
+            "id = \"{id}\"\n[mqtt]\nport = {port}\nhost = \"127.0.0.1\"\nreconnect_min_ms = 50\nreconnect_max_ms = 400\n\
+             [sensor]\nkind = \"virtual\"\ninterval_ms = {interval_ms}\n[sensor.virtual]\npattern = \"constant\"\nvalue = 123\n\
+             [led]\nkind = \"virtual\"\n[queue]\ndir = \"{}\"\n{extra}\n",
+            dir.path().join("queue").display()
+        );
+        std::fs::write(dir.path().join("device.toml"), text).unwrap();
+        DeviceDir { dir, id }
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("device.toml")
+    }
+
+    pub fn queue(&self) -> PathBuf {
+        self.dir.path().join("queue")
+    }
+
+    pub fn topic(&self, leaf: &str) -> String {
+        format!("{}/{leaf}", self.id)
+    }
+
+    pub fn spawn(&self) -> Daemon {
+        Daemon::spawn(&["run", "--config", self.config().to_str().unwrap()], &[])
+    }
+}
+
+/// The `nightlight` binary, its stdout and stderr captured line by line; killed on drop.
+pub struct Daemon {
+    child: Child,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_nightlight")
+}
+
+impl Daemon {
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(bin());
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.env_remove("RUST_LOG").env_remove("NIGHTLIGHT_CONFIG");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn nightlight");
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        pump_lines(child.stdout.take().unwrap(), stdout.clone());
+        pump_lines(child.stderr.take().unwrap(), stderr.clone());
+        Daemon { child, stdout, stderr }
+    }
+
+    pub fn stdout(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// Waits until stdout has `n` lines; panics with the daemon's output otherwise.
+    pub fn wait_stdout_lines(&self, n: usize, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lines = self.stdout();
+            if lines.len() >= n {
+                return lines;
+            }
+            assert!(Instant::now() < deadline, "wanted {n} stdout lines, got {lines:?}\nstderr:\n{}", self.stderr());
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until stderr contains `needle`.
+    pub fn wait_stderr(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.stderr().contains(needle) {
+            assert!(Instant::now() < deadline, "stderr never said {needle:?}:\n{}", self.stderr());
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends `sig` and waits up to `timeout` for the exit.
+    pub fn stop_with(&mut self, sig: i32, timeout: Duration) -> (ExitStatus, Duration) {
+        let start = Instant::now();
+        signal(self.child.id(), sig);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, start.elapsed());
+            }
+            assert!(start.elapsed() < timeout, "nightlight did not stop within {timeout:?}:\n{}", self.stderr());
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pump_lines(r: impl std::io::Read + Send + 'static, sink: Arc<Mutex<Vec<String>>>) {
+    thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+}
+
+/// Runs the binary to completion: (exit code, stdout, stderr).
+pub fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(bin());
+    cmd.args(args).env_remove("RUST_LOG").env_remove("NIGHTLIGHT_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Writes `text` to `name` in `dir` and returns the path.
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::File::create(&p).unwrap().write_all(text.as_bytes()).unwrap();
+    p
+}
+
+/// Asserts that `seqs` rise by exactly one at each step.
+pub fn assert_contiguous(seqs: &[u64]) {
+    for w in seqs.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "gap or reorder in seq: {seqs:?}");
+    }
+}
