@@ -91,9 +91,9 @@ impl<I2C: I2c, D: DelayNs> Ads1115<I2C, D> {
         Ok(self.read_register(Register::CONVERSION)? as i16)
     }
 
-    /// Gives the bus back.
-    pub fn destroy(self) -> I2C {
-        self.i2c
+    /// Gives the bus and the delay back.
+    pub fn destroy(self) -> (I2C, D) {
+        (self.i2c, self.delay)
     }
 
     fn read_register(&mut self, register: u8) -> Result<u16, SensorError> {

@@ -48,9 +48,9 @@ impl<I2C: I2c, D: DelayNs> Bh1750<I2C, D> {
         Ok(f32::from(u16::from_be_bytes(buf)) / 1.2)
     }
 
-    /// Gives the bus back.
-    pub fn destroy(self) -> I2C {
-        self.i2c
+    /// Gives the bus and the delay back.
+    pub fn destroy(self) -> (I2C, D) {
+        (self.i2c, self.delay)
     }
 }
 

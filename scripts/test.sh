@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The one test command (README "Tests"). On a fresh Debian/Ubuntu machine it installs what the
+# tests need (mosquitto, the Pi cross linkers and rustup targets), proves the Pi builds
+# cross-compile, then runs every test: unit, driver (mock I2C), queue properties, and end to end
+# against real mosquitto brokers it starts on free loopback ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+have_mosquitto() { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; }
+missing=()
+have_mosquitto || missing+=(mosquitto mosquitto-clients)
+command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || missing+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || missing+=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> installing ${missing[*]}"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q -o DPkg::Lock::Timeout=300 "${missing[@]}"
+fi
+
+echo "==> the laptop build (virtual, no rppal) builds and does not pull in rppal"
+cargo build --no-default-features --features virtual
+if cargo tree -e normal --no-default-features --features virtual | grep -q rppal; then
+  echo "rppal is in the virtual build's dependency tree" >&2
+  exit 1
+fi
+
+echo "==> the Pi builds cross-compile"
+for target in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
+  cross/build.sh "$target"
+done
+
+echo "==> tests"
+cargo test --features virtual
