@@ -24,7 +24,7 @@
 //! - `seq` values are reserved in blocks of [`SEQ_BLOCK`] with a synced meta write, so `seq` is
 //!   never reused after a crash (it jumps forward instead) and costs one small write per block.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -125,6 +125,8 @@ pub struct DiskQueue {
     /// How many records at the front of `mem` are in flight.
     mem_sent: usize,
     inflight: VecDeque<InFlight>,
+    /// Acknowledged while an older reading was not, then rewound: not sent again.
+    done: BTreeSet<u64>,
     next_seq: u64,
     reserved: u64,
     acked_through: u64,
@@ -174,6 +176,7 @@ impl DiskQueue {
             mem: VecDeque::new(),
             mem_sent: 0,
             inflight: VecDeque::new(),
+            done: BTreeSet::new(),
             next_seq: meta_next.max(1),
             reserved: 0,
             acked_through,
@@ -189,6 +192,13 @@ impl DiskQueue {
         q.reserved = q.next_seq;
         q.rewind();
         Ok(q)
+    }
+
+    /// Uses segments of `bytes` instead of the default (an eighth of `max_bytes`, at most 4 MiB):
+    /// small segments make rotation, caps and corruption cheap to exercise in tests.
+    pub fn with_segment_bytes(mut self, bytes: u64) -> Self {
+        self.segment_bytes = bytes.max(64);
+        self
     }
 
     /// Scans the segments: validates every frame, finds the acknowledged prefix and `next_seq`.
@@ -280,13 +290,30 @@ impl DiskQueue {
     /// The next reading to send, oldest first, or `None` when everything is in flight.
     pub fn peek_unsent(&mut self) -> Option<Telemetry> {
         loop {
-            let Some((seg, off)) = self.read else {
-                return self.mem.get(self.mem_sent).map(|e| e.rec);
+            let next = match self.read {
+                None => self.mem.get(self.mem_sent).map(|e| e.rec),
+                Some((seg, off)) => match self.read_record(seg, off) {
+                    Ok(Some((rec, _))) => Some(rec),
+                    Ok(None) => {
+                        self.advance_read(seg);
+                        continue;
+                    }
+                    Err(e) => {
+                        self.drop_segment(seg, Some(&e.to_string()));
+                        continue;
+                    }
+                },
             };
-            match self.read_record(seg, off) {
-                Ok(Some((rec, _))) => return Some(rec),
-                Ok(None) => self.advance_read(seg),
-                Err(e) => self.drop_segment(seg, Some(&e.to_string())),
+            match next {
+                // Acknowledged before a reconnect: count it as sent and acknowledged.
+                Some(rec) if self.done.remove(&rec.seq) => {
+                    self.mark_sent();
+                    if let Some(f) = self.inflight.back_mut() {
+                        f.acked = true;
+                    }
+                    self.forget_acked_front();
+                }
+                other => return other,
             }
         }
     }
@@ -316,6 +343,11 @@ impl DiskQueue {
     pub fn ack(&mut self, seq: u64) {
         let Some(f) = self.inflight.iter_mut().find(|f| f.seq == seq) else { return };
         f.acked = true;
+        self.forget_acked_front();
+    }
+
+    /// Forgets the acknowledged readings at the front of the in-flight window.
+    fn forget_acked_front(&mut self) {
         while self.inflight.front().is_some_and(|f| f.acked) {
             let f = self.inflight.pop_front().expect("front exists");
             self.acked_through = self.acked_through.max(f.seq);
@@ -359,6 +391,7 @@ impl DiskQueue {
 
     /// The connection is gone: whatever was in flight will be sent again, oldest first.
     pub fn rewind(&mut self) {
+        self.done.extend(self.inflight.iter().filter(|f| f.acked).map(|f| f.seq));
         self.inflight.clear();
         self.mem_sent = 0;
         self.read = self.segments.front().map(|s| (s.id, self.head));
@@ -400,23 +433,43 @@ impl DiskQueue {
     /// Counters for logs and health.
     pub fn stats(&self) -> QueueStats {
         QueueStats {
-            readings: self.disk_records + self.mem.len() as u64,
+            readings: self.disk_records + self.mem.len() as u64
+                - (self.inflight.iter().filter(|f| f.acked).count() + self.done.len()) as u64,
             bytes: self.segments.iter().map(|s| s.len).sum(),
             dropped: self.dropped,
         }
     }
 
-    /// Writes the first `n` in-memory readings to the active segment with one sync.
-    fn spill(&mut self, n: usize) {
-        if n == 0 {
-            return;
+    /// Writes the first `n` in-memory readings to disk: one write and one sync per segment
+    /// touched (normally one), so a segment never grows much past its size.
+    fn spill(&mut self, mut n: usize) {
+        while n > 0 {
+            // `append` starts a new segment when the last one is full.
+            let room = match self.segments.back() {
+                Some(s) if s.len < self.segment_bytes => self.segment_bytes - s.len,
+                _ => self.segment_bytes,
+            };
+            let mut buf = Vec::with_capacity(n.min(4096) * (FRAME_HEAD + BODY_LEN_LUX));
+            let mut take = 0;
+            for e in self.mem.iter().take(n) {
+                if take > 0 && (buf.len() + frame_len(&e.rec)) as u64 > room {
+                    break;
+                }
+                encode(&e.rec, &mut buf);
+                take += 1;
+            }
+            if !self.spill_chunk(take, &buf) {
+                return;
+            }
+            n -= take;
         }
-        let mut buf = Vec::with_capacity(n * (FRAME_HEAD + BODY_LEN_LUX));
-        for e in self.mem.iter().take(n) {
-            encode(&e.rec, &mut buf);
-        }
+        self.enforce_cap();
+    }
+
+    /// Writes the first `take` in-memory readings, already encoded in `buf`; false on failure.
+    fn spill_chunk(&mut self, take: usize, buf: &[u8]) -> bool {
         let first_seq = self.mem[0].rec.seq;
-        let start = match self.append(first_seq, &buf, n as u64) {
+        let start = match self.append(first_seq, buf, take as u64) {
             Ok(start) => start,
             Err(e) => {
                 if !self.disk_failed {
@@ -427,7 +480,7 @@ impl DiskQueue {
                 while self.mem.len() > MEM_CAP {
                     self.drop_oldest_in_memory();
                 }
-                return;
+                return false;
             }
         };
         if self.disk_failed {
@@ -437,8 +490,9 @@ impl DiskQueue {
         let seg = self.segments.back().expect("append created a segment").id;
         let mut end = start;
         let mut first_unsent = None;
-        for i in 0..n {
-            let e = self.mem.pop_front().expect("n <= mem.len()");
+        for i in 0..take {
+            let e = self.mem.pop_front().expect("take <= mem.len()");
+            let begin = end;
             end += frame_len(&e.rec) as u64;
             if i < self.mem_sent {
                 // In flight: its acknowledgement now frees disk space instead of memory.
@@ -446,16 +500,15 @@ impl DiskQueue {
                     f.loc = Loc::Disk { seg, end };
                 }
             } else if first_unsent.is_none() {
-                first_unsent = Some(end - frame_len(&e.rec) as u64);
+                first_unsent = Some(begin);
             }
         }
-        let sent_moved = n.min(self.mem_sent);
-        self.mem_sent -= sent_moved;
-        self.disk_records += n as u64;
+        self.mem_sent -= take.min(self.mem_sent);
+        self.disk_records += take as u64;
         if self.read.is_none() {
             self.read = first_unsent.map(|off| (seg, off));
         }
-        self.enforce_cap();
+        true
     }
 
     /// Appends `buf` to the active segment (rotating when full) and syncs it; returns its offset.
