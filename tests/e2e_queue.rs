@@ -1,0 +1,175 @@
+//! End to end: the offline queue of the real binary through outages, `kill -9`, a torn write and
+//! a full disk, against a real Mosquitto.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use nightlight::DiskQueue;
+
+const S: Duration = Duration::from_secs(1);
+/// A crash moves `seq` forward by at most one reservation block; readings of a second run are
+/// told apart from the first by that jump.
+const BLOCK: u64 = nightlight::queue::SEQ_BLOCK;
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn unique(seqs: &[u64]) -> Vec<u64> {
+    let set: BTreeSet<u64> = seqs.iter().copied().collect();
+    set.into_iter().collect()
+}
+
+#[test]
+fn kill_9_while_offline_loses_nothing_that_reached_the_disk() {
+    let mut broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 50, "");
+    broker.stop();
+    let mut d = dev.spawn();
+    std::thread::sleep(1500 * Duration::from_millis(1));
+    d.kill9();
+    let mut d = dev.spawn();
+    std::thread::sleep(Duration::from_millis(600));
+    d.kill9();
+    let d = dev.spawn();
+    broker.restart();
+    let obs = Observer::new(broker.port, &dev.topic("telemetry"));
+    obs.wait_on(&dev.topic("telemetry"), 20 * S, |m| unique(&obs_seqs(m)).iter().any(|s| *s > 2 * BLOCK + 5));
+    let seqs = unique(&obs.seqs(&dev.topic("telemetry")));
+    let run1: Vec<u64> = seqs.iter().copied().filter(|s| *s <= BLOCK).collect();
+    let run2: Vec<u64> = seqs.iter().copied().filter(|s| *s > BLOCK && *s <= 2 * BLOCK).collect();
+    assert_eq!(run1.first(), Some(&1), "{seqs:?}");
+    assert_contiguous(&run1);
+    assert_contiguous(&run2);
+    // 1.5 s at 50 ms is ~30 readings; a crash may lose only the last 100 ms batch.
+    assert!(run1.len() >= 24, "first run kept only {} readings: {run1:?}", run1.len());
+    assert!(run2.len() >= 8, "second run kept only {} readings: {run2:?}", run2.len());
+    assert!(run2[0] > *run1.last().unwrap(), "seq is never reused after a crash");
+    drop(d);
+}
+
+fn obs_seqs(m: &[Msg]) -> Vec<u64> {
+    m.iter().filter_map(|m| m.json()["seq"].as_u64()).collect()
+}
+
+#[test]
+fn kill_9_while_draining_a_backlog_then_restart_delivers_all_of_it_in_order() {
+    const BACKLOG: u64 = 30_000;
+    let broker = Mosquitto::start("max_queued_messages 0\nmax_inflight_messages 0");
+    let dev = DeviceDir::new(broker.port, 1000, "");
+    {
+        let mut q = DiskQueue::open(&dev.queue(), 64 << 20, Duration::from_secs(1)).unwrap();
+        for i in 0..BACKLOG {
+            q.push((i % 1000) as u16, 1_700_000_000_000 + i, None);
+        }
+        q.close();
+    }
+    let obs = Observer::new(broker.port, &dev.topic("telemetry"));
+    let mut d = dev.spawn();
+    obs.wait_on(&dev.topic("telemetry"), 20 * S, |m| m.len() >= 3000);
+    d.kill9();
+    let seen_at_kill = obs.on(&dev.topic("telemetry")).len();
+    let _d = dev.spawn();
+    obs.wait_on(&dev.topic("telemetry"), 60 * S, |m| {
+        let s: BTreeSet<u64> = obs_seqs(m).into_iter().collect();
+        (1..=BACKLOG).all(|x| s.contains(&x))
+    });
+    let arrivals = obs.seqs(&dev.topic("telemetry"));
+    let backlog: Vec<u64> = arrivals.iter().copied().filter(|s| *s <= BACKLOG).collect();
+    let descents = backlog.windows(2).filter(|w| w[1] <= w[0]).count();
+    assert!(descents <= 1, "in order within each connection (one restart): {descents} descents");
+    assert!(seen_at_kill < BACKLOG as usize, "the kill came before the drain finished");
+    // Readings carry the time they were taken, not the time they were sent.
+    let first = obs.on(&dev.topic("telemetry"))[0].json();
+    assert_eq!(first["ts"], 1_700_000_000_000u64 + first["seq"].as_u64().unwrap() - 1);
+}
+
+#[test]
+fn a_power_cut_that_tears_the_last_record_loses_only_that_record() {
+    let mut broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 50, "");
+    broker.stop();
+    let mut d = dev.spawn();
+    std::thread::sleep(S);
+    d.kill9();
+    let segs = segments(&dev.queue());
+    assert_eq!(segs.len(), 1);
+    let len = std::fs::metadata(&segs[0]).unwrap().len();
+    let records = len / 24;
+    assert!(records >= 10 && len % 24 == 0, "{len} bytes");
+    let cut = 1 + fastrand::u64(0..23);
+    std::fs::OpenOptions::new().write(true).open(&segs[0]).unwrap().set_len(len - cut).unwrap();
+    broker.restart();
+    let obs = Observer::new(broker.port, &dev.topic("telemetry"));
+    let d = dev.spawn();
+    obs.wait_on(&dev.topic("telemetry"), 20 * S, |m| obs_seqs(m).iter().any(|s| *s > BLOCK));
+    let run1: Vec<u64> = unique(&obs.seqs(&dev.topic("telemetry"))).into_iter().filter(|s| *s <= BLOCK).collect();
+    let expected: Vec<u64> = (1..records).collect();
+    assert_eq!(run1, expected, "every record but the torn one (cut {cut} bytes of {len})");
+    d.wait_stderr("torn record", 5 * S);
+}
+
+/// A 64 KiB tmpfs as the queue's disk, so the test can fill it. Needs root (CI runs as root).
+struct TinyDisk(tempfile::TempDir);
+
+impl TinyDisk {
+    fn mount() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "mounting a tmpfs failed: this test fills a disk and needs root (scripts/test.sh runs as root in CI)"
+        );
+        TinyDisk(dir)
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn a_full_disk_is_survived_and_nothing_is_lost_once_there_is_room() {
+    let disk = TinyDisk::mount();
+    let queue = disk.0.path().join("queue");
+    let mut broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 50, "");
+    let env_dir = queue.to_str().unwrap().to_string();
+    broker.stop();
+    let d = Daemon::spawn(
+        &["run", "--config", dev.config().to_str().unwrap()],
+        &[("NIGHTLIGHT__QUEUE__DIR", env_dir.as_str())],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // Fill the disk to the last byte.
+    let filler = disk.0.path().join("filler");
+    let _ = Command::new("dd").arg("if=/dev/zero").arg(format!("of={}", filler.display())).arg("bs=1k").status();
+    d.wait_stderr("cannot write to disk", 10 * S);
+    std::thread::sleep(S);
+    std::fs::remove_file(&filler).unwrap();
+    d.wait_stderr("writing to disk again", 10 * S);
+    broker.restart();
+    let obs = Observer::new(broker.port, &dev.topic("telemetry"));
+    obs.wait_on(&dev.topic("telemetry"), 20 * S, |m| m.len() >= 50);
+    let seqs = unique(&obs.seqs(&dev.topic("telemetry")));
+    assert_eq!(seqs[0], 1);
+    assert_contiguous(&seqs);
+    assert_eq!(d.stderr().matches("cannot write to disk").count(), 1, "said once:\n{}", d.stderr());
+}
