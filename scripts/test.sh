@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one test command (README "Tests"). On a fresh Debian/Ubuntu machine it installs what the
-# tests need (mosquitto, the Pi cross linkers and rustup targets), proves the Pi builds
-# cross-compile, then runs every test: unit, driver (mock I2C), queue properties, and end to end
+# tests need (mosquitto, the Pi cross linkers and rustup targets, cargo-deb, qemu-user-static),
+# proves the Pi builds cross-compile, package and run (cross/check.sh), then runs every test: unit, driver (mock I2C), queue properties, and end to end
 # against real mosquitto brokers it starts on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,10 +27,8 @@ if cargo tree -e normal --no-default-features --features virtual | grep -q rppal
   exit 1
 fi
 
-echo "==> the Pi builds cross-compile"
-for target in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
-  cross/build.sh "$target"
-done
+echo "==> the Pi builds: cross-compile, package, verify the unit, run arm64 under qemu"
+cross/check.sh
 
 echo "==> tests"
 cargo test --features virtual

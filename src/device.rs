@@ -71,6 +71,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         tokio::spawn(sample(sensor, Duration::from_millis(cfg.sensor.interval_ms), readings_tx, counters.clone()));
     info!(id = %cfg.id, broker = %format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port), queued = queue.stats().readings,
         "nightlight started");
+    // Configuration loaded, queue, sensor and LED open: ready as far as systemd is concerned.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("running")]);
     let mut device = Device {
         backoff: Backoff::new(
             Duration::from_millis(cfg.mqtt.reconnect_min_ms),
@@ -184,6 +186,10 @@ impl Device {
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
+        // systemd's watchdog (WatchdogSec=) is fed from this loop, so a hung loop gets restarted.
+        let watchdog = sd_notify::watchdog_enabled();
+        let mut feed = tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
+        feed.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             let spill_at = self.queue.next_deadline(self.connected.is_none()).map(tokio::time::Instant::from_std);
             tokio::select! {
@@ -206,8 +212,12 @@ impl Device {
                 _ = sleep_until(spill_at.unwrap_or_else(far_future)), if spill_at.is_some() => {
                     self.queue.tick(Instant::now(), self.connected.is_none());
                 }
+                _ = feed.tick(), if watchdog.is_some() => {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
             }
         }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         self.stop().await;
         Ok(())
     }

@@ -233,3 +233,36 @@ fn simulated_light_can_be_set_and_made_to_fail_at_run_time() {
     assert_contiguous(&seqs);
     assert_eq!(d.stderr().matches("sensor read failed").count(), 1, "one warning per streak");
 }
+
+#[test]
+fn systemd_is_told_ready_fed_by_the_watchdog_and_told_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 1000, "");
+    let sock_dir = tempfile::tempdir().unwrap();
+    let path = sock_dir.path().join("notify");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(5 * S)).unwrap();
+    let mut d = Daemon::spawn(
+        &["run", "--config", dev.config().to_str().unwrap()],
+        &[("NOTIFY_SOCKET", path.to_str().unwrap()), ("WATCHDOG_USEC", "200000")],
+    );
+    let recv = || {
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf).expect("a notification from nightlight");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let first = recv();
+    assert!(first.contains("READY=1"), "{first}");
+    let feeds = (0..3).map(|_| recv()).filter(|m| m.contains("WATCHDOG=1")).count();
+    assert_eq!(feeds, 3, "the watchdog is fed every WATCHDOG_USEC / 2");
+    let (status, _) = d.stop_with(libc::SIGTERM, 5 * S);
+    assert_eq!(status.code(), Some(0));
+    sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut after = vec![];
+    let mut buf = [0u8; 512];
+    while let Ok(n) = sock.recv(&mut buf) {
+        after.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(after.iter().any(|m| m.contains("STOPPING=1")), "{after:?}");
+}
