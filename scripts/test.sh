@@ -31,4 +31,11 @@ echo "==> the Pi builds: cross-compile, package, verify the unit, run arm64 unde
 cross/check.sh
 
 echo "==> tests"
-cargo test --features virtual
+log=$(mktemp)
+# --lib --bins --tests: every unit, driver, property and end-to-end test (no doc-tests: there are none).
+set +e
+cargo test --features virtual --lib --bins --tests 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"

@@ -33,6 +33,12 @@ enum Command {
     Run,
     /// Validate the configuration and print the effective one, secrets redacted
     Check,
+    /// Connect, read the device's retained status, LED state and health, and print them
+    Status {
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Parses the command line, runs the command and maps the outcome to an exit code.
@@ -50,6 +56,7 @@ pub fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => check(&loaded),
         Command::Run => run(loaded),
+        Command::Status { json } => status(&loaded.config, json),
     }
 }
 
@@ -70,9 +77,35 @@ fn is_loopback(host: &str) -> bool {
     host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+fn status(cfg: &Config, json: bool) -> ExitCode {
+    let broker = format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port);
+    let snap = match runtime().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(crate::status::fetch(cfg))) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("nightlight: {e:#}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    if json {
+        // A struct of strings, numbers and options always serializes.
+        println!("{}", serde_json::to_string_pretty(&snap).expect("snapshot serializes"));
+    } else {
+        print!("{}", crate::status::render(&snap, &broker));
+    }
+    if snap.status.is_none() && snap.state.is_none() && snap.health.is_none() {
+        eprintln!("nightlight: the broker at {broker} holds nothing for {}: has the device ever connected?", cfg.id);
+        return ExitCode::from(EXIT_FAILURE);
+    }
+    ExitCode::SUCCESS
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()
+}
+
 fn run(loaded: Loaded) -> ExitCode {
     tracing::info!(config = %loaded.source, "configuration loaded");
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("nightlight: cannot start the runtime: {e}");

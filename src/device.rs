@@ -15,7 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -25,6 +25,7 @@ use tokio::time::{sleep_until, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, SensorKind};
+use crate::homeassistant::{self, Health};
 use crate::led::{self, Led};
 use crate::link::{self, Backoff, Poller};
 use crate::payload::{self, LedState, Topics, OFFLINE, ONLINE};
@@ -44,7 +45,19 @@ pub struct Counters {
     pub sensor_errors: AtomicU64,
     pub rejected_commands: AtomicU64,
     pub reconnects: AtomicU64,
+    /// The last connection or sensor error, for health.
+    pub last_error: Mutex<Option<String>>,
 }
+
+impl Counters {
+    fn set_last_error(&self, e: String) {
+        // A poisoned lock means a panic elsewhere, and panics abort this program.
+        *self.last_error.lock().expect("lock") = Some(e);
+    }
+}
+
+/// How often `<id>/health` is published while connected (and on every connect).
+pub const HEALTH_EVERY: Duration = Duration::from_secs(60);
 
 /// What a publish handed to rumqttc was, so its packet id can be mapped back.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -95,6 +108,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         by_pkid: HashMap::new(),
         purge: false,
         last_failure: None,
+        started: Instant::now(),
+        discovery_cleared: false,
     };
     let result = device.run(readings_rx, shutdown).await;
     sampler.abort();
@@ -139,6 +154,7 @@ async fn sample(
             }
             Err(e) => {
                 counters.sensor_errors.fetch_add(1, Ordering::Relaxed);
+                counters.set_last_error(format!("sensor: {e}"));
                 if failed_reads == 0 {
                     warn!(error = %e, "sensor read failed; skipping readings until it recovers");
                 }
@@ -177,6 +193,10 @@ struct Device {
     purge: bool,
     /// The last connection failure, so a retry that fails the same way is not logged again.
     last_failure: Option<String>,
+    /// For `uptime_s` in health.
+    started: Instant,
+    /// Discovery is disabled and its retained configs were removed in this run.
+    discovery_cleared: bool,
 }
 
 impl Device {
@@ -190,6 +210,8 @@ impl Device {
         let watchdog = sd_notify::watchdog_enabled();
         let mut feed = tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
         feed.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut health = tokio::time::interval_at(tokio::time::Instant::now() + HEALTH_EVERY, HEALTH_EVERY);
+        health.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             let spill_at = self.queue.next_deadline(self.connected.is_none()).map(tokio::time::Instant::from_std);
             tokio::select! {
@@ -211,6 +233,11 @@ impl Device {
                 }
                 _ = sleep_until(spill_at.unwrap_or_else(far_future)), if spill_at.is_some() => {
                     self.queue.tick(Instant::now(), self.connected.is_none());
+                }
+                _ = health.tick() => {
+                    if self.connected.is_some() {
+                        self.publish_health();
+                    }
                 }
                 _ = feed.tick(), if watchdog.is_some() => {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
@@ -275,6 +302,41 @@ impl Device {
         self.publish_other(&self.topics.status.clone(), ONLINE.as_bytes().to_vec(), true);
         let state = LedState { led_on: self.led.is_on() };
         self.publish_other(&self.topics.state.clone(), state.to_json(), true);
+        self.publish_discovery();
+        self.publish_health();
+    }
+
+    /// Home Assistant discovery on every connect; when disabled, empty retained configs once,
+    /// which removes the entities.
+    fn publish_discovery(&mut self) {
+        if self.cfg.homeassistant.enabled {
+            for d in homeassistant::discovery(&self.cfg) {
+                self.publish_other(&d.topic, d.payload.to_string().into_bytes(), true);
+            }
+        } else if !self.discovery_cleared {
+            for topic in homeassistant::all_topics(&self.cfg) {
+                self.publish_other(&topic, Vec::new(), true);
+            }
+            self.discovery_cleared = true;
+        }
+    }
+
+    fn publish_health(&mut self) {
+        let q = self.queue.stats();
+        let c = &self.counters;
+        let h = Health {
+            uptime_s: self.started.elapsed().as_secs(),
+            queue_readings: q.readings,
+            queue_bytes: q.bytes,
+            dropped: q.dropped,
+            sensor_errors: c.sensor_errors.load(Ordering::Relaxed),
+            rejected_commands: c.rejected_commands.load(Ordering::Relaxed),
+            reconnects: c.reconnects.load(Ordering::Relaxed),
+            last_error: c.last_error.lock().expect("lock").clone(),
+        };
+        // Serializing a struct of numbers and an optional string cannot fail.
+        let payload = serde_json::to_vec(&h).expect("health serializes");
+        self.publish_other(&self.topics.health.clone(), payload, true);
     }
 
     /// The connection that discarded a poisoned session is up: clear any retained message on our
@@ -311,6 +373,7 @@ impl Device {
             }
             None => debug!(reason = %reason, "still cannot connect"),
         }
+        self.counters.set_last_error(format!("mqtt: {reason}"));
         self.last_failure = Some(reason);
         if let Some(size) = link::is_oversized_incoming(e) {
             warn!(bytes = size, limit = link::MAX_INCOMING_BYTES,

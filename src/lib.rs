@@ -12,6 +12,8 @@
 //! - [`link`]: MQTT options, reconnect backoff, the cancel-safe poller around rumqttc.
 //! - [`queue`]: the durable offline queue (segments, checksums, group commit, byte cap).
 //! - [`payload`]: topics and JSON payloads; defensive command decoding.
+//! - [`homeassistant`]: MQTT discovery configs and the health payload.
+//! - [`status`]: `nightlight status`, a device's retained status, state and health.
 //! - [`sensor`]: the `Sensor` trait, I2C chip drivers and the simulated sensor.
 //! - [`led`]: the `Led` trait, the GPIO LED and the virtual LED.
 //! - [`shutdown`]: the SIGINT/SIGTERM future.
@@ -19,12 +21,14 @@
 pub mod cli;
 pub mod config;
 pub mod device;
+pub mod homeassistant;
 pub mod led;
 pub mod link;
 pub mod payload;
 pub mod queue;
 pub mod sensor;
 pub mod shutdown;
+pub mod status;
 
 pub use config::{Config, ConfigError};
 pub use queue::{DiskQueue, QueueError};

@@ -15,6 +15,7 @@ pub struct Topics {
     pub commands: String,
     pub state: String,
     pub status: String,
+    pub health: String,
     pub virtual_light: String,
 }
 
@@ -26,6 +27,7 @@ impl Topics {
             commands: format!("{id}/commands"),
             state: format!("{id}/state"),
             status: format!("{id}/status"),
+            health: format!("{id}/health"),
             virtual_light: format!("{id}/virtual/light"),
         }
     }

@@ -194,6 +194,19 @@ impl Observer {
         }
     }
 
+    /// Waits until at least `n` messages under `prefix` have arrived; returns those.
+    pub fn wait_on_prefix(&self, prefix: &str, timeout: Duration, n: usize) -> Vec<Msg> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen: Vec<Msg> = self.all().into_iter().filter(|m| m.topic.starts_with(prefix)).collect();
+            if seen.len() >= n {
+                return seen;
+            }
+            assert!(Instant::now() < deadline, "wanted {n} messages under {prefix}, got {}", seen.len());
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Telemetry `seq` values seen on `topic`, in arrival order.
     pub fn seqs(&self, topic: &str) -> Vec<u64> {
         self.on(topic).iter().filter_map(|m| m.json()["seq"].as_u64()).collect()
