@@ -39,12 +39,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The lesson's controller: send `led_on` commands to every device from its telemetry
+    Server,
+    /// Broker + virtual device + controller + a live view, in one process
+    #[cfg(feature = "virtual")]
+    Demo {
+        /// Port of the embedded broker on 127.0.0.1
+        #[arg(long, default_value_t = 1883)]
+        port: u16,
+    },
 }
 
 /// Parses the command line, runs the command and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    #[cfg(feature = "virtual")]
+    if let Some(Command::Demo { port }) = cli.command {
+        // The demo needs no configuration; its info lines would scroll over the live view.
+        init_logging(LevelFilter::WARN);
+        return serve(|shutdown| crate::demo::run(port, shutdown));
+    }
+    init_logging(LevelFilter::INFO);
     let source = config::locate(cli.config.as_deref(), std::env::var(config::CONFIG_ENV).ok().as_deref());
     let loaded = match Config::load(&source) {
         Ok(l) => l,
@@ -57,6 +72,9 @@ pub fn main() -> ExitCode {
         Command::Check => check(&loaded),
         Command::Run => run(loaded),
         Command::Status { json } => status(&loaded.config, json),
+        Command::Server => serve(|shutdown| crate::server::run(loaded.config, shutdown)),
+        #[cfg(feature = "virtual")]
+        Command::Demo { .. } => unreachable!("handled before the configuration is loaded"),
     }
 }
 
@@ -105,6 +123,15 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 fn run(loaded: Loaded) -> ExitCode {
     tracing::info!(config = %loaded.source, "configuration loaded");
+    serve(|shutdown| crate::device::run(loaded.config, shutdown))
+}
+
+/// Runs a long-lived command until SIGINT or SIGTERM; maps its outcome to an exit code.
+fn serve<F, Fut>(command: F) -> ExitCode
+where
+    F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     let runtime = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -114,7 +141,7 @@ fn run(loaded: Loaded) -> ExitCode {
     };
     let result = runtime.block_on(async {
         let shutdown = crate::shutdown::signal_future()?;
-        crate::device::run(loaded.config, shutdown).await
+        command(Box::pin(shutdown)).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -126,15 +153,15 @@ fn run(loaded: Loaded) -> ExitCode {
     }
 }
 
-/// Logs to stderr; the level comes from `RUST_LOG` (default `info`); no timestamps under
+/// Logs to stderr; the level comes from `RUST_LOG` (default `default`); no timestamps under
 /// journald, which adds its own.
-fn init_logging() {
+fn init_logging(default: LevelFilter) {
     let spec = std::env::var("RUST_LOG").unwrap_or_default();
-    let filter = Targets::from_str(&spec)
-        .ok()
-        .filter(|_| !spec.trim().is_empty())
-        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false);
+    let filter = Targets::from_str(&spec).ok().filter(|_| !spec.trim().is_empty()).unwrap_or_else(|| {
+        // The embedded broker's own logs (demo) are noise for a person watching the view.
+        Targets::new().with_default(default).with_target("rumqttd", LevelFilter::OFF)
+    });
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).with_ansi(false);
     let registry = tracing_subscriber::registry().with(filter);
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         registry.with(fmt.without_time()).init();

@@ -71,11 +71,25 @@ enum Sent {
 /// # Errors
 /// The queue directory, the sensor or the LED cannot be opened.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let (sensor, simulated) = sensor::open(&cfg)?;
+    let led = led::open(&cfg)?;
+    run_with(cfg, sensor, simulated, led, shutdown).await
+}
+
+/// As [`run`], with the sensor and LED given (the demo gives a silent virtual LED).
+///
+/// # Errors
+/// The queue directory cannot be opened.
+pub async fn run_with(
+    cfg: Config,
+    sensor: Box<dyn Sensor>,
+    simulated: Option<SimulatedControl>,
+    led: Box<dyn Led>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let queue_dir = Path::new(&cfg.queue.dir);
     let queue = DiskQueue::open(queue_dir, cfg.queue.max_bytes, Duration::from_millis(cfg.queue.spill_ms))
         .with_context(|| format!("cannot open the offline queue (queue.dir = {})", queue_dir.display()))?;
-    let (sensor, simulated) = sensor::open(&cfg)?;
-    let led = led::open(&cfg)?;
     let topics = Topics::new(&cfg.id);
     let (client, eventloop) = link::connect_options(&cfg, &topics)?;
     let counters = Arc::new(Counters::default());

@@ -16,10 +16,16 @@
 //! - [`status`]: `nightlight status`, a device's retained status, state and health.
 //! - [`sensor`]: the `Sensor` trait, I2C chip drivers and the simulated sensor.
 //! - [`led`]: the `Led` trait, the GPIO LED and the virtual LED.
+//! - [`controller`]: the controller's decisions (threshold, hysteresis, late readings).
+//! - [`server`]: `nightlight server`, the controller over MQTT.
+//! - [`demo`]: `nightlight demo` (virtual builds): broker, device, controller and a view.
 //! - [`shutdown`]: the SIGINT/SIGTERM future.
 
 pub mod cli;
 pub mod config;
+pub mod controller;
+#[cfg(feature = "virtual")]
+pub mod demo;
 pub mod device;
 pub mod homeassistant;
 pub mod led;
@@ -27,6 +33,7 @@ pub mod link;
 pub mod payload;
 pub mod queue;
 pub mod sensor;
+pub mod server;
 pub mod shutdown;
 pub mod status;
 

@@ -1,0 +1,140 @@
+//! The controller's decisions, from the lesson's server: the LED should be on when it is dark.
+//!
+//! Pure logic, no I/O: readings and reported states go in, commands come out. Per device it
+//! applies hysteresis (on below `threshold`, off at `threshold + hysteresis` or above, unchanged in
+//! between), ignores readings older than the one behind its last decision (a device draining its
+//! offline queue), and sends a command only when the wanted state differs from the state the
+//! device last reported and that command is not already on its way.
+
+use std::collections::HashMap;
+
+/// A command for one device: publish `{"led_on": on}` to `<id>/commands`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    pub id: String,
+    pub on: bool,
+}
+
+#[derive(Debug, Default, Clone)]
+struct DeviceView {
+    /// What the readings say the LED should be.
+    wanted: Option<bool>,
+    /// `ts` of the reading behind `wanted`.
+    decided_ts: u64,
+    /// What the device last reported on `<id>/state`.
+    reported: Option<bool>,
+    /// The command sent since the last report, if any (one command per change).
+    sent: Option<bool>,
+}
+
+/// The decisions for a fleet of devices.
+#[derive(Debug, Clone)]
+pub struct Controller {
+    threshold: u16,
+    hysteresis: u16,
+    devices: HashMap<String, DeviceView>,
+}
+
+impl Controller {
+    /// LED on below `threshold`, off from `threshold + hysteresis` up.
+    pub fn new(threshold: u16, hysteresis: u16) -> Self {
+        Controller { threshold, hysteresis, devices: HashMap::new() }
+    }
+
+    /// A reading from `<id>/telemetry`.
+    pub fn on_reading(&mut self, id: &str, light: u16, ts: u64) -> Option<Command> {
+        let (threshold, hysteresis) = (self.threshold, self.hysteresis);
+        let d = self.devices.entry(id.to_owned()).or_default();
+        if d.wanted.is_some() && ts < d.decided_ts {
+            return None; // late, from an offline queue: a newer reading already decided
+        }
+        let wanted = match d.wanted {
+            _ if light < threshold => true,
+            _ if u32::from(light) >= u32::from(threshold) + u32::from(hysteresis) => false,
+            Some(previous) => previous,
+            None => false,
+        };
+        d.wanted = Some(wanted);
+        d.decided_ts = ts;
+        Self::command_for(id, d)
+    }
+
+    /// A state report from `<id>/state`.
+    pub fn on_state(&mut self, id: &str, led_on: bool) -> Option<Command> {
+        let d = self.devices.entry(id.to_owned()).or_default();
+        d.reported = Some(led_on);
+        d.sent = None;
+        Self::command_for(id, d)
+    }
+
+    fn command_for(id: &str, d: &mut DeviceView) -> Option<Command> {
+        let wanted = d.wanted?;
+        if d.reported == Some(wanted) || d.sent == Some(wanted) {
+            return None;
+        }
+        d.sent = Some(wanted);
+        Some(Command { id: id.to_owned(), on: wanted })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(on: bool) -> Option<Command> {
+        Some(Command { id: "a".into(), on })
+    }
+
+    #[test]
+    fn dark_turns_the_led_on_once_and_bright_turns_it_off() {
+        let mut c = Controller::new(300, 20);
+        c.on_state("a", false);
+        assert_eq!(c.on_reading("a", 500, 1), None);
+        assert_eq!(c.on_reading("a", 250, 2), cmd(true));
+        assert_eq!(c.on_reading("a", 240, 3), None, "one command per change, not per reading");
+        assert_eq!(c.on_state("a", true), None);
+        assert_eq!(c.on_reading("a", 200, 4), None);
+        assert_eq!(c.on_reading("a", 330, 5), cmd(false));
+    }
+
+    #[test]
+    fn readings_inside_the_hysteresis_band_change_nothing() {
+        let mut c = Controller::new(300, 20);
+        c.on_state("a", false);
+        assert_eq!(c.on_reading("a", 299, 1), cmd(true));
+        c.on_state("a", true);
+        for (i, light) in [300, 310, 319, 305].into_iter().enumerate() {
+            assert_eq!(c.on_reading("a", light, 2 + i as u64), None, "{light} is inside the band");
+        }
+        assert_eq!(c.on_reading("a", 320, 10), cmd(false));
+        c.on_state("a", false);
+        assert_eq!(c.on_reading("a", 310, 11), None, "still off inside the band");
+    }
+
+    #[test]
+    fn a_device_that_restarts_in_the_wrong_state_is_corrected() {
+        let mut c = Controller::new(300, 20);
+        c.on_state("a", false);
+        assert_eq!(c.on_reading("a", 100, 1), cmd(true));
+        c.on_state("a", true);
+        assert_eq!(c.on_state("a", false), cmd(true), "it came back off while it is dark");
+    }
+
+    #[test]
+    fn late_readings_never_override_a_newer_decision() {
+        let mut c = Controller::new(300, 20);
+        c.on_state("a", false);
+        assert_eq!(c.on_reading("a", 100, 1_000), cmd(true));
+        c.on_state("a", true);
+        assert_eq!(c.on_reading("a", 900, 500), None, "an old bright reading from the queue");
+        assert_eq!(c.on_reading("a", 900, 2_000), cmd(false));
+    }
+
+    #[test]
+    fn devices_are_decided_independently() {
+        let mut c = Controller::new(300, 20);
+        assert_eq!(c.on_reading("a", 100, 1), cmd(true));
+        assert_eq!(c.on_reading("b", 100, 1), Some(Command { id: "b".into(), on: true }));
+        assert_eq!(c.on_reading("a", 100, 2), None);
+    }
+}

@@ -1,0 +1,129 @@
+//! End to end: `nightlight server` against a real Mosquitto with real devices, and
+//! `nightlight demo` with its embedded broker.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const S: Duration = Duration::from_secs(1);
+
+fn server(port: u16, extra_env: &[(&str, &str)]) -> Daemon {
+    let port = port.to_string();
+    let mut env = vec![
+        ("NIGHTLIGHT_CONFIG", "/dev/null"),
+        ("NIGHTLIGHT__MQTT__HOST", "127.0.0.1"),
+        ("NIGHTLIGHT__MQTT__PORT", port.as_str()),
+        ("NIGHTLIGHT__MQTT__RECONNECT_MIN_MS", "50"),
+        ("NIGHTLIGHT__MQTT__RECONNECT_MAX_MS", "400"),
+        ("NIGHTLIGHT__SENSOR__KIND", "virtual"),
+        ("NIGHTLIGHT__LED__KIND", "virtual"),
+    ];
+    env.extend_from_slice(extra_env);
+    let d = Daemon::spawn(&["server"], &env);
+    d.wait_stderr("connected", 10 * S);
+    d
+}
+
+fn commands(obs: &Observer, topic: &str) -> Vec<bool> {
+    obs.on(topic).iter().filter_map(|m| m.json()["led_on"].as_bool()).collect()
+}
+
+#[test]
+fn dark_turns_the_led_on_bright_off_and_the_band_changes_nothing() {
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 100, "");
+    let obs = Observer::new(broker.port, "#");
+    let _srv = server(broker.port, &[]);
+    // Bright at first: no command.
+    let d = Daemon::spawn(
+        &["run", "--config", dev.config().to_str().unwrap()],
+        &[("NIGHTLIGHT__SENSOR__VIRTUAL__VALUE", "600")],
+    );
+    obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= 5);
+    assert!(commands(&obs, &dev.topic("commands")).is_empty(), "600 is bright: no command");
+    obs.publish(&dev.topic("virtual/light"), "100", false); // dark
+    let lines = d.wait_stdout_lines(1, 5 * S);
+    assert!(lines[0].starts_with("led on"), "{lines:?}");
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(commands(&obs, &dev.topic("commands")), vec![true], "one command, not one per dark reading");
+
+    obs.publish(&dev.topic("virtual/light"), "310", false); // inside the band: nothing
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(commands(&obs, &dev.topic("commands")), vec![true], "no command inside the hysteresis band");
+    obs.publish(&dev.topic("virtual/light"), "700", false);
+    let lines = d.wait_stdout_lines(2, 5 * S);
+    assert!(lines[1].starts_with("led off"), "{lines:?}");
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(commands(&obs, &dev.topic("commands")), vec![true, false], "one command per change");
+}
+
+#[test]
+fn a_device_that_restarts_in_the_wrong_state_is_corrected() {
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 100, "");
+    let obs = Observer::new(broker.port, "#");
+    let _srv = server(broker.port, &[]);
+    let mut d = dev.spawn();
+    d.wait_stdout_lines(1, 10 * S); // dark: on
+    d.stop_with(libc::SIGTERM, 5 * S);
+    obs.clear();
+    let d = dev.spawn(); // comes back with the LED off
+    let lines = d.wait_stdout_lines(1, 10 * S);
+    assert!(lines[0].starts_with("led on"), "corrected: {lines:?}");
+}
+
+#[test]
+fn two_controllers_in_a_shared_group_never_both_act_on_one_reading() {
+    let broker = Mosquitto::start("");
+    let obs = Observer::new(broker.port, "#");
+    let _a = server(broker.port, &[("NIGHTLIGHT__SERVER__SHARED_GROUP", "fleet")]);
+    let _b = server(broker.port, &[("NIGHTLIGHT__SERVER__SHARED_GROUP", "fleet")]);
+    std::thread::sleep(Duration::from_millis(300));
+    // One dark reading for each of 20 devices: each reading reaches one controller only.
+    for i in 0..20 {
+        obs.publish(&format!("fleet{i}/telemetry"), format!(r#"{{"light": 50, "ts": 1, "seq": 1}}"#), false);
+    }
+    obs.wait_on_prefix("fleet", 10 * S, 40);
+    std::thread::sleep(Duration::from_millis(800));
+    let cmds = obs.all().into_iter().filter(|m| m.topic.ends_with("/commands")).count();
+    assert_eq!(cmds, 20, "one command per reading, not one per controller");
+}
+
+#[test]
+fn demo_runs_headless_shows_both_commands_to_outside_clients_and_stops_on_sigint() {
+    let port = free_port();
+    let mut d = Daemon::spawn(&["demo", "--port", &port.to_string()], &[]);
+    // An outside client on the embedded broker (waits for it to come up).
+    let obs = {
+        let deadline = std::time::Instant::now() + 10 * S;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "demo broker did not start: {}", d.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Observer::new(port, "#")
+    };
+    obs.wait_on("demo/commands", 30 * S, |m| {
+        let v: Vec<bool> = m.iter().filter_map(|m| m.json()["led_on"].as_bool()).collect();
+        v.contains(&true) && v.contains(&false)
+    });
+    assert!(!obs.on("demo/telemetry").is_empty());
+    let out = d.stdout().join("\n");
+    assert!(
+        out.contains("command led_on=true") && out.contains("telemetry light="),
+        "plain lines when not a terminal:\n{out}"
+    );
+    let (status, took) = d.stop_with(libc::SIGINT, 5 * S);
+    assert_eq!(status.code(), Some(0), "{}", d.stderr());
+    assert!(took < 3 * S);
+}
+
+#[test]
+fn demo_on_a_busy_port_says_so_and_exits_1() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let (code, _, err) = run_to_end(&["demo", "--port", &port], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&port) && err.contains("--port"), "{err}");
+}
