@@ -36,8 +36,7 @@ pub async fn run(port: u16, shutdown: impl Future<Output = ()>) -> anyhow::Resul
     start_broker(addr)?;
 
     let queue_dir = std::env::temp_dir().join(format!("nightlight-demo-{}", std::process::id()));
-    let mut cfg = Config::default();
-    cfg.id = DEMO_ID.into();
+    let mut cfg = Config { id: DEMO_ID.into(), ..Config::default() };
     cfg.mqtt.host = "127.0.0.1".into();
     cfg.mqtt.port = port;
     cfg.sensor.kind = SensorKind::Virtual;
