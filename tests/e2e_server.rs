@@ -83,7 +83,7 @@ fn two_controllers_in_a_shared_group_never_both_act_on_one_reading() {
     std::thread::sleep(Duration::from_millis(300));
     // One dark reading for each of 20 devices: each reading reaches one controller only.
     for i in 0..20 {
-        obs.publish(&format!("fleet{i}/telemetry"), format!(r#"{{"light": 50, "ts": 1, "seq": 1}}"#), false);
+        obs.publish(&format!("fleet{i}/telemetry"), r#"{"light": 50, "ts": 1, "seq": 1}"#, false);
     }
     obs.wait_on_prefix("fleet", 10 * S, 40);
     std::thread::sleep(Duration::from_millis(800));
