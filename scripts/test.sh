@@ -12,6 +12,7 @@ SUDO=""
 have_mosquitto() { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; }
 missing=()
 have_mosquitto || missing+=(mosquitto mosquitto-clients)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || missing+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
 command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || missing+=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -363,7 +363,9 @@ impl Config {
             ));
         }
         if m.tls.enabled {
-            return Err(bad("mqtt.tls.enabled", "TLS is not supported by this build yet".into()));
+            if let Err(e) = crate::tls::client_config(&m.tls) {
+                return Err(ConfigError::Invalid { key: e.key, origin: origin_of(e.key), reason: e.to_string() });
+            }
         }
         if !m.password_file.is_empty() && !Path::new(&m.password_file).is_file() {
             return Err(bad("mqtt.password_file", format!("cannot read {}", m.password_file)));

@@ -372,7 +372,7 @@ impl Device {
     }
 
     fn on_disconnected(&mut self, e: &ConnectionError) {
-        let reason = link::describe(e);
+        let reason = link::describe_for(e, &self.cfg.mqtt.host);
         match self.connected.take() {
             Some(since) => {
                 self.counters.reconnects.fetch_add(1, Ordering::Relaxed);

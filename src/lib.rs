@@ -10,6 +10,7 @@
 //! - [`config`]: the configuration schema, layered loading and validation.
 //! - [`device`]: the orchestrator: sampler task, device loop, clean stop.
 //! - [`link`]: MQTT options, reconnect backoff, the cancel-safe poller around rumqttc.
+//! - [`tls`]: rustls client configuration and plain-words TLS errors.
 //! - [`queue`]: the durable offline queue (segments, checksums, group commit, byte cap).
 //! - [`payload`]: topics and JSON payloads; defensive command decoding.
 //! - [`homeassistant`]: MQTT discovery configs and the health payload.
@@ -36,6 +37,7 @@ pub mod sensor;
 pub mod server;
 pub mod shutdown;
 pub mod status;
+pub mod tls;
 
 pub use config::{Config, ConfigError};
 pub use queue::{DiskQueue, QueueError};

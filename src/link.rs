@@ -10,7 +10,10 @@
 
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, NetworkOptions, QoS, StateError};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, LastWill, MqttOptions, NetworkOptions, QoS,
+    StateError, TlsConfiguration, Transport,
+};
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
@@ -39,9 +42,7 @@ pub fn connect_options(cfg: &Config, topics: &Topics) -> Result<(AsyncClient, Ev
         .set_last_will(LastWill::new(&topics.status, OFFLINE, QoS::AtLeastOnce, true))
         .set_max_packet_size(MAX_INCOMING_BYTES, MAX_OUTGOING_BYTES)
         .set_inflight(MAX_INFLIGHT);
-    if !cfg.mqtt.username.is_empty() {
-        opts.set_credentials(&cfg.mqtt.username, cfg.password()?.unwrap_or_default());
-    }
+    apply_security(&mut opts, cfg)?;
     let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_CHANNEL);
     let mut net = NetworkOptions::new();
     // Without TCP_NODELAY a state publish right after a QoS 1 ack waits ~40 ms behind Nagle.
@@ -49,6 +50,25 @@ pub fn connect_options(cfg: &Config, topics: &Topics) -> Result<(AsyncClient, Ev
     net.set_connection_timeout(5);
     eventloop.set_network_options(net);
     Ok((client, eventloop))
+}
+
+/// Sets credentials and TLS from `[mqtt]` (device, controller and `status` alike).
+///
+/// # Errors
+/// The password file or a TLS file cannot be read.
+pub fn apply_security(opts: &mut MqttOptions, cfg: &Config) -> Result<(), crate::ConfigError> {
+    if !cfg.mqtt.username.is_empty() {
+        opts.set_credentials(&cfg.mqtt.username, cfg.password()?.unwrap_or_default());
+    }
+    if cfg.mqtt.tls.enabled {
+        let tls = crate::tls::client_config(&cfg.mqtt.tls).map_err(|e| crate::ConfigError::Invalid {
+            key: e.key,
+            origin: String::new(),
+            reason: e.to_string(),
+        })?;
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    }
+    Ok(())
 }
 
 /// Whether the connection died because an incoming message exceeded [`MAX_INCOMING_BYTES`].
@@ -61,10 +81,24 @@ pub fn is_oversized_incoming(e: &ConnectionError) -> Option<usize> {
     }
 }
 
+/// A short, human description of why a connection failed or ended; `host` for TLS name errors.
+pub fn describe_for(e: &ConnectionError, host: &str) -> String {
+    if let Some(why) = crate::tls::explain(e, host) {
+        return why;
+    }
+    describe(e)
+}
+
 /// A short, human description of why a connection failed or ended.
 pub fn describe(e: &ConnectionError) -> String {
     match e {
         ConnectionError::Io(io) => io.to_string(),
+        ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword) => {
+            "the broker refused the username or password (check mqtt.username and the password)".into()
+        }
+        ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized) => {
+            "the broker refused the connection: not authorized (wrong username or password, or not allowed)".into()
+        }
         ConnectionError::ConnectionRefused(code) => format!("broker refused the connection: {code:?}"),
         ConnectionError::NetworkTimeout => "timed out connecting".into(),
         ConnectionError::MqttState(StateError::Io(io)) => io.to_string(),

@@ -49,10 +49,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         // A generated client id cannot resume a session; a configured one may.
         .set_clean_session(cfg.mqtt.client_id.is_empty() || cfg.mqtt.clean_session)
         .set_max_packet_size(link::MAX_INCOMING_BYTES, link::MAX_OUTGOING_BYTES);
-    if !cfg.mqtt.username.is_empty() {
-        opts.set_credentials(&cfg.mqtt.username, cfg.password()?.unwrap_or_default());
-    }
+    link::apply_security(&mut opts, &cfg)?;
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    let host = cfg.mqtt.host.clone();
     let mut net = NetworkOptions::new();
     net.set_tcp_nodelay(true);
     net.set_connection_timeout(5);
@@ -76,7 +75,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
                     }
                 }
                 Err(e) => {
-                    if events_tx.send(Err(link::describe(&e))).await.is_err() {
+                    if events_tx.send(Err(link::describe_for(&e, &host))).await.is_err() {
                         return;
                     }
                     tokio::time::sleep(backoff.next_delay()).await;

@@ -33,19 +33,18 @@ pub struct Snapshot {
 pub async fn fetch(cfg: &Config) -> anyhow::Result<Snapshot> {
     let topics = Topics::new(&cfg.id);
     let broker = format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port);
+    let host = &cfg.mqtt.host;
     let mut opts =
         MqttOptions::new(format!("{}-status-{:08x}", cfg.id, fastrand::u32(..)), &cfg.mqtt.host, cfg.mqtt.port);
     opts.set_clean_session(true).set_keep_alive(Duration::from_secs(10));
-    if !cfg.mqtt.username.is_empty() {
-        opts.set_credentials(&cfg.mqtt.username, cfg.password()?.unwrap_or_default());
-    }
+    crate::link::apply_security(&mut opts, cfg)?;
     let (client, mut eventloop) = AsyncClient::new(opts, 10);
     let mut snap = Snapshot { id: cfg.id.clone(), ..Snapshot::default() };
     let mut deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
     loop {
         let ev = match tokio::time::timeout_at(deadline, eventloop.poll()).await {
             Err(_) => break,
-            Ok(Err(e)) => bail!("cannot read from the broker at {broker}: {}", crate::link::describe(&e)),
+            Ok(Err(e)) => bail!("cannot read from the broker at {broker}: {}", crate::link::describe_for(&e, host)),
             Ok(Ok(ev)) => ev,
         };
         match ev {

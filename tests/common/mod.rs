@@ -36,28 +36,39 @@ pub fn free_port() -> u16 {
 /// A Mosquitto broker on 127.0.0.1 with its own config, killed on drop.
 pub struct Mosquitto {
     pub port: u16,
-    dir: tempfile::TempDir,
-    extra: String,
+    pub dir: tempfile::TempDir,
+    text: String,
     child: Option<Child>,
 }
 
 impl Mosquitto {
-    /// Starts a broker; `extra` is appended to its config (persistence, limits, ...).
+    /// Starts an anonymous broker; `extra` is appended to its config (persistence, limits, ...).
     pub fn start(extra: &str) -> Self {
-        let mut m =
-            Mosquitto { port: free_port(), dir: tempfile::tempdir().unwrap(), extra: extra.into(), child: None };
+        Self::start_with(|port, dir| {
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence_location {}/\n{extra}\n",
+                dir.display()
+            )
+        })
+    }
+
+    /// Starts a broker whose whole config is `text(port, dir)`.
+    pub fn start_with(text: impl Fn(u16, &Path) -> String) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        // Started as root, mosquitto switches to its own user and cannot read the test's private
+        // temporary files (keys, password and ACL files); keep the invoking user.
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let text = format!("{}{}", if root { "user root\n" } else { "" }, text(port, dir.path()));
+        let mut m = Mosquitto { port, dir, text, child: None };
         m.spawn();
         m
     }
 
     fn spawn(&mut self) {
         let conf = self.dir.path().join("mosquitto.conf");
-        let text = format!(
-            "listener {} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence_location {}/\n{}\n",
-            self.port,
-            self.dir.path().display(),
-            self.extra
-        );
+        let text = self.text.clone();
         std::fs::write(&conf, text).unwrap();
         let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).unwrap();
         let child = Command::new(mosquitto_bin())
@@ -133,8 +144,16 @@ pub struct Observer {
 
 impl Observer {
     pub fn new(port: u16, filter: &str) -> Self {
+        Self::with_login(port, filter, None)
+    }
+
+    /// An observer that logs in with `(username, password)`.
+    pub fn with_login(port: u16, filter: &str, login: Option<(&str, &str)>) -> Self {
         let mut opts = MqttOptions::new(format!("observer-{}", fastrand::u64(..)), "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(5)).set_max_packet_size(1 << 20, 1 << 20);
+        if let Some((u, p)) = login {
+            opts.set_credentials(u, p);
+        }
         let (client, mut conn) = Client::new(opts, 100);
         let msgs = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -366,6 +385,79 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::File::create(&p).unwrap().write_all(text.as_bytes()).unwrap();
     p
+}
+
+/// A throwaway PKI made with the `openssl` command: a CA, and certificates it signs.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+}
+
+impl Pki {
+    /// A new CA named `name` (files `<name>.pem`, `<name>.key`).
+    pub fn new(name: &str) -> Self {
+        let pki = Pki { dir: tempfile::tempdir().unwrap() };
+        pki.openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+        ]);
+        pki
+    }
+
+    pub fn path(&self, file: &str) -> String {
+        self.dir.path().join(file).display().to_string()
+    }
+
+    /// A certificate `<name>.pem` / `<name>.key` signed by CA `ca`, with subjectAltName `san`
+    /// (e.g. `DNS:localhost,IP:127.0.0.1`); `rsa` picks an RSA key instead of ECDSA.
+    pub fn issue(&self, ca: &str, name: &str, san: &str, rsa: bool) {
+        let newkey: &[&str] =
+            if rsa { &["-newkey", "rsa:2048"] } else { &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"] };
+        let mut args = vec!["req", "-nodes", "-subj"];
+        let subj = format!("/CN={name}");
+        let (key, csr, pem) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"));
+        args.push(&subj);
+        args.extend_from_slice(newkey);
+        args.extend_from_slice(&["-keyout", &key, "-out", &csr]);
+        self.openssl(&args);
+        std::fs::write(self.dir.path().join(format!("{name}.ext")), format!("subjectAltName={san}\n")).unwrap();
+        let (ca_pem, ca_key, ext) = (format!("{ca}.pem"), format!("{ca}.key"), format!("{name}.ext"));
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-extfile",
+            &ext,
+            "-out",
+            &pem,
+        ]);
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        let out =
+            Command::new("openssl").args(args).current_dir(self.dir.path()).output().expect("openssl is installed");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }
 
 /// Asserts that `seqs` rise by exactly one at each step.

@@ -1,0 +1,137 @@
+//! TLS for the MQTT link: rustls with the ring provider, the broker verified against
+//! `mqtt.tls.ca_file` or the system roots (host name and IP addresses checked), and an optional
+//! client certificate for mutual TLS (PEM; PKCS#8, PKCS#1 RSA and SEC1 EC keys).
+//!
+//! Loading happens while the configuration is validated, so a missing or unreadable file is a
+//! configuration error (exit 2) that names it.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore};
+
+use crate::config::TlsConfig;
+
+/// A TLS setting that cannot be used: the key and the file, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {reason}")]
+pub struct TlsError {
+    /// The configuration key naming the file.
+    pub key: &'static str,
+    pub file: String,
+    pub reason: String,
+}
+
+/// Builds the rustls client configuration from `[mqtt.tls]`.
+///
+/// # Errors
+/// A file is missing, unreadable or holds no usable certificate or key.
+pub fn client_config(cfg: &TlsConfig) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    if cfg.ca_file.is_empty() {
+        let found = rustls_native_certs::load_native_certs();
+        let (added, _) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            return Err(TlsError {
+                key: "mqtt.tls.ca_file",
+                file: "(system roots)".into(),
+                reason:
+                    "no trusted root certificates found on this system: install ca-certificates or set mqtt.tls.ca_file"
+                        .into(),
+            });
+        }
+    } else {
+        for cert in certs("mqtt.tls.ca_file", &cfg.ca_file)? {
+            roots.add(cert).map_err(|e| err("mqtt.tls.ca_file", &cfg.ca_file, format!("not a CA certificate: {e}")))?;
+        }
+    }
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err("mqtt.tls.enabled", "", e.to_string()))?
+        .with_root_certificates(roots);
+    let config = match (cfg.cert_file.is_empty(), cfg.key_file.is_empty()) {
+        (true, true) => builder.with_no_client_auth(),
+        (false, false) => {
+            let chain = certs("mqtt.tls.cert_file", &cfg.cert_file)?;
+            let key = key(&cfg.key_file)?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| {
+                err("mqtt.tls.key_file", &cfg.key_file, format!("does not match mqtt.tls.cert_file: {e}"))
+            })?
+        }
+        (true, false) => return Err(err("mqtt.tls.cert_file", "", "is required with mqtt.tls.key_file".into())),
+        (false, true) => return Err(err("mqtt.tls.key_file", "", "is required with mqtt.tls.cert_file".into())),
+    };
+    Ok(Arc::new(config))
+}
+
+fn err(key: &'static str, file: &str, reason: String) -> TlsError {
+    TlsError { key, file: file.to_owned(), reason }
+}
+
+fn read(key: &'static str, file: &str) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(Path::new(file)).map_err(|e| err(key, file, format!("cannot read: {e}")))
+}
+
+fn certs(key: &'static str, file: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(key, file)?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(key, file, format!("not PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(err(key, file, "holds no PEM certificate".into()));
+    }
+    Ok(certs)
+}
+
+fn key(file: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read("mqtt.tls.key_file", file)?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| err("mqtt.tls.key_file", file, format!("not PEM: {e}")))?
+        .ok_or_else(|| err("mqtt.tls.key_file", file, "holds no PEM private key (PKCS#8, RSA or EC)".into()))
+}
+
+/// Says in words why a TLS handshake failed, if `e` carries a rustls error.
+pub fn explain(e: &(dyn std::error::Error + 'static), host: &str) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(r) = err.downcast_ref::<rustls::Error>() {
+            return Some(explain_rustls(r, host));
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if let Some(inner) = io.get_ref() {
+                if let Some(r) = inner.downcast_ref::<rustls::Error>() {
+                    return Some(explain_rustls(r, host));
+                }
+            }
+        }
+        cur = err.source();
+    }
+    None
+}
+
+fn explain_rustls(e: &rustls::Error, host: &str) -> String {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+    match e {
+        E::InvalidCertificate(C::UnknownIssuer) | E::InvalidCertificate(C::BadSignature) => {
+            "TLS: the broker's certificate is not signed by a trusted CA (check mqtt.tls.ca_file)".into()
+        }
+        E::InvalidCertificate(C::Expired) | E::InvalidCertificate(C::ExpiredContext { .. }) => {
+            "TLS: the broker's certificate has expired".into()
+        }
+        E::InvalidCertificate(C::NotValidYet) | E::InvalidCertificate(C::NotValidYetContext { .. }) => {
+            "TLS: the broker's certificate is not valid yet (check this machine's clock)".into()
+        }
+        E::InvalidCertificate(C::NotValidForName) | E::InvalidCertificate(C::NotValidForNameContext { .. }) => {
+            format!("TLS: the broker's certificate is not valid for {host} (check mqtt.host)")
+        }
+        E::AlertReceived(A::CertificateRequired) => {
+            "TLS: the broker requires a client certificate (set mqtt.tls.cert_file and key_file)".into()
+        }
+        E::AlertReceived(a @ (A::BadCertificate | A::UnknownCA | A::CertificateUnknown | A::DecryptError)) => {
+            format!("TLS: the broker refused our client certificate ({a:?})")
+        }
+        other => format!("TLS: {other}"),
+    }
+}

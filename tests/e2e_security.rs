@@ -1,0 +1,235 @@
+//! End to end: TLS, mutual TLS, passwords and the README's broker ACL, against real Mosquitto
+//! brokers configured by each test, with certificates made by `openssl`.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+const S: Duration = Duration::from_secs(1);
+
+/// A broker with a plain listener (for the observer) and a TLS listener (for the device).
+fn tls_broker(pki: &Pki, server: &str, require_cert: bool) -> (Mosquitto, u16) {
+    let tls_port = free_port();
+    let (ca, cert, key) = (pki.path("ca.pem"), pki.path(&format!("{server}.pem")), pki.path(&format!("{server}.key")));
+    let m = Mosquitto::start_with(|port, _| {
+        format!(
+            "per_listener_settings false\nallow_anonymous true\nlistener {port} 127.0.0.1\n\
+             listener {tls_port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\nrequire_certificate {require_cert}\n"
+        )
+    });
+    (m, tls_port)
+}
+
+fn device_with(dir: &DeviceDir, env: &[(&str, &str)]) -> Daemon {
+    Daemon::spawn(&["run", "--config", dir.config().to_str().unwrap()], env)
+}
+
+fn tls_toml(tls_port: u16, host: &str, extra: &str) -> String {
+    format!("[mqtt]\nport = {tls_port}\nhost = \"{host}\"\nreconnect_min_ms = 50\nreconnect_max_ms = 400\n[mqtt.tls]\nenabled = true\n{extra}")
+}
+
+/// A device config whose [mqtt] section is `mqtt_toml` (replacing the harness's plain one).
+fn device_dir(mqtt_toml: &str) -> DeviceDir {
+    let d = DeviceDir::new(1, 100, "");
+    let text = std::fs::read_to_string(d.config()).unwrap();
+    let rest = text.split("[sensor]").nth(1).unwrap();
+    let id = text.lines().next().unwrap();
+    std::fs::write(d.config(), format!("{id}\n{mqtt_toml}\n[sensor]{rest}")).unwrap();
+    d
+}
+
+#[test]
+fn tls_with_the_right_ca_delivers_telemetry() {
+    let pki = Pki::new("ca");
+    pki.issue("ca", "server", "DNS:localhost,IP:127.0.0.1", false);
+    let (broker, tls_port) = tls_broker(&pki, "server", false);
+    let obs = Observer::new(broker.port, "#");
+    for host in ["127.0.0.1", "localhost"] {
+        let dev = device_dir(&tls_toml(tls_port, host, &format!("ca_file = {:?}\n", pki.path("ca.pem"))));
+        let _d = device_with(&dev, &[]);
+        obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= 3);
+    }
+}
+
+#[test]
+fn a_broker_certificate_from_an_untrusted_ca_is_refused_clearly_and_nothing_goes_out() {
+    let pki = Pki::new("ca");
+    pki.issue("ca", "server", "DNS:localhost,IP:127.0.0.1", false);
+    let other = Pki::new("other");
+    let (broker, tls_port) = tls_broker(&pki, "server", false);
+    let obs = Observer::new(broker.port, "#");
+    let dev = device_dir(&tls_toml(tls_port, "127.0.0.1", &format!("ca_file = {:?}\n", other.path("other.pem"))));
+    let mut d = device_with(&dev, &[]);
+    d.wait_stderr("not signed by a trusted CA", 10 * S);
+    std::thread::sleep(1500 * Duration::from_millis(1));
+    assert!(obs.on(&dev.topic("telemetry")).is_empty(), "telemetry went out over an untrusted link");
+    assert!(d.is_running(), "a TLS failure is never fatal");
+    assert_eq!(
+        d.stderr().matches("not signed by a trusted CA").count(),
+        1,
+        "said once, not per retry:\n{}",
+        d.stderr()
+    );
+}
+
+#[test]
+fn a_broker_certificate_for_another_host_is_refused_naming_the_host() {
+    let pki = Pki::new("ca");
+    pki.issue("ca", "server", "DNS:elsewhere.example", false);
+    let (_broker, tls_port) = tls_broker(&pki, "server", false);
+    let dev = device_dir(&tls_toml(tls_port, "127.0.0.1", &format!("ca_file = {:?}\n", pki.path("ca.pem"))));
+    let d = device_with(&dev, &[]);
+    d.wait_stderr("not valid for 127.0.0.1", 10 * S);
+}
+
+#[test]
+fn mutual_tls_works_with_a_client_certificate_and_is_refused_without_one() {
+    let pki = Pki::new("ca");
+    pki.issue("ca", "server", "DNS:localhost,IP:127.0.0.1", false);
+    pki.issue("ca", "client", "DNS:client", true); // an RSA key, the ECDSA one is the server's
+    let (broker, tls_port) = tls_broker(&pki, "server", true);
+    let obs = Observer::new(broker.port, "#");
+    let with_cert = device_dir(&tls_toml(
+        tls_port,
+        "127.0.0.1",
+        &format!(
+            "ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+            pki.path("ca.pem"),
+            pki.path("client.pem"),
+            pki.path("client.key")
+        ),
+    ));
+    let _a = device_with(&with_cert, &[]);
+    obs.wait_on(&with_cert.topic("telemetry"), 10 * S, |m| m.len() >= 3);
+
+    let without = device_dir(&tls_toml(tls_port, "127.0.0.1", &format!("ca_file = {:?}\n", pki.path("ca.pem"))));
+    let b = device_with(&without, &[]);
+    b.wait_stderr("client certificate", 10 * S);
+    std::thread::sleep(S);
+    assert!(obs.on(&without.topic("telemetry")).is_empty());
+}
+
+fn password_broker(acl: Option<&str>) -> (Mosquitto, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("passwd");
+    for (i, (user, pass)) in [
+        ("porch", "porch-pass-1"),
+        ("controller", "ctl-pass-2"),
+        ("observer", "obs-pass-3"),
+        ("garage", "garage-pass-4"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut cmd = std::process::Command::new(mosquitto_passwd());
+        if i == 0 {
+            cmd.arg("-c");
+        }
+        assert!(cmd.args(["-b", pw.to_str().unwrap(), user, pass]).status().unwrap().success());
+    }
+    let acl_line = acl.map(|a| format!("acl_file {a}\n")).unwrap_or_default();
+    let m = Mosquitto::start_with(|port, _| {
+        format!("listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\n{acl_line}", pw.display())
+    });
+    (m, dir)
+}
+
+fn mosquitto_passwd() -> &'static str {
+    ["/usr/bin/mosquitto_passwd", "/usr/sbin/mosquitto_passwd"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("mosquitto_passwd")
+}
+
+#[test]
+fn the_right_password_works_a_wrong_one_is_refused_clearly_and_never_printed() {
+    let (broker, dir) = password_broker(None);
+    let obs = Observer::with_login(broker.port, "#", Some(("observer", "obs-pass-3")));
+    let pwfile = write_file(dir.path(), "porch.pw", "porch-pass-1\n");
+    let dev = device_dir(&format!(
+        "[mqtt]\nport = {}\nhost = \"127.0.0.1\"\nusername = \"porch\"\npassword_file = {:?}\n",
+        broker.port, pwfile
+    ));
+    std::fs::write(
+        dev.config(),
+        std::fs::read_to_string(dev.config()).unwrap().replacen(&format!("id = \"{}\"", dev.id), "id = \"porch\"", 1),
+    )
+    .unwrap();
+    let good = device_with(&dev, &[]);
+    obs.wait_on("porch/telemetry", 10 * S, |m| m.len() >= 2);
+    drop(good);
+
+    let mut bad = device_with(&dev, &[("NIGHTLIGHT__MQTT__PASSWORD", "wrong-secret-99")]);
+    bad.wait_stderr("wrong username or password", 10 * S);
+    assert!(bad.is_running());
+    let all = format!("{}{:?}", bad.stderr(), bad.stdout());
+    assert!(!all.contains("wrong-secret-99") && !all.contains("porch-pass-1"), "a password was printed:\n{all}");
+}
+
+#[test]
+fn under_the_readme_acl_device_and_controller_do_their_job_and_a_device_cannot_speak_for_another() {
+    let acl = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/mosquitto.acl");
+    let test_acl = tempfile::NamedTempFile::new().unwrap();
+    // The README's ACL, plus a test observer allowed to read everything.
+    std::fs::write(
+        test_acl.path(),
+        format!("{}\nuser observer\ntopic read #\n", std::fs::read_to_string(acl).unwrap()),
+    )
+    .unwrap();
+    let (broker, dir) = password_broker(Some(test_acl.path().to_str().unwrap()));
+    let obs = Observer::with_login(broker.port, "#", Some(("observer", "obs-pass-3")));
+    let port = broker.port.to_string();
+    let _ctl = Daemon::spawn(
+        &["server"],
+        &[
+            ("NIGHTLIGHT_CONFIG", "/dev/null"),
+            ("NIGHTLIGHT__MQTT__HOST", "127.0.0.1"),
+            ("NIGHTLIGHT__MQTT__PORT", port.as_str()),
+            ("NIGHTLIGHT__MQTT__USERNAME", "controller"),
+            ("NIGHTLIGHT__MQTT__PASSWORD", "ctl-pass-2"),
+            ("NIGHTLIGHT__SENSOR__KIND", "virtual"),
+            ("NIGHTLIGHT__LED__KIND", "virtual"),
+        ],
+    );
+    let pwfile = write_file(dir.path(), "porch.pw", "porch-pass-1");
+    let mqtt =
+        format!("[mqtt]\nport = {port}\nhost = \"127.0.0.1\"\nusername = \"porch\"\npassword_file = {:?}\n", pwfile);
+    let dev = device_dir(&mqtt);
+    let text = std::fs::read_to_string(dev.config()).unwrap();
+    std::fs::write(dev.config(), text.replacen(&format!("id = \"{}\"", dev.id), "id = \"porch\"", 1)).unwrap();
+    let d = device_with(&dev, &[]);
+    // The whole job: telemetry, discovery, health, the controller's command (123 is dark), state.
+    obs.wait_on("porch/telemetry", 10 * S, |m| m.len() >= 3);
+    assert!(d.wait_stdout_lines(1, 10 * S)[0].starts_with("led on"), "the controller's command arrived");
+    obs.wait_on("porch/state", 5 * S, |m| m.iter().any(|m| m.json()["led_on"] == true));
+    obs.wait_on("porch/health", 5 * S, |m| !m.is_empty());
+    obs.wait_on_prefix("homeassistant/light/porch/", 5 * S, 1);
+
+    // The porch's credentials with the garage's id: the broker drops everything it publishes.
+    let spoof = device_dir(&mqtt);
+    let text = std::fs::read_to_string(spoof.config()).unwrap();
+    std::fs::write(spoof.config(), text.replacen(&format!("id = \"{}\"", spoof.id), "id = \"garage\"", 1)).unwrap();
+    let s = device_with(&spoof, &[("NIGHTLIGHT__MQTT__CLIENT_ID", "spoofer")]);
+    s.wait_stderr("connected", 10 * S);
+    // Mosquitto 2.0 drops denied publishes silently under MQTT 3.1.1 (and acknowledges them):
+    // the proof is that nothing arrives.
+    std::thread::sleep(2 * S);
+    assert!(obs.on("garage/telemetry").is_empty(), "a device published into another device's topics");
+    assert!(obs.on("garage/status").is_empty());
+}
+
+#[test]
+fn a_missing_certificate_file_is_a_config_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_file(dir.path(), "d.toml", "[mqtt.tls]\nenabled = true\nca_file = \"/nonexistent/ca.pem\"\n");
+    let (code, _, err) = run_to_end(&["check", "--config", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("/nonexistent/ca.pem") && err.contains("mqtt.tls.ca_file"), "{err}");
+    let cfg = write_file(dir.path(), "e.toml", "[mqtt.tls]\nenabled = true\ncert_file = \"/etc/hostname\"\n");
+    let (code, _, err) = run_to_end(&["check", "--config", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("mqtt.tls.key_file"), "{err}");
+}
