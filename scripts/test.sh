@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one test command (README "Tests"). On a fresh Debian/Ubuntu machine it installs what the
-# tests need (mosquitto, the Pi cross linkers and rustup targets, cargo-deb, qemu-user-static),
-# proves the Pi builds cross-compile, package and run (cross/check.sh), then runs every test: unit, driver (mock I2C), queue properties, and end to end
+# tests need (mosquitto, the Pi cross linkers and rustup targets, cargo-deb, qemu, mmdebstrap),
+# proves the Pi builds cross-compile, package and run (cross/check.sh), boots the .deb in an
+# emulated arm64 Debian (cross/boot-test.sh), then runs every test: unit, driver (mock I2C), queue properties, and end to end
 # against real mosquitto brokers it starts on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,9 @@ fi
 
 echo "==> the Pi builds: cross-compile, package, verify the unit, run arm64 under qemu"
 cross/check.sh
+
+echo "==> starts on boot: the .deb in an emulated arm64 Debian (qemu-system-aarch64)"
+cross/boot-test.sh
 
 echo "==> tests"
 log=$(mktemp)
