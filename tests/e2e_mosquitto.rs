@@ -98,9 +98,9 @@ fn clean_stop_on_sigterm_and_sigint_publishes_offline_and_exits_zero() {
 
 #[test]
 fn device_rides_out_a_broker_restart_and_delivers_what_it_read_meanwhile() {
-    let mut broker = Mosquitto::start("");
+    let mut broker = Mosquitto::start("persistence true");
     let dev = DeviceDir::new(broker.port, 100, "");
-    let obs = Observer::new(broker.port, "#");
+    let obs = Observer::persistent(broker.port, "#");
     let mut d = dev.spawn();
     obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= 3);
     broker.stop();
@@ -123,14 +123,14 @@ fn device_rides_out_a_broker_restart_and_delivers_what_it_read_meanwhile() {
 
 #[test]
 fn device_starts_while_the_broker_is_down_and_connects_when_it_comes() {
-    let mut broker = Mosquitto::start("");
+    let mut broker = Mosquitto::start("persistence true");
     let dev = DeviceDir::new(broker.port, 100, "");
+    let obs = Observer::persistent(broker.port, &dev.topic("telemetry"));
     broker.stop();
     let mut d = dev.spawn();
     d.wait_stderr("cannot connect", 5 * S);
     std::thread::sleep(Duration::from_millis(800));
     broker.restart();
-    let obs = Observer::new(broker.port, "#");
     obs.wait_on(&dev.topic("telemetry"), 15 * S, |m| m.len() >= 10);
     let seqs = obs.seqs(&dev.topic("telemetry"));
     assert_eq!(seqs[0], 1, "readings from before the first connection are kept");
@@ -265,4 +265,33 @@ fn systemd_is_told_ready_fed_by_the_watchdog_and_told_stopping() {
         after.push(String::from_utf8_lossy(&buf[..n]).into_owned());
     }
     assert!(after.iter().any(|m| m.contains("STOPPING=1")), "{after:?}");
+}
+
+#[test]
+fn sigint_stops_it_even_when_started_with_sigint_ignored_like_a_background_job() {
+    use std::os::unix::process::CommandExt;
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 1000, "");
+    let obs = Observer::new(broker.port, &dev.topic("status"));
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(["run", "--config", dev.config().to_str().unwrap()]).stderr(std::process::Stdio::null());
+    // SAFETY: between fork and exec only async-signal-safe signal(2) is called.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    obs.wait_on(&dev.topic("status"), 10 * S, |m| m.iter().any(|m| m.text() == "online"));
+    signal(child.id(), libc::SIGINT);
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < 5 * S, "SIGINT was ignored");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0));
 }

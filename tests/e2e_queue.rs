@@ -42,9 +42,9 @@ fn kill_9_while_offline_loses_nothing_that_reached_the_disk() {
     let mut d = dev.spawn();
     std::thread::sleep(Duration::from_millis(600));
     d.kill9();
-    let d = dev.spawn();
     broker.restart();
     let obs = Observer::new(broker.port, &dev.topic("telemetry"));
+    let d = dev.spawn();
     obs.wait_on(&dev.topic("telemetry"), 20 * S, |m| unique(&obs_seqs(m)).iter().any(|s| *s > 2 * BLOCK + 5));
     let seqs = unique(&obs.seqs(&dev.topic("telemetry")));
     let run1: Vec<u64> = seqs.iter().copied().filter(|s| *s <= BLOCK).collect();
@@ -149,8 +149,9 @@ impl Drop for TinyDisk {
 fn a_full_disk_is_survived_and_nothing_is_lost_once_there_is_room() {
     let disk = TinyDisk::mount();
     let queue = disk.0.path().join("queue");
-    let mut broker = Mosquitto::start("");
+    let mut broker = Mosquitto::start("persistence true");
     let dev = DeviceDir::new(broker.port, 50, "");
+    let obs = Observer::persistent(broker.port, &dev.topic("telemetry"));
     let env_dir = queue.to_str().unwrap().to_string();
     broker.stop();
     let d = Daemon::spawn(
@@ -166,7 +167,6 @@ fn a_full_disk_is_survived_and_nothing_is_lost_once_there_is_room() {
     std::fs::remove_file(&filler).unwrap();
     d.wait_stderr("writing to disk again", 10 * S);
     broker.restart();
-    let obs = Observer::new(broker.port, &dev.topic("telemetry"));
     obs.wait_on(&dev.topic("telemetry"), 20 * S, |m| m.len() >= 50);
     let seqs = unique(&obs.seqs(&dev.topic("telemetry")));
     assert_eq!(seqs[0], 1);

@@ -147,10 +147,20 @@ impl Observer {
         Self::with_login(port, filter, None)
     }
 
+    /// An observer with a persistent session: on a broker with `persistence true`, it misses
+    /// nothing published while the broker restarts and it reconnects.
+    pub fn persistent(port: u16, filter: &str) -> Self {
+        Self::build(port, filter, None, false)
+    }
+
     /// An observer that logs in with `(username, password)`.
     pub fn with_login(port: u16, filter: &str, login: Option<(&str, &str)>) -> Self {
+        Self::build(port, filter, login, true)
+    }
+
+    fn build(port: u16, filter: &str, login: Option<(&str, &str)>, clean: bool) -> Self {
         let mut opts = MqttOptions::new(format!("observer-{}", fastrand::u64(..)), "127.0.0.1", port);
-        opts.set_keep_alive(Duration::from_secs(5)).set_max_packet_size(1 << 20, 1 << 20);
+        opts.set_keep_alive(Duration::from_secs(5)).set_max_packet_size(1 << 20, 1 << 20).set_clean_session(clean);
         if let Some((u, p)) = login {
             opts.set_credentials(u, p);
         }
