@@ -129,8 +129,8 @@ fn run(loaded: Loaded) -> ExitCode {
 /// Runs a long-lived command until SIGINT or SIGTERM; maps its outcome to an exit code.
 fn serve<F, Fut>(command: F) -> ExitCode
 where
-    F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
+    F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
 {
     let runtime = match runtime() {
         Ok(rt) => rt,
@@ -141,7 +141,10 @@ where
     };
     let result = runtime.block_on(async {
         let shutdown = crate::shutdown::signal_future()?;
-        command(Box::pin(shutdown)).await
+        // Run the command as a task, not as block_on's own future: waking block_on's future
+        // costs an eventfd write and an extra epoll_wait every time (measured: about a third
+        // of the CPU per reading at a 10 ms interval), waking a task on this thread does not.
+        tokio::spawn(command(Box::pin(shutdown))).await.map_err(|e| anyhow::anyhow!("{e}"))?
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

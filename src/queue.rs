@@ -26,7 +26,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -211,13 +211,21 @@ impl DiskQueue {
         let count = ids.len();
         for (i, id) in ids.into_iter().enumerate() {
             let path = self.seg_path(id);
-            let bytes = fs::read(&path)?;
+            // Stream the segment through a small buffer: a 1M-reading backlog must not cost
+            // its size in memory at start.
+            let mut file = File::open(&path)?;
+            let file_len = file.metadata()?.len() as usize;
+            let mut buf = Vec::with_capacity(READ_CHUNK);
+            let mut chunk = vec![0u8; READ_CHUNK];
             let mut off = 0usize;
             let (mut records, mut acked_records, mut acked_end) = (0u64, 0u64, 0u64);
             let mut last_seq = None;
-            while off < bytes.len() {
-                match decode(&bytes[off..]) {
+            let mut eof = false;
+            let mut pos = 0usize;
+            loop {
+                match decode(&buf[pos..]) {
                     Some((rec, n)) => {
+                        pos += n;
                         off += n;
                         records += 1;
                         if rec.seq <= self.acked_through {
@@ -226,12 +234,21 @@ impl DiskQueue {
                         }
                         last_seq = Some(rec.seq);
                     }
-                    None => break,
+                    None if eof => break,
+                    None if buf.len() - pos >= FRAME_HEAD + BODY_LEN_LUX => break, // a bad frame
+                    None => {
+                        buf.drain(..pos);
+                        pos = 0;
+                        let n = file.read(&mut chunk)?;
+                        eof = n == 0;
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
                 }
             }
-            if off < bytes.len() {
+            let bytes_len = file_len;
+            if off < bytes_len {
                 if i + 1 == count {
-                    warn!(segment = %path.display(), offset = off, lost_bytes = bytes.len() - off,
+                    warn!(segment = %path.display(), offset = off, lost_bytes = bytes_len - off,
                         "queue: cut a torn record off the end of the last segment");
                     let f = OpenOptions::new().write(true).open(&path)?;
                     f.set_len(off as u64)?;
