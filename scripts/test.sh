@@ -35,6 +35,9 @@ cross/check.sh
 echo "==> starts on boot: the .deb in an emulated arm64 Debian (qemu-system-aarch64)"
 cross/boot-test.sh
 
+echo "==> benchmark script smoke (one short repetition beside the lesson's device; no figures asserted)"
+SMOKE=1 bench/compare.sh >/dev/null
+
 echo "==> tests"
 log=$(mktemp)
 # --lib --bins --tests: every unit, driver, property and end-to-end test (no doc-tests: there are none).

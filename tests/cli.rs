@@ -105,3 +105,39 @@ fn an_unusable_queue_directory_exits_1_naming_it() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("not-a-dir"), "{err}");
 }
+
+#[test]
+fn a_missing_i2c_bus_exits_1_saying_how_to_enable_i2c() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_file(
+        dir.path(),
+        "d.toml",
+        &format!(
+            "[sensor]\nkind = \"grove\"\ni2c_bus = 250\n[led]\nkind = \"virtual\"\n[queue]\ndir = {:?}\n",
+            dir.path().join("q")
+        ),
+    );
+    let (code, _, err) = run_to_end(&["run", "--config", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("/dev/i2c-250") && err.contains("raspi-config"), "{err}");
+}
+
+#[test]
+fn a_gpio_led_on_a_machine_without_gpio_exits_1_naming_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_file(
+        dir.path(),
+        "d.toml",
+        &format!(
+            "[sensor]\nkind = \"virtual\"\n[led]\nkind = \"gpio\"\npin = 5\n[queue]\ndir = {:?}\n",
+            dir.path().join("q")
+        ),
+    );
+    let (code, _, err) = run_to_end(&["run", "--config", cfg.to_str().unwrap()], &[]);
+    // On a Raspberry Pi this would start; CI machines have no GPIO.
+    if std::path::Path::new("/dev/gpiomem").exists() {
+        return;
+    }
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("GPIO") && err.contains("led.kind"), "names the device and the fix: {err}");
+}

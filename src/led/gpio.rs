@@ -1,7 +1,7 @@
 //! The LED on a GPIO pin (BCM numbering) through rppal; `active_low` for an LED wired as a sink.
 
 use anyhow::anyhow;
-use rppal::gpio::{Gpio, OutputPin};
+use rppal::gpio::{Error as GpioError, Gpio, OutputPin};
 
 use super::Led;
 
@@ -18,12 +18,19 @@ impl GpioLed {
     /// # Errors
     /// No GPIO access (`/dev/gpiomem` or `/dev/gpiochip*`), or the pin is in use.
     pub fn open(pin: u8, active_low: bool) -> anyhow::Result<Self> {
-        let gpio = Gpio::new().map_err(|e| {
-            anyhow!(
-                "GPIO (/dev/gpiomem, /dev/gpiochip0): {e}: on a Pi, add the user to the `gpio` group and log in again"
-            )
+        let gpio = Gpio::new().map_err(|e| match e {
+            GpioError::UnknownModel => anyhow!(
+                "GPIO: this machine is not a Raspberry Pi rppal can identify (no /dev/gpiomem): use led.kind = \"virtual\" elsewhere"
+            ),
+            GpioError::PermissionDenied(path) => {
+                anyhow!("GPIO {path}: permission denied: add the user to the `gpio` group and log in again")
+            }
+            other => anyhow!("GPIO (/dev/gpiomem, /dev/gpiochip0): {other}"),
         })?;
-        let mut pin = gpio.get(pin).map_err(|e| anyhow!("GPIO pin BCM {pin}: {e}"))?.into_output();
+        let mut pin = gpio
+            .get(pin)
+            .map_err(|e| anyhow!("GPIO pin BCM {pin}: {e} (led.pin is a BCM number; the lesson's LED is on 5)"))?
+            .into_output();
         pin.set_reset_on_drop(false);
         let mut led = GpioLed { pin, active_low, on: true };
         led.set(false);

@@ -24,6 +24,9 @@ pub(super) fn open(kind: SensorKind, cfg: &SensorConfig) -> anyhow::Result<Box<d
         rppal::i2c::Error::Io(ref io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
             anyhow!("{dev}: permission denied: add the user to the `i2c` group (`sudo adduser $USER i2c`) and log in again")
         }
+        rppal::i2c::Error::UnknownModel => {
+            anyhow!("{dev}: this machine is not a Raspberry Pi rppal can identify: use sensor.kind = \"virtual\" elsewhere")
+        }
         other => anyhow!("{dev}: {other}"),
     })?;
     match kind {
