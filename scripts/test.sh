@@ -24,7 +24,8 @@ fi
 
 echo "==> the laptop build (virtual, no rppal) builds and does not pull in rppal"
 cargo build --no-default-features --features virtual
-if cargo tree -e normal --no-default-features --features virtual | grep -q rppal; then
+tree=$(cargo tree -e normal --no-default-features --features virtual)
+if grep -q rppal <<<"$tree"; then
   echo "rppal is in the virtual build's dependency tree" >&2
   exit 1
 fi
