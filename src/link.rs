@@ -44,12 +44,17 @@ pub fn connect_options(cfg: &Config, topics: &Topics) -> Result<(AsyncClient, Ev
         .set_inflight(MAX_INFLIGHT);
     apply_security(&mut opts, cfg)?;
     let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_CHANNEL);
+    eventloop.set_network_options(network_options());
+    Ok((client, eventloop))
+}
+
+/// Socket options for every long-lived client (device and controller).
+pub fn network_options() -> NetworkOptions {
     let mut net = NetworkOptions::new();
-    // Without TCP_NODELAY a state publish right after a QoS 1 ack waits ~40 ms behind Nagle.
+    // Without TCP_NODELAY a publish right after a QoS 1 ack waits ~40 ms behind Nagle.
     net.set_tcp_nodelay(true);
     net.set_connection_timeout(5);
-    eventloop.set_network_options(net);
-    Ok((client, eventloop))
+    net
 }
 
 /// Sets credentials and TLS from `[mqtt]` (device, controller and `status` alike).
@@ -89,8 +94,8 @@ pub fn describe_for(e: &ConnectionError, host: &str) -> String {
     describe(e)
 }
 
-/// A short, human description of why a connection failed or ended.
-pub fn describe(e: &ConnectionError) -> String {
+/// The description of the MQTT-level causes; [`describe_for`] adds TLS ones.
+fn describe(e: &ConnectionError) -> String {
     match e {
         ConnectionError::Io(io) => io.to_string(),
         ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword) => {

@@ -245,10 +245,9 @@ impl DiskQueue {
                     }
                 }
             }
-            let bytes_len = file_len;
-            if off < bytes_len {
+            if off < file_len {
                 if i + 1 == count {
-                    warn!(segment = %path.display(), offset = off, lost_bytes = bytes_len - off,
+                    warn!(segment = %path.display(), offset = off, lost_bytes = file_len - off,
                         "queue: cut a torn record off the end of the last segment");
                     let f = OpenOptions::new().write(true).open(&path)?;
                     f.set_len(off as u64)?;

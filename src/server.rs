@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, NetworkOptions, QoS};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -52,10 +52,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     link::apply_security(&mut opts, &cfg)?;
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let host = cfg.mqtt.host.clone();
-    let mut net = NetworkOptions::new();
-    net.set_tcp_nodelay(true);
-    net.set_connection_timeout(5);
-    eventloop.set_network_options(net);
+    eventloop.set_network_options(link::network_options());
 
     // The event loop runs alone in its task (never cancelled); events come here.
     let (events_tx, mut events_rx) = mpsc::channel(256);
