@@ -160,10 +160,10 @@ where
 /// journald, which adds its own.
 fn init_logging(default: LevelFilter) {
     let spec = std::env::var("RUST_LOG").unwrap_or_default();
-    let filter = Targets::from_str(&spec).ok().filter(|_| !spec.trim().is_empty()).unwrap_or_else(|| {
-        // The embedded broker's own logs (demo) are noise for a person watching the view.
-        Targets::new().with_default(default).with_target("rumqttd", LevelFilter::OFF)
-    });
+    let filter = Targets::from_str(&spec)
+        .ok()
+        .filter(|_| !spec.trim().is_empty())
+        .unwrap_or_else(|| Targets::new().with_default(default));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).with_ansi(false);
     let registry = tracing_subscriber::registry().with(filter);
     if std::env::var_os("JOURNAL_STREAM").is_some() {

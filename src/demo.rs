@@ -1,16 +1,17 @@
 //! `nightlight demo` (virtual builds): the whole lesson in one process. It only composes: an
-//! embedded MQTT broker (rumqttd) on 127.0.0.1, a virtual device with a fast daylight cycle, the
+//! embedded MQTT broker ([`crate::broker`]) on 127.0.0.1, a virtual device with a fast daylight cycle, the
 //! controller, and a view that watches the broker like any other client.
 
 use std::future::Future;
 use std::io::{IsTerminal, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 use tokio::sync::watch;
 
+use crate::broker::Broker;
 use crate::config::{Config, LedKind, Pattern, SensorKind};
 use crate::led::simulated::SimulatedLed;
 use crate::sensor::simulated::SimulatedSensor;
@@ -27,13 +28,14 @@ const INTERVAL_MS: u64 = 200;
 /// The port is in use (the message names it and suggests `--port`), or the broker fails.
 pub async fn run(port: u16, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    if let Err(e) = TcpListener::bind(addr) {
-        bail!(
+    let broker = match Broker::bind(addr).await {
+        Ok(b) => b,
+        Err(e) => bail!(
             "cannot listen on 127.0.0.1:{port} ({e}): is another broker running? Try `nightlight demo --port {}`",
             port.wrapping_add(1).max(1024)
-        );
-    }
-    start_broker(addr)?;
+        ),
+    };
+    let broker = tokio::spawn(broker.run());
 
     let queue_dir = std::env::temp_dir().join(format!("nightlight-demo-{}", std::process::id()));
     let mut cfg = Config { id: DEMO_ID.into(), ..Config::default() };
@@ -69,52 +71,10 @@ pub async fn run(port: u16, shutdown: impl Future<Output = ()>) -> anyhow::Resul
     shutdown.await;
     let _ = stop_tx.send(true);
     let (d, c, _) = tokio::join!(device, controller, view);
+    broker.abort();
     let _ = std::fs::remove_dir_all(&queue_dir);
     d.map_err(|e| anyhow!("device task: {e}"))??;
     c.map_err(|e| anyhow!("controller task: {e}"))??;
-    Ok(())
-}
-
-/// Starts rumqttd on `addr` in its own threads and waits until it accepts connections.
-fn start_broker(addr: SocketAddr) -> anyhow::Result<()> {
-    let connections = rumqttd::ConnectionSettings {
-        connection_timeout_ms: 5000,
-        max_payload_size: 256 * 1024,
-        max_inflight_count: 100,
-        auth: None,
-        external_auth: None,
-        dynamic_filters: true,
-    };
-    let server = rumqttd::ServerSettings {
-        name: "demo".into(),
-        listen: addr,
-        tls: None,
-        next_connection_delay_ms: 1,
-        connections,
-    };
-    let config = rumqttd::Config {
-        router: rumqttd::RouterConfig {
-            max_connections: 100,
-            max_outgoing_packet_count: 200,
-            max_segment_size: 1024 * 1024,
-            max_segment_count: 10,
-            ..Default::default()
-        },
-        v4: Some([("demo".to_string(), server)].into_iter().collect()),
-        ..Default::default()
-    };
-    std::thread::Builder::new().name("broker".into()).spawn(move || {
-        if let Err(e) = rumqttd::Broker::new(config).start() {
-            tracing::error!(error = %e, "embedded broker stopped");
-        }
-    })?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while TcpStream::connect(addr).is_err() {
-        if Instant::now() > deadline {
-            bail!("the embedded broker did not start on {addr}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
     Ok(())
 }
 

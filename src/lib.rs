@@ -20,8 +20,11 @@
 //! - [`controller`]: the controller's decisions (threshold, hysteresis, late readings).
 //! - [`server`]: `nightlight server`, the controller over MQTT.
 //! - [`demo`]: `nightlight demo` (virtual builds): broker, device, controller and a view.
+//! - [`broker`]: the demo's small embedded MQTT broker (virtual builds).
 //! - [`shutdown`]: the SIGINT/SIGTERM future.
 
+#[cfg(feature = "virtual")]
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod controller;

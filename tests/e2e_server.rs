@@ -93,17 +93,8 @@ fn two_controllers_in_a_shared_group_never_both_act_on_one_reading() {
 
 #[test]
 fn demo_runs_headless_shows_both_commands_to_outside_clients_and_stops_on_sigint() {
-    let port = free_port();
-    let mut d = Daemon::spawn(&["demo", "--port", &port.to_string()], &[]);
-    // An outside client on the embedded broker (waits for it to come up).
-    let obs = {
-        let deadline = std::time::Instant::now() + 10 * S;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "demo broker did not start: {}", d.stderr());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Observer::new(port, "#")
-    };
+    let (mut d, port) = demo();
+    let obs = Observer::new(port, "#");
     obs.wait_on("demo/commands", 30 * S, |m| {
         let v: Vec<bool> = m.iter().filter_map(|m| m.json()["led_on"].as_bool()).collect();
         v.contains(&true) && v.contains(&false)
@@ -126,4 +117,45 @@ fn demo_on_a_busy_port_says_so_and_exits_1() {
     let (code, _, err) = run_to_end(&["demo", "--port", &port], &[]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains(&port) && err.contains("--port"), "{err}");
+}
+
+/// Runs `nightlight demo` on a free port and waits until its broker accepts connections.
+fn demo() -> (Daemon, u16) {
+    let port = free_port();
+    let d = Daemon::spawn(&["demo", "--port", &port.to_string()], &[]);
+    let deadline = std::time::Instant::now() + 10 * S;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "demo broker did not start: {}", d.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (d, port)
+}
+
+#[test]
+fn demo_broker_gives_standard_clients_retained_messages_qos_2_delivery_and_last_wills() {
+    let (_d, port) = demo();
+    let p = port.to_string();
+    // Once the device is online, a late subscriber gets its retained status, as from any broker.
+    Observer::new(port, "demo/status").wait_on("demo/status", 10 * S, |m| !m.is_empty());
+    let obs = Observer::new(port, "demo/status");
+    let status = obs.wait_on("demo/status", 10 * S, |m| !m.is_empty());
+    assert_eq!(status[0].text(), "online");
+    assert!(status[0].retain, "delivered as a retained message");
+
+    let obs = Observer::new(port, "x/#");
+    let out = std::process::Command::new("mosquitto_pub")
+        .args(["-p", &p, "-q", "2", "-t", "x/q2", "-m", "exactly once"])
+        .output()
+        .expect("mosquitto_pub runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(obs.wait_on("x/q2", 5 * S, |m| !m.is_empty())[0].text(), "exactly once");
+
+    // A client that vanishes without DISCONNECT has its will published.
+    let mut opts = rumqttc::MqttOptions::new("doomed", "127.0.0.1", port);
+    opts.set_last_will(rumqttc::LastWill::new("x/will", "gone", rumqttc::QoS::AtLeastOnce, false));
+    let (_client, mut conn) = rumqttc::Client::new(opts, 10);
+    let connected = conn.iter().next().expect("an event");
+    assert!(matches!(connected, Ok(rumqttc::Event::Incoming(rumqttc::Incoming::ConnAck(_)))), "{connected:?}");
+    drop(conn); // the socket closes without DISCONNECT
+    assert_eq!(obs.wait_on("x/will", 5 * S, |m| !m.is_empty())[0].text(), "gone");
 }

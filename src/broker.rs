@@ -1,0 +1,513 @@
+//! The demo's embedded MQTT 3.1.1 broker (virtual builds): just enough broker for one laptop.
+//!
+//! `nightlight demo` needs a broker that the device, the controller, the view and any outside
+//! client (`mosquitto_sub -p N -t '#' -v`) can share, without installing one. This is it, on
+//! 127.0.0.1 only, using rumqttc's own packet codec. It does: QoS 0 and 1 (QoS 2 is acknowledged
+//! and delivered as QoS 1), `+`/`#` filters, retained messages, last wills, keep-alive,
+//! client-id takeover and `$share/<group>/` subscriptions (one member of a group gets each
+//! message). It does not keep sessions: every CONNACK says `session_present = false`, and messages
+//! for a client that is away are not kept. Use Mosquitto for anything beyond the demo.
+//!
+//! [`Router`] is the pure part (who gets what), the connection tasks do the I/O.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::{self, matches, valid_filter, valid_topic, QoS};
+use rumqttc::{
+    ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck, SubscribeReasonCode, UnsubAck,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tracing::debug;
+
+/// The largest packet accepted: the device's own limit for a command is 256 KiB.
+pub const MAX_PACKET: usize = 1024 * 1024;
+/// How long a new connection has to send CONNECT.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Messages waiting for a slow client; beyond this they are dropped (the demo's clients read
+/// promptly; a stopped `mosquitto_sub | less` must not grow the broker without bound).
+const OUTBOX: usize = 1024;
+
+/// A connection's outbox: what the router hands to its connection task.
+pub type Outbox = mpsc::Sender<Publish>;
+
+/// One subscription of one client.
+#[derive(Debug, Clone)]
+struct Subscription {
+    filter: String,
+    qos: QoS,
+    /// `Some(group)` for `$share/<group>/<filter>`.
+    group: Option<String>,
+}
+
+/// A connected client.
+#[derive(Debug)]
+struct Session {
+    /// Distinguishes this connection from an older one with the same client id.
+    conn: u64,
+    outbox: Outbox,
+    subscriptions: Vec<Subscription>,
+}
+
+/// Who receives what: sessions, their subscriptions and the retained messages. No I/O.
+#[derive(Debug, Default)]
+pub struct Router {
+    sessions: BTreeMap<String, Session>,
+    retained: BTreeMap<String, Publish>,
+    next_conn: u64,
+    /// Rotates the member of a shared group that gets the next message.
+    share_turn: usize,
+}
+
+impl Router {
+    /// Registers a client; an existing session with the same id is dropped (its connection
+    /// closes when it finds its outbox gone). Returns the connection's number.
+    pub fn connect(&mut self, client_id: &str, outbox: Outbox) -> u64 {
+        self.next_conn += 1;
+        let session = Session { conn: self.next_conn, outbox, subscriptions: Vec::new() };
+        if self.sessions.insert(client_id.to_string(), session).is_some() {
+            debug!(client_id, "client id taken over by a new connection");
+        }
+        self.next_conn
+    }
+
+    /// Forgets connection `conn` of `client_id`, unless a newer connection took the id over.
+    pub fn disconnect(&mut self, client_id: &str, conn: u64) {
+        if self.sessions.get(client_id).is_some_and(|s| s.conn == conn) {
+            self.sessions.remove(client_id);
+        }
+    }
+
+    /// Adds subscriptions; returns the granted QoS (or failure) for each filter, and the
+    /// retained messages they match, to be sent to the subscriber.
+    pub fn subscribe(
+        &mut self,
+        client_id: &str,
+        filters: &[(String, QoS)],
+    ) -> (Vec<SubscribeReasonCode>, Vec<Publish>) {
+        let mut codes = Vec::with_capacity(filters.len());
+        let mut retained = Vec::new();
+        let Some(session) = self.sessions.get_mut(client_id) else {
+            return (vec![SubscribeReasonCode::Failure; filters.len()], retained);
+        };
+        for (path, qos) in filters {
+            let Some(sub) = parse_filter(path, *qos) else {
+                codes.push(SubscribeReasonCode::Failure);
+                continue;
+            };
+            if sub.group.is_none() {
+                for p in self.retained.values().filter(|p| matches(&p.topic, &sub.filter)) {
+                    let mut p = p.clone();
+                    p.qos = min_qos(p.qos, sub.qos);
+                    retained.push(p);
+                }
+            }
+            codes.push(SubscribeReasonCode::Success(sub.qos));
+            session.subscriptions.retain(|s| s.filter != sub.filter || s.group != sub.group);
+            session.subscriptions.push(sub);
+        }
+        (codes, retained)
+    }
+
+    /// Removes subscriptions by the filters they were made with.
+    pub fn unsubscribe(&mut self, client_id: &str, paths: &[String]) {
+        if let Some(session) = self.sessions.get_mut(client_id) {
+            for path in paths {
+                if let Some(sub) = parse_filter(path, QoS::AtMostOnce) {
+                    session.subscriptions.retain(|s| s.filter != sub.filter || s.group != sub.group);
+                }
+            }
+        }
+    }
+
+    /// Routes a message: keeps or clears it as retained, and returns each recipient's outbox
+    /// with the copy it gets (one per client, at the highest QoS its matching subscriptions
+    /// allow; one member per shared group).
+    pub fn publish(&mut self, publish: &Publish) -> Vec<(Outbox, Publish)> {
+        if publish.retain {
+            if publish.payload.is_empty() {
+                self.retained.remove(&publish.topic);
+            } else {
+                self.retained.insert(publish.topic.clone(), publish.clone());
+            }
+        }
+        let mut direct: Vec<(&Session, QoS)> = Vec::new();
+        let mut groups: BTreeMap<(&str, &str), Vec<(&Session, QoS)>> = BTreeMap::new();
+        for session in self.sessions.values() {
+            let mut best: Option<QoS> = None;
+            for sub in session.subscriptions.iter().filter(|s| matches(&publish.topic, &s.filter)) {
+                let qos = min_qos(publish.qos, sub.qos);
+                match &sub.group {
+                    Some(g) => groups.entry((g.as_str(), sub.filter.as_str())).or_default().push((session, qos)),
+                    None => best = Some(best.map_or(qos, |b| max_qos(b, qos))),
+                }
+            }
+            if let Some(qos) = best {
+                direct.push((session, qos));
+            }
+        }
+        self.share_turn = self.share_turn.wrapping_add(1);
+        for members in groups.values() {
+            direct.push(members[self.share_turn % members.len()]);
+        }
+        direct
+            .into_iter()
+            .map(|(session, qos)| {
+                let mut copy = Publish::from_bytes(publish.topic.clone(), qos, publish.payload.clone());
+                copy.retain = false;
+                (session.outbox.clone(), copy)
+            })
+            .collect()
+    }
+}
+
+/// `$share/<group>/<filter>` or a plain filter, validated; QoS 2 is granted as 1.
+fn parse_filter(path: &str, qos: QoS) -> Option<Subscription> {
+    let qos = min_qos(qos, QoS::AtLeastOnce);
+    let (group, filter) = match path.strip_prefix("$share/") {
+        Some(rest) => {
+            let (group, filter) = rest.split_once('/')?;
+            if group.is_empty() || group.contains(['+', '#']) {
+                return None;
+            }
+            (Some(group.to_string()), filter)
+        }
+        None => (None, path),
+    };
+    valid_filter(filter).then(|| Subscription { filter: filter.to_string(), qos, group })
+}
+
+fn min_qos(a: QoS, b: QoS) -> QoS {
+    if (a as u8) <= (b as u8) {
+        a
+    } else {
+        b
+    }
+}
+
+fn max_qos(a: QoS, b: QoS) -> QoS {
+    if (a as u8) >= (b as u8) {
+        a
+    } else {
+        b
+    }
+}
+
+/// A running broker: its address, and the router shared by its connections.
+pub struct Broker {
+    listener: TcpListener,
+    router: Arc<Mutex<Router>>,
+}
+
+impl Broker {
+    /// Listens on `addr` (port 0 picks a free port).
+    ///
+    /// # Errors
+    /// The address cannot be bound (typically: the port is in use).
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
+        Ok(Broker { listener: TcpListener::bind(addr).await?, router: Arc::default() })
+    }
+
+    /// The address it listens on.
+    ///
+    /// # Errors
+    /// The socket has no local address (it always has, once bound).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts connections until the task is dropped; each is served by its own task.
+    pub async fn run(self) {
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, peer)) => {
+                    let router = self.router.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = serve(stream, router).await {
+                            debug!(%peer, error = %e, "connection closed");
+                        }
+                    });
+                }
+                Err(e) => {
+                    debug!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Why a connection ended without a DISCONNECT.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol: {0}")]
+    Protocol(#[from] mqttbytes::Error),
+    #[error("no CONNECT within {CONNECT_TIMEOUT:?}")]
+    NoConnect,
+    #[error("the first packet was not CONNECT")]
+    NotConnect,
+    #[error("keep-alive expired")]
+    KeepAlive,
+    #[error("taken over by a new connection with the same client id")]
+    TakenOver,
+}
+
+/// Reads the next packet, buffering partial ones.
+async fn read_packet(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Packet, ConnectionError> {
+    loop {
+        match Packet::read(buf, MAX_PACKET) {
+            Ok(p) => return Ok(p),
+            Err(mqttbytes::Error::InsufficientBytes(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+    }
+}
+
+async fn write_packet(stream: &mut TcpStream, out: &mut BytesMut, packet: &Packet) -> Result<(), ConnectionError> {
+    out.clear();
+    packet.write(out, MAX_PACKET)?;
+    stream.write_all(out).await?;
+    Ok(())
+}
+
+/// One client connection, from CONNECT to its end; publishes the client's will unless it said
+/// DISCONNECT.
+async fn serve(mut stream: TcpStream, router: Arc<Mutex<Router>>) -> Result<(), ConnectionError> {
+    let _ = stream.set_nodelay(true);
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut out = BytesMut::with_capacity(4096);
+    let connect = match tokio::time::timeout(CONNECT_TIMEOUT, read_packet(&mut stream, &mut buf)).await {
+        Err(_) => return Err(ConnectionError::NoConnect),
+        Ok(Ok(Packet::Connect(c))) => c,
+        Ok(Ok(_)) => return Err(ConnectionError::NotConnect),
+        Ok(Err(e)) => return Err(e),
+    };
+    let client_id = if connect.client_id.is_empty() && connect.clean_session {
+        format!("auto-{:016x}", fastrand::u64(..))
+    } else if connect.client_id.is_empty() {
+        let refuse = Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadClientId, false));
+        return write_packet(&mut stream, &mut out, &refuse).await;
+    } else {
+        connect.client_id.clone()
+    };
+    let (outbox, mut inbox) = mpsc::channel(OUTBOX);
+    let conn = lock(&router).connect(&client_id, outbox);
+    debug!(client_id, conn, "client connected");
+    let result = session(&mut stream, &mut buf, &mut out, &router, &client_id, connect.keep_alive, &mut inbox).await;
+    lock(&router).disconnect(&client_id, conn);
+    if result.is_err() {
+        if let Some(will) = connect.last_will {
+            let mut p = Publish::from_bytes(will.topic, will.qos, will.message);
+            p.retain = will.retain;
+            deliver(&router, &p);
+        }
+    }
+    result
+}
+
+/// The packets of a connected client, until DISCONNECT (`Ok`) or a failure.
+async fn session(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    out: &mut BytesMut,
+    router: &Mutex<Router>,
+    client_id: &str,
+    keep_alive_s: u16,
+    inbox: &mut mpsc::Receiver<Publish>,
+) -> Result<(), ConnectionError> {
+    write_packet(stream, out, &Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
+    // MQTT 3.1.1: the server may close a connection silent for 1.5 times its keep-alive.
+    let grace = if keep_alive_s == 0 {
+        Duration::from_secs(86_400 * 365)
+    } else {
+        Duration::from_millis(1500 * u64::from(keep_alive_s))
+    };
+    let mut pkid: u16 = 0;
+    loop {
+        tokio::select! {
+            packet = tokio::time::timeout(grace, read_packet(stream, buf)) => {
+                let reply = match packet.map_err(|_| ConnectionError::KeepAlive)?? {
+                    Packet::Publish(p) => {
+                        let reply = match p.qos {
+                            QoS::AtMostOnce => None,
+                            QoS::AtLeastOnce => Some(Packet::PubAck(PubAck::new(p.pkid))),
+                            QoS::ExactlyOnce => Some(Packet::PubRec(PubRec::new(p.pkid))),
+                        };
+                        if valid_topic(&p.topic) && !p.topic.is_empty() {
+                            deliver(router, &p);
+                        }
+                        reply
+                    }
+                    Packet::PubRel(r) => Some(Packet::PubComp(PubComp::new(r.pkid))),
+                    Packet::Subscribe(s) => {
+                        let filters: Vec<(String, QoS)> = s.filters.into_iter().map(|f| (f.path, f.qos)).collect();
+                        let (codes, retained) = lock(router).subscribe(client_id, &filters);
+                        write_packet(stream, out, &Packet::SubAck(SubAck::new(s.pkid, codes))).await?;
+                        for mut p in retained {
+                            p.retain = true;
+                            send(stream, out, &mut pkid, p).await?;
+                        }
+                        None
+                    }
+                    Packet::Unsubscribe(u) => {
+                        lock(router).unsubscribe(client_id, &u.topics);
+                        Some(Packet::UnsubAck(UnsubAck::new(u.pkid)))
+                    }
+                    Packet::PingReq => Some(Packet::PingResp),
+                    Packet::Disconnect => return Ok(()),
+                    // Acknowledgements of what we sent: nothing is retransmitted on loopback.
+                    _ => None,
+                };
+                if let Some(reply) = reply {
+                    write_packet(stream, out, &reply).await?;
+                }
+            }
+            next = inbox.recv() => match next {
+                Some(p) => send(stream, out, &mut pkid, p).await?,
+                None => return Err(ConnectionError::TakenOver),
+            },
+        }
+    }
+}
+
+/// Writes a message to this client, numbering it when it is QoS 1.
+async fn send(
+    stream: &mut TcpStream,
+    out: &mut BytesMut,
+    pkid: &mut u16,
+    mut p: Publish,
+) -> Result<(), ConnectionError> {
+    if p.qos != QoS::AtMostOnce {
+        *pkid = pkid.checked_add(1).unwrap_or(1);
+        p.pkid = *pkid;
+    }
+    write_packet(stream, out, &Packet::Publish(p)).await
+}
+
+fn deliver(router: &Mutex<Router>, publish: &Publish) {
+    for (outbox, copy) in lock(router).publish(publish) {
+        if outbox.try_send(copy).is_err() {
+            debug!(topic = %publish.topic, "a client's outbox is full or gone: message dropped for it");
+        }
+    }
+}
+
+fn lock(router: &Mutex<Router>) -> std::sync::MutexGuard<'_, Router> {
+    router.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(router: &mut Router, id: &str) -> (u64, mpsc::Receiver<Publish>) {
+        let (tx, rx) = mpsc::channel(8);
+        (router.connect(id, tx), rx)
+    }
+
+    fn msg(topic: &str, qos: QoS, payload: &str, retain: bool) -> Publish {
+        let mut p = Publish::new(topic, qos, payload.as_bytes().to_vec());
+        p.retain = retain;
+        p
+    }
+
+    #[test]
+    fn wildcard_subscribers_get_one_copy_at_the_lower_qos() {
+        let mut r = Router::default();
+        let _a = client(&mut r, "a");
+        let (codes, _) = r.subscribe("a", &[("#".into(), QoS::AtMostOnce), ("d/+".into(), QoS::AtLeastOnce)]);
+        assert_eq!(
+            codes,
+            vec![SubscribeReasonCode::Success(QoS::AtMostOnce), SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+        );
+        let out = r.publish(&msg("d/telemetry", QoS::AtLeastOnce, "{}", false));
+        assert_eq!(out.len(), 1, "one copy per client, not per matching filter");
+        assert_eq!(out[0].1.qos, QoS::AtLeastOnce);
+        let out = r.publish(&msg("other/x", QoS::AtLeastOnce, "{}", false));
+        assert_eq!(out[0].1.qos, QoS::AtMostOnce, "granted QoS 0 caps delivery");
+        assert!(r.publish(&msg("d", QoS::AtMostOnce, "x", false)).len() == 1, "# matches the parent level");
+    }
+
+    #[test]
+    fn retained_messages_reach_later_subscribers_until_cleared_by_an_empty_one() {
+        let mut r = Router::default();
+        r.publish(&msg("d/status", QoS::AtLeastOnce, "online", true));
+        r.publish(&msg("d/state", QoS::AtLeastOnce, "{}", true));
+        let _a = client(&mut r, "a");
+        let (_, retained) = r.subscribe("a", &[("d/status".into(), QoS::AtLeastOnce)]);
+        assert_eq!(retained.len(), 1);
+        assert_eq!(&retained[0].payload[..], b"online");
+        r.publish(&msg("d/status", QoS::AtLeastOnce, "", true));
+        let (_, retained) = r.subscribe("a", &[("d/+".into(), QoS::AtLeastOnce)]);
+        assert_eq!(retained.iter().map(|p| p.topic.as_str()).collect::<Vec<_>>(), ["d/state"]);
+    }
+
+    #[test]
+    fn live_copies_are_not_marked_retained() {
+        let mut r = Router::default();
+        let _a = client(&mut r, "a");
+        r.subscribe("a", &[("d/#".into(), QoS::AtLeastOnce)]);
+        let out = r.publish(&msg("d/status", QoS::AtLeastOnce, "online", true));
+        assert!(!out[0].1.retain);
+    }
+
+    #[test]
+    fn a_shared_group_gets_each_message_once_and_takes_turns() {
+        let mut r = Router::default();
+        for id in ["c1", "c2"] {
+            let _ = client(&mut r, id);
+            r.subscribe(id, &[("$share/ctl/+/telemetry".into(), QoS::AtLeastOnce)]);
+        }
+        let _v = client(&mut r, "view");
+        r.subscribe("view", &[("+/telemetry".into(), QoS::AtMostOnce)]);
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            let out = r.publish(&msg("d/telemetry", QoS::AtLeastOnce, "{}", false));
+            assert_eq!(out.len(), 2, "the view and one controller");
+            got.extend(out.into_iter().map(|(tx, _)| tx));
+        }
+        let (c1, c2) = (&r.sessions["c1"].outbox, &r.sessions["c2"].outbox);
+        assert!(got.iter().any(|tx| tx.same_channel(c1)) && got.iter().any(|tx| tx.same_channel(c2)));
+    }
+
+    #[test]
+    fn invalid_filters_are_refused_and_qos_2_is_granted_as_1() {
+        let mut r = Router::default();
+        let _a = client(&mut r, "a");
+        let (codes, _) = r.subscribe(
+            "a",
+            &[("a/#/b".into(), QoS::AtMostOnce), ("$share//x".into(), QoS::AtMostOnce), ("x".into(), QoS::ExactlyOnce)],
+        );
+        assert_eq!(
+            codes,
+            vec![
+                SubscribeReasonCode::Failure,
+                SubscribeReasonCode::Failure,
+                SubscribeReasonCode::Success(QoS::AtLeastOnce)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_takeover_keeps_the_new_session_when_the_old_connection_ends() {
+        let mut r = Router::default();
+        let (old, _) = client(&mut r, "d");
+        let (_new, _rx) = client(&mut r, "d");
+        r.subscribe("d", &[("x".into(), QoS::AtMostOnce)]);
+        r.disconnect("d", old);
+        assert_eq!(r.publish(&msg("x", QoS::AtMostOnce, "1", false)).len(), 1);
+        r.unsubscribe("d", &["x".into()]);
+        assert!(r.publish(&msg("x", QoS::AtMostOnce, "1", false)).is_empty());
+    }
+}
