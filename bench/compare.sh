@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench/compare.sh: nightlight (release, virtual build) and the lesson's Python device, measured by
 # the shared harness (../shared/bench) over the same private mosquitto in one run. Writes
-# bench/RESULTS.md (a Markdown table with ratios) and bench/results.json.
+# bench/RESULTS.md (a Markdown table with ratios) and bench/results.json. A third program,
+# examples/bench_floor.rs, is measured for CPU per reading only: the floor for any QoS 1 publisher.
 # REPS=3 by default; SMOKE=1 runs one short repetition (used by CI: it checks the script, not
 # the figures). Takes ~6 minutes with REPS=3.
 set -euo pipefail
@@ -25,8 +26,9 @@ if [ ! -x "$work/venv/bin/python" ]; then python3 -m venv "$work/venv"; fi
 "$work/venv/bin/pip" install -q paho-mqtt==2.2.0
 ln -sfn "$PWD/$work/venv" "$work/harness/.venv"
 
-cargo build --release --no-default-features --features virtual
+cargo build --release --no-default-features --features virtual --bin nightlight --example bench_floor
 BIN="$PWD/target/release/nightlight"
+FLOOR="$PWD/target/release/examples/bench_floor"
 PY="$PWD/$work/venv/bin/python"
 OUT="$PWD/$work/results.json"
 rm -f "$OUT"
@@ -49,6 +51,10 @@ cd "$work/harness"
   --env NIGHTLIGHT_CONFIG=/dev/null \
   --note "release build, --no-default-features --features virtual; durable queue on" \
   -- "$BIN" run
+# The yardstick for CPU per reading: a blocking loop of hand-built QoS 1 publishes, fast phase only.
+"$PY" measure_peer.py --name floor --reps "$REPS" --port "$port" --out "$OUT" "${extra[@]}" --phases fast \
+  --note "examples/bench_floor.rs: blocking QoS 1 publish + PUBACK + sleep; no runtime, library or queue" \
+  -- "$FLOOR"
 cd - >/dev/null
 python3 bench/table.py "$OUT" > "$work/RESULTS.md"
 if [ "${SMOKE:-0}" != 1 ]; then

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Renders the harness's JSON (nightlight and paho-lesson) as a Markdown table with ratios."""
+"""Renders the harness's JSON (nightlight, paho-lesson and the CPU floor) as a Markdown table."""
 import json
 import platform
 import sys
@@ -39,6 +39,11 @@ if floor:
     p50 = median(ours, "oneway_publish_to_switch.p50_us")
     print("| harness floor (harness -> broker -> harness), p50 / p99 | %.0f / %.0f µs | | %.2fx of floor (p50) | <= 1.3x |"
           % (floor["p50_us"], floor["p99_us"], p50 / floor["p50_us"]))
+yardstick = peers.get("floor")
+if yardstick:
+    a, b = median(yardstick, "fast_cpu_s_per_1000_msgs"), median(lesson, "fast_cpu_s_per_1000_msgs")
+    print("| CPU floor: blocking QoS 1 loop, no runtime (examples/bench_floor.rs), per 1000 readings "
+          "| %.2f ms | %.2f ms | %.2fx | |" % (a * 1000, b * 1000, a / b))
 print()
 print("Machine: %s, %s, %s CPUs; %s; harness settings: %s" % (
     platform.node() or "?", platform.machine(), __import__("os").cpu_count(),
