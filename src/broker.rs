@@ -333,10 +333,14 @@ async fn session(
     } else {
         Duration::from_millis(1500 * u64::from(keep_alive_s))
     };
+    // Counted from the last packet read, not from the last message sent to the client.
+    let mut silent_until = tokio::time::Instant::now() + grace;
     let mut pkid: u16 = 0;
     loop {
         tokio::select! {
-            packet = tokio::time::timeout(grace, read_packet(stream, buf)) => {
+            // Cancel-safe: a packet only leaves `buf` once it is complete.
+            packet = tokio::time::timeout_at(silent_until, read_packet(stream, buf)) => {
+                silent_until = tokio::time::Instant::now() + grace;
                 let reply = match packet.map_err(|_| ConnectionError::KeepAlive)?? {
                     Packet::Publish(p) => {
                         let reply = match p.qos {

@@ -158,4 +158,21 @@ fn demo_broker_gives_standard_clients_retained_messages_qos_2_delivery_and_last_
     assert!(matches!(connected, Ok(rumqttc::Event::Incoming(rumqttc::Incoming::ConnAck(_)))), "{connected:?}");
     drop(conn); // the socket closes without DISCONNECT
     assert_eq!(obs.wait_on("x/will", 5 * S, |m| !m.is_empty())[0].text(), "gone");
+
+    // A client that stays connected but falls silent past 1.5 times its keep-alive is dropped
+    // and its will published, even while the broker keeps sending it telemetry: a client whose
+    // network died does not linger.
+    let mut connect = rumqttc::Connect::new("silent");
+    connect.keep_alive = 1;
+    connect.last_will = Some(rumqttc::LastWill::new("x/silent", "timed out", rumqttc::QoS::AtMostOnce, false));
+    let mut bytes = bytes::BytesMut::new();
+    rumqttc::Packet::Connect(connect).write(&mut bytes, 1024).unwrap();
+    let subscribe = rumqttc::Subscribe::new("demo/telemetry", rumqttc::QoS::AtMostOnce);
+    rumqttc::Packet::Subscribe(subscribe).write(&mut bytes, 1024).unwrap();
+    let mut silent = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::io::Write::write_all(&mut silent, &bytes).unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(obs.wait_on("x/silent", 5 * S, |m| !m.is_empty())[0].text(), "timed out");
+    assert!(started.elapsed() >= Duration::from_millis(1400), "not before 1.5 x keep-alive");
+    drop(silent);
 }
