@@ -38,7 +38,7 @@ const OUTBOX: usize = 1024;
 pub type Outbox = mpsc::Sender<Publish>;
 
 /// One subscription of one client.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Subscription {
     filter: String,
     qos: QoS,
@@ -206,20 +206,12 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Listens on `addr` (port 0 picks a free port).
+    /// Listens on `addr`.
     ///
     /// # Errors
     /// The address cannot be bound (typically: the port is in use).
     pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
         Ok(Broker { listener: TcpListener::bind(addr).await?, router: Arc::default() })
-    }
-
-    /// The address it listens on.
-    ///
-    /// # Errors
-    /// The socket has no local address (it always has, once bound).
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
     }
 
     /// Accepts connections until the task is dropped; each is served by its own task.

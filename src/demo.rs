@@ -25,7 +25,8 @@ const INTERVAL_MS: u64 = 200;
 /// Runs broker, device, controller and view until `shutdown` completes.
 ///
 /// # Errors
-/// The port is in use (the message names it and suggests `--port`), or the broker fails.
+/// The port is in use (the message names it and suggests `--port`), or the device or the
+/// controller fails.
 pub async fn run(port: u16, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let broker = match Broker::bind(addr).await {
