@@ -24,7 +24,8 @@ fi
 $SUDO update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
 [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || { echo "boot-test: cannot enable binfmt for qemu-aarch64" >&2; exit 1; }
 
-work=target/boot-test
+# The rootfs cache lives in cargo's target directory, shared with the other VM tests.
+work="$(scripts/target-dir.sh)/boot-test"
 mkdir -p "$work"
 packages=systemd-sysv,udev,linux-image-arm64,mosquitto,mosquitto-clients,kmod
 key=$(cat cross/boot-test/virtio-modules.hook <(echo "$packages") | sha256sum | cut -c1-12)

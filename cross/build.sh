@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # cross/build.sh TARGET [cargo args]: a release build of nightlight for a Raspberry Pi, without
 # Docker. Installs the rustup target and Debian's cross linker when missing; prints the binary's
-# path last. TARGET: aarch64-unknown-linux-gnu (64-bit Pi OS) or armv7-unknown-linux-gnueabihf.
+# path last (in cargo's target directory, which honours CARGO_TARGET_DIR). TARGET: aarch64-unknown-linux-gnu (64-bit Pi OS) or armv7-unknown-linux-gnueabihf.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${1:?usage: cross/build.sh TARGET [cargo args]}"
@@ -23,4 +23,4 @@ fi
 upper=$(echo "$target" | tr 'a-z-' 'A-Z_')
 export "CARGO_TARGET_${upper}_LINKER=$gcc"
 cargo build --release --target "$target" "$@" >&2
-echo "target/$target/release/nightlight"
+echo "$(scripts/target-dir.sh)/$target/release/nightlight"

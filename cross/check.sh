@@ -37,9 +37,11 @@ for pair in aarch64-unknown-linux-gnu:arm64 armv7-unknown-linux-gnueabihf:armhf;
   echo "ok: $deb ($arch; binary, conffile, unit, user, enabled)"
 done
 
-# 2. The unit.
+# 2. The unit, pointed at the aarch64 binary that step 1 built (wherever cargo put it).
+bin=$(cross/build.sh aarch64-unknown-linux-gnu | tail -1)
+[ -x "$bin" ] || fail "cross/build.sh printed $bin, which is not an executable"
 unit_dir=$(mktemp -d)
-sed "s|/usr/bin/nightlight|$PWD/target/aarch64-unknown-linux-gnu/release/nightlight|" systemd/nightlight.service \
+sed "s|/usr/bin/nightlight|$bin|" systemd/nightlight.service \
   >"$unit_dir/nightlight.service"
 systemd-analyze verify "$unit_dir/nightlight.service" || fail "systemd-analyze verify"
 score=$(systemd-analyze security --offline=true systemd/nightlight.service 2>/dev/null \
@@ -48,8 +50,7 @@ awk -v s="$score" 'BEGIN { exit !(s != "" && s <= 2.0) }' || fail "exposure $sco
 echo "ok: unit verifies, exposure $score"
 
 # 3. The aarch64 binary, emulated, against a local broker.
-cross/build.sh aarch64-unknown-linux-gnu --features virtual >/dev/null
-bin=target/aarch64-unknown-linux-gnu/release/nightlight
+bin=$(cross/build.sh aarch64-unknown-linux-gnu --features virtual | tail -1)
 work=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 printf 'listener %s 127.0.0.1\nallow_anonymous true\n' "$port" >"$work/m.conf"

@@ -12,7 +12,7 @@ if ! cargo deb --version >/dev/null 2>&1; then
   cargo install cargo-deb --locked >&2
 fi
 # The release profile already strips; --no-build packages the binary cross/build.sh made.
-out="target/$target/debian"
+out="$(scripts/target-dir.sh)/$target/debian"
 rm -f "$out"/nightlight_*.deb
 cargo deb --no-build --no-strip --target "$target" --output "$out/" >&2
 ls "$out"/nightlight_*.deb

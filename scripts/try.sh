@@ -30,4 +30,4 @@ cat >&2 <<MSG
 
 MSG
 NIGHTLIGHT__MQTT__HOST=127.0.0.1 NIGHTLIGHT__MQTT__PORT=$port NIGHTLIGHT__QUEUE__DIR="$work/queue" \
-  target/release/nightlight run "$@" || true
+  "$(scripts/target-dir.sh)/release/nightlight" run "$@" || true
