@@ -1,36 +1,46 @@
 #!/usr/bin/env bash
-# bench/compare.sh: nightlight (release, virtual build) and the lesson's Python device, measured by
-# the shared harness (../shared/bench) over the same private mosquitto in one run. Writes
+# bench/compare.sh: nightlight (release, virtual build) and the lesson's Python device
+# (bench/harness/peers/lesson_device.py on paho-mqtt), measured by the harness in bench/harness
+# over the same private mosquitto in one run. Needs nothing outside the repository: it makes its
+# own Python venv (bench/harness/requirements.txt) in cargo's target directory. Writes
 # bench/RESULTS.md (a Markdown table with ratios) and bench/results.json. A third program,
 # examples/bench_floor.rs, is measured for CPU per reading only: the floor for any QoS 1 publisher.
 # REPS=3 by default; SMOKE=1 runs one short repetition (used by CI: it checks the script, not
 # the figures). Takes ~6 minutes with REPS=3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-HARNESS=${NIGHTLIGHT_BENCH_HARNESS:-../shared/bench}
+HARNESS=bench/harness
 REPS=${REPS:-3}
-[ -f "$HARNESS/measure_peer.py" ] || { echo "no harness at $HARNESS (set NIGHTLIGHT_BENCH_HARNESS)" >&2; exit 2; }
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || {
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
   $SUDO apt-get update -q && $SUDO apt-get install -y -q mosquitto mosquitto-clients; }
 export PATH="$PATH:/usr/sbin"
 
-# A private copy of the harness and its own venv, so nothing is written into the shared folder.
-work=target/bench
+# A scratch copy of the harness (its run/ logs and results land beside it) and its own venv,
+# both in the target directory, so a run writes nothing into the checkout but its figures (bench/RESULTS.md, bench/results.json;
+# a smoke run writes neither).
+tdir=$(scripts/target-dir.sh)
+work="$tdir/bench"
 rm -rf "$work/harness" && mkdir -p "$work"
 cp -r "$HARNESS" "$work/harness"
 rm -rf "$work/harness/.venv" "$work/harness/run" "$work/harness/results"
 mkdir -p "$work/harness/results" "$work/harness/run"
 chmod -R u+w "$work/harness"
-if [ ! -x "$work/venv/bin/python" ]; then python3 -m venv "$work/venv"; fi
-"$work/venv/bin/pip" install -q paho-mqtt==2.2.0
-ln -sfn "$PWD/$work/venv" "$work/harness/.venv"
+if [ ! -x "$work/venv/bin/python" ]; then
+  python3 -m venv "$work/venv" 2>/dev/null || {
+    # Debian splits venv (and the pip it bootstraps) into its own package.
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q python3-venv
+    rm -rf "$work/venv"; python3 -m venv "$work/venv"; }
+fi
+"$work/venv/bin/pip" install -q -r "$HARNESS/requirements.txt"
+ln -sfn "$work/venv" "$work/harness/.venv"
 
 cargo build --release --no-default-features --features virtual --bin nightlight --example bench_floor
-BIN="$PWD/target/release/nightlight"
-FLOOR="$PWD/target/release/examples/bench_floor"
-PY="$PWD/$work/venv/bin/python"
-OUT="$PWD/$work/results.json"
+BIN="$tdir/release/nightlight"
+FLOOR="$tdir/release/examples/bench_floor"
+PY="$work/venv/bin/python"
+OUT="$work/results.json"
 rm -f "$OUT"
 extra=()
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -42,7 +52,7 @@ cd "$work/harness"
 "$PY" measure_peer.py --name paho-lesson --reps "$REPS" --port "$port" --out "$OUT" "${extra[@]}" \
   --version-cmd "$PY -c 'import paho.mqtt; print(\"paho-mqtt\", paho.mqtt.__version__)'" \
   --note "the lesson's device on paho-mqtt 2.x" \
-  -- "$PY" "{bench}/peers/paho_nightlight.py"
+  -- "$PY" "{bench}/peers/lesson_device.py"
 "$PY" measure_peer.py --name nightlight --reps "$REPS" --port "$port" --out "$OUT" "${extra[@]}" \
   --version-cmd "$BIN --version" \
   --env NIGHTLIGHT__ID={id} --env NIGHTLIGHT__MQTT__HOST={host} --env NIGHTLIGHT__MQTT__PORT={port} \
