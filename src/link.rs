@@ -202,6 +202,9 @@ impl Poller {
         if let Some(el) = self.idle.as_mut() {
             el.clean();
             el.pending.clear();
+            // `MqttState::clean` leaves a publish parked by an out-of-order PUBACK; while it is
+            // set the event loop takes no new requests, so a fresh connection would send nothing.
+            el.state.collision = None;
         }
     }
 }
@@ -209,6 +212,17 @@ impl Poller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forgetting_unsent_work_also_clears_a_parked_collision() {
+        let (_client, mut el) = AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 1), 10);
+        el.state.collision = Some(rumqttc::Publish::new("t/telemetry", QoS::AtLeastOnce, b"{}".to_vec()));
+        let mut poller = Poller::new(el);
+        poller.forget_unsent();
+        let el = poller.eventloop().expect("idle");
+        assert!(el.state.collision.is_none(), "a parked publish would stop the next connection sending");
+        assert!(el.pending.is_empty());
+    }
 
     #[test]
     fn backoff_grows_to_the_maximum_and_stays_within_bounds() {
