@@ -63,7 +63,10 @@ NIGHTLIGHT_CONFIG=/dev/null NIGHTLIGHT__ID=qemu NIGHTLIGHT__MQTT__HOST=127.0.0.1
   NIGHTLIGHT__QUEUE__DIR="$work/q" qemu-aarch64-static -L /usr/aarch64-linux-gnu "$bin" run 2>"$work/dev.log" &
 dev=$!
 msg=$(mosquitto_sub -p "$port" -t qemu/telemetry -C 3 -W 30) || { cat "$work/dev.log" >&2; fail "no telemetry from the emulated aarch64 build"; }
-grep -q '"seq":3' <<<"$msg" || fail "unexpected telemetry: $msg"
+seqs=$(sed -n 's/.*"seq":\([0-9]*\),"run":\([0-9]*\).*/\2 \1/p' <<<"$msg")
+# Three readings of one run, seq rising by one.
+awk 'NR == 1 { r = $1; s = $2 } END { exit !(NR == 3 && $1 == r && $2 == s + 2) }' <<<"$seqs" \
+  || fail "unexpected telemetry: $msg"
 echo "ok: aarch64 build under qemu published: $(tail -1 <<<"$msg")"
 # Leave the release binary as the hardware build for whoever packages next.
 cross/build.sh aarch64-unknown-linux-gnu >/dev/null

@@ -22,7 +22,7 @@ use anyhow::Context;
 use rumqttc::{AsyncClient, ConnectionError, Event, Incoming, Outgoing, Publish, QoS, SubscribeReasonCode};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, MissedTickBehavior};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, SensorKind};
 use crate::homeassistant::{self, Health};
@@ -227,10 +227,14 @@ impl Device {
         let mut health = tokio::time::interval_at(tokio::time::Instant::now() + HEALTH_EVERY, HEALTH_EVERY);
         health.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
-            let spill_at = self.queue.next_deadline(self.connected.is_none()).map(tokio::time::Instant::from_std);
+            let queue_at = self.queue.next_deadline().map(tokio::time::Instant::from_std);
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
+                // First after a stop: nothing the device does may starve the watchdog.
+                _ = feed.tick(), if watchdog.is_some() => {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
                 events = self.poller.next(), if self.poller.is_running() => {
                     self.on_events(events);
                     if self.reconnect_at.is_none() {
@@ -238,29 +242,26 @@ impl Device {
                     }
                 }
                 Some((reading, ts)) = readings_rx.recv() => {
-                    self.queue.push(reading.light, ts, reading.lux);
+                    self.queue.push(Instant::now(), reading.light, ts, reading.lux);
                     self.pump();
                 }
                 _ = sleep_until(self.reconnect_at.unwrap_or_else(far_future)), if self.reconnect_at.is_some() => {
                     self.reconnect_at = None;
                     self.poller.start();
                 }
-                _ = sleep_until(spill_at.unwrap_or_else(far_future)), if spill_at.is_some() => {
-                    self.queue.tick(Instant::now(), self.connected.is_none());
+                _ = sleep_until(queue_at.unwrap_or_else(far_future)), if queue_at.is_some() => {
+                    self.queue.tick(Instant::now());
+                    self.pump(); // a backlog read that failed is retried now
                 }
                 _ = health.tick() => {
                     if self.connected.is_some() {
                         self.publish_health();
                     }
                 }
-                _ = feed.tick(), if watchdog.is_some() => {
-                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-                }
             }
         }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-        self.stop().await;
-        Ok(())
+        self.stop().await
     }
 
     fn on_events(&mut self, events: Vec<Result<Event, ConnectionError>>) {
@@ -295,6 +296,7 @@ impl Device {
 
     fn on_connected(&mut self, session_present: bool) {
         self.connected = Some(Instant::now());
+        self.queue.connected();
         self.last_failure = None;
         if self.purge {
             self.finish_purge();
@@ -343,6 +345,8 @@ impl Device {
             queue_readings: q.readings,
             queue_bytes: q.bytes,
             dropped: q.dropped,
+            queue_errors: q.errors,
+            seq_durable: q.seq_durable,
             sensor_errors: c.sensor_errors.load(Ordering::Relaxed),
             rejected_commands: c.rejected_commands.load(Ordering::Relaxed),
             reconnects: c.reconnects.load(Ordering::Relaxed),
@@ -401,7 +405,7 @@ impl Device {
         }
         self.sent.clear();
         self.by_pkid.clear();
-        self.queue.rewind();
+        self.queue.disconnected(Instant::now());
         self.reconnect_at = Some(tokio::time::Instant::now() + self.backoff.next_delay());
     }
 
@@ -453,7 +457,10 @@ impl Device {
     }
 
     /// A clean stop: `offline`, disconnect, everything unacknowledged to disk.
-    async fn stop(&mut self) {
+    ///
+    /// # Errors
+    /// Readings could not be written (a full or failing disk): how many are lost.
+    async fn stop(&mut self) -> anyhow::Result<()> {
         info!("stopping");
         if self.connected.is_some() {
             self.publish_other(&self.topics.status.clone(), OFFLINE.as_bytes().to_vec(), true);
@@ -471,9 +478,18 @@ impl Device {
                 self.poller.start();
             }
         }
-        self.queue.close();
+        let closed = self.queue.close(Instant::now());
         let st = self.queue.stats();
-        info!(queued = st.readings, dropped = st.dropped, "stopped");
+        match closed {
+            Ok(()) => {
+                info!(queued = st.readings, dropped = st.dropped, "stopped");
+                Ok(())
+            }
+            Err(e) => {
+                error!(lost = e.lost, queued = st.readings, dropped = st.dropped, "stopped, with readings lost");
+                Err(e.into())
+            }
+        }
     }
 }
 

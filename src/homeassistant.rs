@@ -138,6 +138,10 @@ fn merge(into: &mut Value, from: Value) {
     }
 }
 
+fn yes() -> bool {
+    true
+}
+
 /// The retained `<id>/health` message.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Health {
@@ -145,6 +149,12 @@ pub struct Health {
     pub queue_readings: u64,
     pub queue_bytes: u64,
     pub dropped: u64,
+    /// Failed queue storage calls (full disk, I/O errors); each is retried.
+    #[serde(default)]
+    pub queue_errors: u64,
+    /// False while `seq` comes from the wall clock because the queue's meta cannot be written.
+    #[serde(default = "yes")]
+    pub seq_durable: bool,
     pub sensor_errors: u64,
     pub rejected_commands: u64,
     pub reconnects: u64,

@@ -45,8 +45,11 @@ pub struct Telemetry {
     pub light: u16,
     /// Unix time in milliseconds when the reading was taken.
     pub ts: u64,
-    /// Never reused, also across restarts.
+    /// Never reused, also across restarts; within one run it rises by one per reading.
     pub seq: u64,
+    /// The device's run: rises at every start, never reused (0: queued by a release before runs).
+    #[serde(default)]
+    pub run: u64,
     /// Lux, from lux-capable chips only.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub lux: Option<f32>,
@@ -153,9 +156,9 @@ mod tests {
 
     #[test]
     fn telemetry_has_contract_fields() {
-        let t = Telemetry { light: 412, ts: 1_763_776_000_123, seq: 1042, lux: None };
+        let t = Telemetry { light: 412, ts: 1_763_776_000_123, seq: 1042, run: 7, lux: None };
         let v: serde_json::Value = serde_json::from_slice(&t.to_json()).unwrap();
-        assert_eq!(v, serde_json::json!({"light": 412, "ts": 1_763_776_000_123u64, "seq": 1042}));
+        assert_eq!(v, serde_json::json!({"light": 412, "ts": 1_763_776_000_123u64, "seq": 1042, "run": 7}));
         let t = Telemetry { lux: Some(12.5), ..t };
         let v: serde_json::Value = serde_json::from_slice(&t.to_json()).unwrap();
         assert_eq!(v["lux"], 12.5);

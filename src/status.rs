@@ -88,7 +88,14 @@ pub fn render(snap: &Snapshot, broker: &str) -> String {
         out += &line("uptime", human_duration(h.uptime_s));
         out += &line(
             "queue",
-            format!("{} readings ({} bytes on disk), {} dropped", h.queue_readings, h.queue_bytes, h.dropped),
+            format!(
+                "{} readings ({} bytes on disk), {} dropped, {} disk errors{}",
+                h.queue_readings,
+                h.queue_bytes,
+                h.dropped,
+                h.queue_errors,
+                if h.seq_durable { "" } else { "; seq from the wall clock (queue meta not writable)" }
+            ),
         );
         out += &line("sensor errors", h.sensor_errors.to_string());
         out += &line("rejected cmds", h.rejected_commands.to_string());
@@ -124,6 +131,8 @@ mod tests {
                 queue_readings: 5,
                 queue_bytes: 120,
                 dropped: 0,
+                queue_errors: 0,
+                seq_durable: true,
                 sensor_errors: 2,
                 rejected_commands: 1,
                 reconnects: 3,

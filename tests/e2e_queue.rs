@@ -6,15 +6,14 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use nightlight::DiskQueue;
 
 const S: Duration = Duration::from_secs(1);
-/// A crash moves `seq` forward by at most one reservation block; readings of a second run are
-/// told apart from the first by that jump.
-const BLOCK: u64 = nightlight::queue::SEQ_BLOCK;
+/// One reading's frame on disk (`src/queue/frame.rs`): 5 bytes of header, a 27-byte body.
+const FRAME: u64 = 32;
 
 fn segments(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -24,11 +23,6 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
         .collect();
     v.sort();
     v
-}
-
-fn unique(seqs: &[u64]) -> Vec<u64> {
-    let set: BTreeSet<u64> = seqs.iter().copied().collect();
-    set.into_iter().collect()
 }
 
 #[test]
@@ -45,16 +39,15 @@ fn kill_9_while_offline_loses_nothing_that_reached_the_disk() {
     broker.restart();
     let obs = Observer::new(broker.port, &dev.topic("telemetry"));
     let d = dev.spawn();
-    obs.wait_on(&dev.topic("telemetry"), 20 * S, |m| unique(&obs_seqs(m)).iter().any(|s| *s > 2 * BLOCK + 5));
-    let seqs = unique(&obs.seqs(&dev.topic("telemetry")));
-    let run1: Vec<u64> = seqs.iter().copied().filter(|s| *s <= BLOCK).collect();
-    let run2: Vec<u64> = seqs.iter().copied().filter(|s| *s > BLOCK && *s <= 2 * BLOCK).collect();
-    assert_eq!(run1.first(), Some(&1), "{seqs:?}");
-    assert_contiguous(&run1);
-    assert_contiguous(&run2);
-    // 1.5 s at 50 ms is ~30 readings; a crash may lose only the last 100 ms batch.
-    assert!(run1.len() >= 24, "first run kept only {} readings: {run1:?}", run1.len());
-    assert!(run2.len() >= 8, "second run kept only {} readings: {run2:?}", run2.len());
+    let topic = dev.topic("telemetry");
+    obs.wait_on(&topic, 20 * S, |_| obs.runs(&topic).values().nth(2).is_some_and(|r| r.len() >= 5));
+    let runs: Vec<Vec<u64>> = obs.runs(&topic).into_values().collect();
+    let (run1, run2) = (&runs[0], &runs[1]);
+    assert_contiguous(run1);
+    assert_contiguous(run2);
+    // 1.5 s at 50 ms is ~30 readings, 0.6 s ~12: written at push, a kill -9 loses none of them.
+    assert!(run1.len() >= 27, "first run kept only {} readings: {run1:?}", run1.len());
+    assert!(run2.len() >= 10, "second run kept only {} readings: {run2:?}", run2.len());
     assert!(run2[0] > *run1.last().unwrap(), "seq is never reused after a crash");
     drop(d);
 }
@@ -68,13 +61,14 @@ fn kill_9_while_draining_a_backlog_then_restart_delivers_all_of_it_in_order() {
     const BACKLOG: u64 = 30_000;
     let broker = Mosquitto::start("max_queued_messages 0\nmax_inflight_messages 0");
     let dev = DeviceDir::new(broker.port, 1000, "");
-    {
+    let backlog: BTreeSet<u64> = {
         let mut q = DiskQueue::open(&dev.queue(), 64 << 20, Duration::from_secs(1)).unwrap();
-        for i in 0..BACKLOG {
-            q.push((i % 1000) as u16, 1_700_000_000_000 + i, None);
-        }
-        q.close();
-    }
+        let seqs =
+            (0..BACKLOG).map(|i| q.push(Instant::now(), (i % 1000) as u16, 1_700_000_000_000 + i, None)).collect();
+        q.close(Instant::now()).unwrap();
+        seqs
+    };
+    let first_seq = *backlog.first().unwrap();
     let obs = Observer::new(broker.port, &dev.topic("telemetry"));
     let mut d = dev.spawn();
     obs.wait_on(&dev.topic("telemetry"), 20 * S, |m| m.len() >= 3000);
@@ -83,16 +77,16 @@ fn kill_9_while_draining_a_backlog_then_restart_delivers_all_of_it_in_order() {
     let _d = dev.spawn();
     obs.wait_on(&dev.topic("telemetry"), 60 * S, |m| {
         let s: BTreeSet<u64> = obs_seqs(m).into_iter().collect();
-        (1..=BACKLOG).all(|x| s.contains(&x))
+        backlog.iter().all(|x| s.contains(x))
     });
     let arrivals = obs.seqs(&dev.topic("telemetry"));
-    let backlog: Vec<u64> = arrivals.iter().copied().filter(|s| *s <= BACKLOG).collect();
-    let descents = backlog.windows(2).filter(|w| w[1] <= w[0]).count();
+    let drained: Vec<u64> = arrivals.iter().copied().filter(|s| backlog.contains(s)).collect();
+    let descents = drained.windows(2).filter(|w| w[1] <= w[0]).count();
     assert!(descents <= 1, "in order within each connection (one restart): {descents} descents");
     assert!(seen_at_kill < BACKLOG as usize, "the kill came before the drain finished");
     // Readings carry the time they were taken, not the time they were sent.
     let first = obs.on(&dev.topic("telemetry"))[0].json();
-    assert_eq!(first["ts"], 1_700_000_000_000u64 + first["seq"].as_u64().unwrap() - 1);
+    assert_eq!(first["ts"], 1_700_000_000_000u64 + first["seq"].as_u64().unwrap() - first_seq);
 }
 
 #[test]
@@ -106,17 +100,18 @@ fn a_power_cut_that_tears_the_last_record_loses_only_that_record() {
     let segs = segments(&dev.queue());
     assert_eq!(segs.len(), 1);
     let len = std::fs::metadata(&segs[0]).unwrap().len();
-    let records = len / 24;
-    assert!(records >= 10 && len % 24 == 0, "{len} bytes");
-    let cut = 1 + fastrand::u64(0..23);
+    let records = len / FRAME;
+    assert!(records >= 10 && len % FRAME == 0, "{len} bytes");
+    let cut = 1 + fastrand::u64(0..FRAME - 1);
     std::fs::OpenOptions::new().write(true).open(&segs[0]).unwrap().set_len(len - cut).unwrap();
     broker.restart();
     let obs = Observer::new(broker.port, &dev.topic("telemetry"));
     let d = dev.spawn();
-    obs.wait_on(&dev.topic("telemetry"), 20 * S, |m| obs_seqs(m).iter().any(|s| *s > BLOCK));
-    let run1: Vec<u64> = unique(&obs.seqs(&dev.topic("telemetry"))).into_iter().filter(|s| *s <= BLOCK).collect();
-    let expected: Vec<u64> = (1..records).collect();
-    assert_eq!(run1, expected, "every record but the torn one (cut {cut} bytes of {len})");
+    let topic = dev.topic("telemetry");
+    obs.wait_on(&topic, 20 * S, |_| obs.runs(&topic).len() >= 2);
+    let run1 = obs.runs(&topic).into_values().next().unwrap();
+    assert_contiguous(&run1);
+    assert_eq!(run1.len() as u64, records - 1, "every record but the torn one (cut {cut} bytes of {len}): {run1:?}");
     d.wait_stderr("torn record", 5 * S);
 }
 
@@ -168,8 +163,10 @@ fn a_full_disk_is_survived_and_nothing_is_lost_once_there_is_room() {
     d.wait_stderr("writing to disk again", 10 * S);
     broker.restart();
     obs.wait_on(&dev.topic("telemetry"), 20 * S, |m| m.len() >= 50);
-    let seqs = unique(&obs.seqs(&dev.topic("telemetry")));
-    assert_eq!(seqs[0], 1);
-    assert_contiguous(&seqs);
+    let runs = obs.runs(&dev.topic("telemetry"));
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let (run, seqs) = runs.iter().next().unwrap();
+    assert_eq!(seqs[0], *run, "the run's first reading (taken before the disk filled) arrived");
+    assert_contiguous(seqs);
     assert_eq!(d.stderr().matches("cannot write to disk").count(), 1, "said once:\n{}", d.stderr());
 }

@@ -2,61 +2,109 @@
 //! acknowledges it.
 //!
 //! It knows no MQTT and no hardware: the device pushes readings, asks for the next one to send,
-//! reports acknowledgements and disconnects, and calls [`DiskQueue::tick`] at the deadline the
-//! queue names. See the README section "Offline queue" for the figures.
+//! reports acknowledgements, connects and disconnects, and calls [`DiskQueue::tick`] at the
+//! deadline the queue names ([`DiskQueue::next_deadline`]). Time is passed in; the queue never
+//! reads a clock. Every call to the filesystem goes through [`Storage`], so tests can cut the
+//! power inside any operation ([`sim::SimFs`]).
+//!
+//! # Parts
+//! - [`frame`]: one reading as a checksummed frame, and resynchronising after damage.
+//! - [`meta`]: the meta file (run, seq reservation, acknowledged position), two slots.
+//! - [`store`]: the segment files: append, sync, read, recover and salvage.
+//! - [`window`]: the readings in flight (pure, no storage).
+//! - [`storage`]: the filesystem trait and the real filesystem; [`sim`]: the simulated one.
 //!
 //! # Layout on disk (`queue.dir`)
-//! - `<first seq, 20 digits>.seg`: append-only segments of framed records, oldest first.
-//!   A frame is `[len: u8][crc32(body): u32 LE][body]`, the body `seq u64, ts u64, light u16,
-//!   flags u8[, lux f32]`, all little-endian: 24 bytes a reading (28 with lux).
-//! - `meta`: two 512-byte slots written alternately (`magic, generation, next_seq reserved,
-//!   acked_through, crc32`), so a torn write of one slot leaves the other.
+//! - `<first seq, 20 digits>.seg`: append-only segments of frames, oldest first ([`frame`]).
+//! - `meta`: 8 KiB, two slots in separate 4 KiB blocks ([`meta`]).
+//! - `spare`: [`SPARE_BYTES`] of zeros, removed to make room when a clean stop finds the disk
+//!   full, and made again at the next start.
+//! - `lock`: held with `flock` by the process that owns the directory.
 //!
-//! # Design
-//! - Records live in memory first (`mem`). A record goes to disk when it has not been
-//!   acknowledged within `spill_after` (online), within [`OFFLINE_BATCH`] (offline: group commit),
-//!   or at [`DiskQueue::close`]. While the broker acknowledges promptly nothing is written.
-//! - Every spill is one `write` and one `fdatasync`; a new segment also syncs the directory.
-//! - Everything on disk is older than everything in `mem`, and records are sent strictly in `seq`
-//!   order: a prefix of the unacknowledged records is in flight at any time.
-//! - Acknowledged records at the front are forgotten; a segment is deleted once every record in it
-//!   is acknowledged; `acked_through` is written lazily (a crash can only cause duplicates).
-//! - `seq` values are reserved in blocks of [`SEQ_BLOCK`] with a synced meta write, so `seq` is
-//!   never reused after a crash (it jumps forward instead) and costs one small write per block.
+//! # Durability rules
+//! - **Online** (connected), a reading stays in memory while the broker acknowledges it within
+//!   `spill_after`; one that is not is written and synced then. While acknowledgements are
+//!   prompt, nothing is written (SD cards wear out).
+//! - **Offline**, a reading is written at push (it survives `kill -9`: the page cache outlives
+//!   the process) and synced within [`OFFLINE_BATCH`] (it survives a power cut). Losing the
+//!   connection writes and syncs whatever is in memory at once.
+//! - A **clean stop** writes and syncs everything; on a full disk it removes `spare` first. If
+//!   that still fails, [`DiskQueue::close`] says how many readings were lost.
+//! - A failed write or sync is retried with backoff ([`RETRY_MIN`] doubling to [`RETRY_MAX`]);
+//!   meanwhile readings wait in memory (at most [`MEM_CAP`], the oldest dropped and counted).
+//!   No deadline the queue names is ever in the past twice in a row.
+//!
+//! # Invariants
+//! - Everything on disk is older than everything in memory; readings are sent strictly in
+//!   `seq` order, so the readings in flight are a prefix of those queued.
+//! - `seq` is never handed out twice. Every start begins above everything it can know: the
+//!   reservation last synced to `meta` ([`SEQ_BLOCK`] at a time), every seq on disk, and the
+//!   wall clock in ms. Readings come at most one per 10 ms, so a run's seqs stay below the clock
+//!   and the next start (systemd waits 2 s, more than a block's worth of ms) is above them even
+//!   when nothing could be made durable; the synced reservation covers a clock that is behind.
+//!   Within a run seq rises by one; between runs it jumps (`run` tells a restart from a loss).
+//! - `run` rises at every start: the wall clock in ms, or one more than the last run if the
+//!   clock is behind that.
+//! - Damage is confined: a bad frame costs the frames it covers (counted in `dropped`), not
+//!   the segment; an unreadable `meta` is logged, moved aside and replaced, and `seq` goes on
+//!   above everything on disk and above the wall clock.
 
-use std::collections::{BTreeSet, VecDeque};
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
+pub mod frame;
+pub mod meta;
+pub mod sim;
+pub mod storage;
+pub mod store;
+pub mod window;
+
+use std::collections::VecDeque;
+use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::payload::Telemetry;
+use meta::{Found, Meta, MetaFile};
+pub use storage::{OsStorage, Storage};
+use store::Segments;
+use window::Window;
 
-/// While offline, readings are synced to disk in batches at most this old.
+/// While offline, written readings are synced at most this long after the first unsynced one.
 pub const OFFLINE_BATCH: Duration = Duration::from_millis(100);
-/// How many `seq` values one synced meta write reserves.
-pub const SEQ_BLOCK: u64 = 4096;
-/// Readings kept in memory when the disk cannot be written (full, read-only).
+/// How many `seq` values one synced meta write reserves: fewer than the milliseconds between a
+/// stop and systemd's restart, so the clock is ahead of the reservation at the next start.
+pub const SEQ_BLOCK: u64 = 1000;
+/// Readings kept in memory while the disk refuses writes.
 pub const MEM_CAP: usize = 20_000;
-/// How often the acknowledged position is written while draining.
+/// The first retry after a failed write or read; it doubles up to [`RETRY_MAX`].
+pub const RETRY_MIN: Duration = Duration::from_millis(100);
+pub const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Room kept for a clean stop on a full disk: more than [`MEM_CAP`] frames.
+pub const SPARE_BYTES: u64 = 1 << 20;
+/// How often the acknowledged position is written (unsynced) while draining.
 const META_FLUSH: Duration = Duration::from_secs(1);
-const META_SLOT: u64 = 512;
-const META_MAGIC: &[u8; 4] = b"NLQ1";
-const FRAME_HEAD: usize = 5;
-const BODY_LEN: usize = 19;
-const BODY_LEN_LUX: usize = 23;
-const READ_CHUNK: usize = 64 * 1024;
 
 /// A queue that cannot be opened; the device cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    /// The queue directory or a file in it cannot be created, read or written: check the path
-    /// and its permissions (`queue.dir`).
+    /// The queue directory or a file in it cannot be created or read: check the path and its
+    /// permissions (`queue.dir`).
     #[error("queue directory {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    /// Another process (a second `nightlight run`?) has the directory.
+    #[error(
+        "queue directory {path} is in use by another nightlight process (stop it, or give this one its own queue.dir)"
+    )]
+    Locked { path: PathBuf },
+}
+
+/// A clean stop could not make everything durable.
+#[derive(Debug, thiserror::Error)]
+#[error("{lost} readings could not be written to {dir} and are lost: {reason}")]
+pub struct CloseError {
+    pub lost: u64,
+    pub dir: PathBuf,
+    pub reason: String,
 }
 
 /// Counters for logs and health.
@@ -66,29 +114,21 @@ pub struct QueueStats {
     pub readings: u64,
     /// Bytes of segment files on disk.
     pub bytes: u64,
-    /// Readings dropped because of `queue.max_bytes` or a failing disk.
+    /// Readings dropped: past `queue.max_bytes`, past [`MEM_CAP`] on a failing disk, lost to
+    /// damage, or lost at a clean stop.
     pub dropped: u64,
+    /// Failed storage calls (full disk, I/O errors), each retried.
+    pub errors: u64,
+    /// Whether the seqs handed out are covered by a synced reservation; while false, only the
+    /// wall clock keeps the next start above them.
+    pub seq_durable: bool,
 }
 
-#[derive(Debug)]
-struct Segment {
-    /// The `seq` of its first record, which is also its file name.
-    id: u64,
-    len: u64,
-    records: u64,
-}
-
+/// Where a reading in flight is kept.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Loc {
     Mem,
     Disk { seg: u64, end: u64 },
-}
-
-#[derive(Debug)]
-struct InFlight {
-    seq: u64,
-    acked: bool,
-    loc: Loc,
 }
 
 #[derive(Debug)]
@@ -97,774 +137,575 @@ struct Entry {
     taken: Instant,
 }
 
-/// A window into one segment file, so drain reads are large and few.
-struct Reader {
-    seg: u64,
-    file: File,
-    start: u64,
-    buf: Vec<u8>,
+/// Retries after a failure, with a growing delay.
+#[derive(Debug)]
+struct Retry {
+    at: Option<Instant>,
+    delay: Duration,
+}
+
+impl Retry {
+    fn new() -> Self {
+        Retry { at: None, delay: RETRY_MIN }
+    }
+
+    fn waiting(&self, now: Instant) -> bool {
+        self.at.is_some_and(|t| t > now)
+    }
+
+    fn failed(&mut self, now: Instant) {
+        self.at = Some(now + self.delay);
+        self.delay = (self.delay * 2).min(RETRY_MAX);
+    }
+
+    fn succeeded(&mut self) {
+        *self = Retry::new();
+    }
+}
+
+/// Where `seq` and `run` come from.
+struct Seqs {
+    run: u64,
+    next: u64,
+    /// Every seq below this is covered by a synced reservation.
+    reserved: u64,
+}
+
+/// The meta file and what it last made durable.
+struct MetaState<F> {
+    file: Option<MetaFile<F>>,
+    acked_through: u64,
+    /// The acknowledged position moved since it was last written.
+    dirty_since: Option<Instant>,
+}
+
+/// Failure bookkeeping: backoff for writes and for reads, and what has been said.
+struct Faults {
+    write: Retry,
+    read: Retry,
+    /// Set while writes fail, so the failure is logged once per episode.
+    failing: bool,
+    /// The same for the meta file.
+    meta_failing: bool,
+    /// Set while the byte cap drops readings, so it is logged once per episode.
+    capping: bool,
+    dropped: u64,
+    errors: u64,
 }
 
 /// The queue. See the module docs for the design.
-pub struct DiskQueue {
+pub struct DiskQueue<S: Storage = OsStorage> {
+    st: S,
     dir: PathBuf,
+    _lock: S::Lock,
     max_bytes: u64,
-    segment_bytes: u64,
-    spill_after: Duration,
-    segments: VecDeque<Segment>,
-    /// Append handle for the last segment.
-    active: Option<File>,
-    /// Offset in `segments[0]` of the first record not yet acknowledged.
-    head: u64,
-    /// Records of `segments[0]` before `head`.
-    head_records: u64,
-    /// The next disk record to send; `None` when every disk record has been sent.
-    read: Option<(u64, u64)>,
-    reader: Option<Reader>,
-    mem: VecDeque<Entry>,
-    /// How many records at the front of `mem` are in flight.
-    mem_sent: usize,
-    inflight: VecDeque<InFlight>,
-    /// Acknowledged while an older reading was not, then rewound: not sent again.
-    done: BTreeSet<u64>,
-    next_seq: u64,
-    reserved: u64,
-    acked_through: u64,
-    meta: File,
-    meta_gen: u64,
-    meta_dirty_since: Option<Instant>,
-    disk_records: u64,
-    dropped: u64,
-    /// Set while the disk refuses writes; cleared (and logged) when it takes them again.
-    disk_failed: bool,
-    /// Set while the byte cap is dropping readings, so it is logged once per episode.
-    capping: bool,
+    segments: Segments<S>,
+    meta: MetaState<S::File>,
+    seqs: Seqs,
+    /// Readings not on disk, oldest first; the first `mem_sent` are in flight.
+    mem: (VecDeque<Entry>, usize),
+    window: Window<Loc>,
+    send: SendPos,
+    link: Link,
+    faults: Faults,
 }
 
-impl DiskQueue {
-    /// Opens (or creates) the queue in `dir`, recovering whatever a previous run left.
-    ///
-    /// A torn record at the end of the last segment is cut off; a segment that fails its checks
-    /// elsewhere is renamed to `*.corrupt` and skipped.
+/// Where sending stands.
+struct SendPos {
+    /// The next disk record to send; `None` when every disk record has been sent.
+    next: Option<(u64, u64)>,
+    /// What [`DiskQueue::peek_unsent`] returned, and for a disk record where the next starts,
+    /// so [`DiskQueue::mark_sent`] needs no second read (which could fail).
+    peeked: Option<(Telemetry, Option<(u64, u64)>)>,
+}
+
+/// The connection, as the device reported it, and the policy that depends on it.
+struct Link {
+    online: bool,
+    /// The last time the queue was told.
+    now: Instant,
+    spill_after: Duration,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl DiskQueue<OsStorage> {
+    /// Opens (or creates) the queue in `dir` on the real filesystem, recovering whatever a
+    /// previous run left.
     ///
     /// # Errors
-    /// The directory or the meta file cannot be created or opened.
+    /// The directory cannot be created or read, or another process holds it.
     pub fn open(dir: &Path, max_bytes: u64, spill_after: Duration) -> Result<Self, QueueError> {
+        Self::open_in(OsStorage, dir, max_bytes, spill_after, Instant::now(), unix_ms())
+    }
+}
+
+impl<S: Storage> DiskQueue<S> {
+    /// Opens the queue in `dir` on `st`; `wall_ms` is the wall clock (Unix ms), for `run` and
+    /// for `seq` when nothing can be made durable.
+    ///
+    /// # Errors
+    /// The directory cannot be created or read, or another process holds it.
+    pub fn open_in(
+        st: S,
+        dir: &Path,
+        max_bytes: u64,
+        spill_after: Duration,
+        now: Instant,
+        wall_ms: u64,
+    ) -> Result<Self, QueueError> {
         let io_err = |source| QueueError::Io { path: dir.to_path_buf(), source };
-        fs::create_dir_all(dir).map_err(io_err)?;
-        let meta_path = dir.join("meta");
-        let meta = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&meta_path)
-            .map_err(|source| QueueError::Io { path: meta_path.clone(), source })?;
-        let (meta_gen, meta_next, acked_through) = read_meta(&meta);
-        let segment_bytes = (max_bytes / 8).clamp(4096, 4 * 1024 * 1024);
-        let mut q = DiskQueue {
-            dir: dir.to_path_buf(),
-            max_bytes,
-            segment_bytes,
-            spill_after,
-            segments: VecDeque::new(),
-            active: None,
-            head: 0,
-            head_records: 0,
-            read: None,
-            reader: None,
-            mem: VecDeque::new(),
-            mem_sent: 0,
-            inflight: VecDeque::new(),
-            done: BTreeSet::new(),
-            next_seq: meta_next.max(1),
-            reserved: 0,
-            acked_through,
-            meta,
-            meta_gen,
-            meta_dirty_since: None,
-            disk_records: 0,
-            dropped: 0,
-            disk_failed: false,
-            capping: false,
+        st.create_dir_all(dir).map_err(io_err)?;
+        let lock = st.lock(dir).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock => QueueError::Locked { path: dir.to_path_buf() },
+            _ => io_err(e),
+        })?;
+        let (file, prior) = match MetaFile::open(&st, dir).map_err(io_err)? {
+            Found::Valid(f, m) => (Some(f), m),
+            Found::Missing => (None, Meta::default()),
+            Found::Unreadable => {
+                error!(dir = %dir.display(),
+                    "queue: the meta file is unreadable; moved aside as meta.corrupt, seq goes on above the disk and the clock");
+                let _ = st.rename(&dir.join("meta"), &dir.join("meta.corrupt"));
+                (None, Meta::default())
+            }
         };
-        q.recover().map_err(io_err)?;
-        q.reserved = q.next_seq;
-        q.rewind();
+        let segment_bytes = (max_bytes / 8).clamp(4096, 4 * 1024 * 1024);
+        let mut segments = Segments::new(dir, segment_bytes);
+        let found = segments.recover(&st, prior.acked_through).map_err(io_err)?;
+        let next = prior.reserved.max(found.max_seq + 1).max(prior.acked_through + 1).max(wall_ms).max(1);
+        let run = (prior.run + 1).max(wall_ms);
+        let mut q = DiskQueue {
+            st,
+            dir: dir.to_path_buf(),
+            _lock: lock,
+            max_bytes,
+            segments,
+            meta: MetaState { file, acked_through: prior.acked_through, dirty_since: None },
+            seqs: Seqs { run, next, reserved: 0 },
+            mem: (VecDeque::new(), 0),
+            window: Window::default(),
+            send: SendPos { next: None, peeked: None },
+            link: Link { online: false, now, spill_after },
+            faults: Faults {
+                write: Retry::new(),
+                read: Retry::new(),
+                failing: false,
+                meta_failing: false,
+                capping: false,
+                dropped: found.lost,
+                errors: 0,
+            },
+        };
+        q.reserve(next + SEQ_BLOCK);
+        q.make_spare();
+        q.send.next = q.segments.front();
         Ok(q)
     }
 
     /// Uses segments of `bytes` instead of the default (an eighth of `max_bytes`, at most 4 MiB):
     /// small segments make rotation, caps and corruption cheap to exercise in tests.
     pub fn with_segment_bytes(mut self, bytes: u64) -> Self {
-        self.segment_bytes = bytes.max(64);
+        self.segments.set_segment_bytes(bytes.max(64));
         self
     }
 
-    /// Scans the segments: validates every frame, finds the acknowledged prefix and `next_seq`.
-    fn recover(&mut self) -> io::Result<()> {
-        let mut ids: Vec<u64> = fs::read_dir(&self.dir)?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".seg")?.parse().ok()))
-            .collect();
-        ids.sort_unstable();
-        let count = ids.len();
-        for (i, id) in ids.into_iter().enumerate() {
-            let path = self.seg_path(id);
-            // Stream the segment through a small buffer: a 1M-reading backlog must not cost
-            // its size in memory at start.
-            let mut file = File::open(&path)?;
-            let file_len = file.metadata()?.len() as usize;
-            let mut buf = Vec::with_capacity(READ_CHUNK);
-            let mut chunk = vec![0u8; READ_CHUNK];
-            let mut off = 0usize;
-            let (mut records, mut acked_records, mut acked_end) = (0u64, 0u64, 0u64);
-            let mut last_seq = None;
-            let mut eof = false;
-            let mut pos = 0usize;
-            loop {
-                match decode(&buf[pos..]) {
-                    Some((rec, n)) => {
-                        pos += n;
-                        off += n;
-                        records += 1;
-                        if rec.seq <= self.acked_through {
-                            acked_records += 1;
-                            acked_end = off as u64;
-                        }
-                        last_seq = Some(rec.seq);
-                    }
-                    None if eof => break,
-                    None if buf.len() - pos >= FRAME_HEAD + BODY_LEN_LUX => break, // a bad frame
-                    None => {
-                        buf.drain(..pos);
-                        pos = 0;
-                        let n = file.read(&mut chunk)?;
-                        eof = n == 0;
-                        buf.extend_from_slice(&chunk[..n]);
-                    }
+    /// This run's number (telemetry `run`).
+    pub fn run(&self) -> u64 {
+        self.seqs.run
+    }
+
+    /// Writes a synced meta with `reserved`; true on success. A failure is logged once per
+    /// episode; seq goes on without the reservation (see the module docs).
+    fn reserve(&mut self, reserved: u64) -> bool {
+        let m = Meta { run: self.seqs.run, reserved, acked_through: self.meta.acked_through };
+        let res = match &mut self.meta.file {
+            Some(f) if !f.is_old_layout() => f.write(&self.st, &m, true),
+            _ => MetaFile::create(&self.st, &self.dir, &m).map(|f| self.meta.file = Some(f)),
+        };
+        match res {
+            Ok(()) => {
+                self.seqs.reserved = reserved;
+                if std::mem::take(&mut self.faults.meta_failing) {
+                    info!(dir = %self.dir.display(), "queue: the meta file is written again");
                 }
+                true
             }
-            if off < file_len {
-                if i + 1 == count {
-                    warn!(segment = %path.display(), offset = off, lost_bytes = file_len - off,
-                        "queue: cut a torn record off the end of the last segment");
-                    let f = OpenOptions::new().write(true).open(&path)?;
-                    f.set_len(off as u64)?;
-                    f.sync_all()?;
-                } else {
-                    self.move_aside(id, &format!("bad frame at offset {off}"));
-                    continue;
+            Err(e) => {
+                if !std::mem::replace(&mut self.faults.meta_failing, true) {
+                    warn!(dir = %self.dir.display(), error = %e,
+                        "queue: cannot write the meta file; seq goes on, kept unique by the wall clock (health: seq_durable false)");
                 }
+                self.faults.errors += 1;
+                false
             }
-            if let Some(s) = last_seq {
-                self.next_seq = self.next_seq.max(s + 1);
-            }
-            if records > 0 && acked_records == records && i + 1 < count {
-                let _ = fs::remove_file(&path);
-                continue;
-            }
-            if self.segments.is_empty() {
-                self.head = acked_end;
-                self.head_records = acked_records;
-            }
-            self.disk_records += records - if self.segments.is_empty() { acked_records } else { 0 };
-            self.segments.push_back(Segment { id, len: off as u64, records });
-        }
-        Ok(())
-    }
-
-    fn seg_path(&self, id: u64) -> PathBuf {
-        self.dir.join(format!("{id:020}.seg"))
-    }
-
-    fn move_aside(&mut self, id: u64, why: &str) {
-        let from = self.seg_path(id);
-        let to = from.with_extension("seg.corrupt");
-        warn!(segment = %from.display(), moved_to = %to.display(), reason = why,
-            "queue: segment failed its checks; moved aside, carrying on with the next");
-        if fs::rename(&from, &to).is_err() {
-            let _ = fs::remove_file(&from);
         }
     }
 
-    /// Takes ownership of a reading and gives it the next `seq`.
-    pub fn push(&mut self, light: u16, ts: u64, lux: Option<f32>) -> u64 {
-        if self.next_seq >= self.reserved {
-            self.reserved = self.next_seq + SEQ_BLOCK;
-            self.write_meta(self.reserved, true);
+    /// Makes `spare` if it is missing; a disk without room for it goes without.
+    fn make_spare(&mut self) {
+        let path = self.dir.join("spare");
+        let Ok(f) = self.st.create(&path) else { return }; // exists (or cannot be made)
+        let zeros = vec![0u8; 64 * 1024];
+        let bytes = SPARE_BYTES.min(self.max_bytes / 16).max(zeros.len() as u64);
+        let mut at = 0;
+        let mut res = Ok(());
+        while at < bytes && res.is_ok() {
+            res = self.st.write_at(&f, &zeros, at);
+            at += zeros.len() as u64;
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.mem.push_back(Entry { rec: Telemetry { light, ts, seq, lux }, taken: Instant::now() });
-        if self.disk_failed && self.mem.len() > MEM_CAP {
+        if res.and_then(|()| self.st.sync(&f)).and_then(|()| self.st.sync_dir(&self.dir)).is_err() {
+            let _ = self.st.remove(&path);
+            info!(dir = %self.dir.display(), "queue: no room for the spare; a clean stop on a full disk may lose readings");
+        }
+    }
+
+    /// Takes ownership of a reading taken at `now` (wall clock `ts`) and gives it the next `seq`.
+    pub fn push(&mut self, now: Instant, light: u16, ts: u64, lux: Option<f32>) -> u64 {
+        self.link.now = now;
+        if self.seqs.next >= self.seqs.reserved
+            && !self.faults.write.waiting(now)
+            && !self.reserve(self.seqs.next + SEQ_BLOCK)
+        {
+            self.faults.write.failed(now);
+        }
+        let seq = self.seqs.next;
+        self.seqs.next += 1;
+        let rec = Telemetry { light, ts, seq, run: self.seqs.run, lux };
+        if !self.link.online && self.mem.0.is_empty() && !self.faults.write.waiting(now) {
+            let mut buf = Vec::with_capacity(frame::MAX_LEN);
+            frame::encode(&rec, &mut buf);
+            match self.segments.append(&self.st, seq, &buf, 1, now) {
+                Ok((seg, at)) => {
+                    self.wrote();
+                    self.send.next = self.send.next.or(Some((seg, at)));
+                    self.enforce_cap();
+                    return seq;
+                }
+                Err(e) => self.write_failed(&e, now),
+            }
+        }
+        self.mem.0.push_back(Entry { rec, taken: now });
+        if self.faults.failing && self.mem.0.len() > MEM_CAP {
             self.drop_oldest_in_memory();
         }
         seq
     }
 
-    /// The next reading to send, oldest first, or `None` when everything is in flight.
+    /// The next reading to send, oldest first, or `None` when everything is in flight (or the
+    /// disk cannot be read just now: it is retried at [`next_deadline`](Self::next_deadline)).
     pub fn peek_unsent(&mut self) -> Option<Telemetry> {
         loop {
-            let next = match self.read {
-                None => self.mem.get(self.mem_sent).map(|e| e.rec),
-                Some((seg, off)) => match self.read_record(seg, off) {
-                    Ok(Some((rec, _))) => Some(rec),
+            let next = match self.send.next {
+                None => self.mem.0.get(self.mem.1).map(|e| (e.rec, None)),
+                Some(_) if self.faults.read.waiting(self.link.now) => return None,
+                Some((seg, off)) => match self.segments.read(&self.st, seg, off) {
+                    Ok(Some((rec, end))) => {
+                        self.faults.read.succeeded();
+                        Some((rec, Some((seg, end))))
+                    }
                     Ok(None) => {
-                        self.advance_read(seg);
+                        self.send.next = self.segments.after(seg);
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                        let lost = self.segments.skip_rest(seg, off);
+                        warn!(segment = seg, offset = off, lost, error = %e, "queue: damaged records skipped");
+                        self.faults.dropped += lost;
+                        self.send.next = self.segments.after(seg);
                         continue;
                     }
                     Err(e) => {
-                        self.drop_segment(seg, Some(&e.to_string()));
-                        continue;
+                        warn!(dir = %self.dir.display(), error = %e, "queue: cannot read the backlog; retrying");
+                        self.faults.errors += 1;
+                        self.faults.read.failed(self.link.now);
+                        return None;
                     }
                 },
             };
+            self.send.peeked = next;
             match next {
                 // Acknowledged before a reconnect: count it as sent and acknowledged.
-                Some(rec) if self.done.remove(&rec.seq) => {
+                Some((rec, _)) if self.window.take_done(rec.seq) => {
                     self.mark_sent();
-                    if let Some(f) = self.inflight.back_mut() {
-                        f.acked = true;
-                    }
+                    self.window.ack(rec.seq);
                     self.forget_acked_front();
                 }
-                other => return other,
+                other => return other.map(|(rec, _)| rec),
             }
         }
     }
 
     /// Marks the reading last returned by [`peek_unsent`](Self::peek_unsent) as in flight.
     pub fn mark_sent(&mut self) {
-        if let Some((seg, off)) = self.read {
-            if let Ok(Some((rec, end))) = self.read_record(seg, off) {
-                self.inflight.push_back(InFlight { seq: rec.seq, acked: false, loc: Loc::Disk { seg, end } });
-                self.read = Some((seg, end));
-                if end >= self.seg_len(seg) {
-                    self.advance_read(seg);
-                }
+        match self.send.peeked.take() {
+            Some((rec, Some((seg, end)))) => {
+                self.window.sent(rec.seq, Loc::Disk { seg, end });
+                self.send.next = Some((seg, end));
             }
-        } else if let Some(e) = self.mem.get(self.mem_sent) {
-            self.inflight.push_back(InFlight { seq: e.rec.seq, acked: false, loc: Loc::Mem });
-            self.mem_sent += 1;
+            Some((rec, None)) => {
+                self.window.sent(rec.seq, Loc::Mem);
+                self.mem.1 += 1;
+            }
+            None => {}
         }
     }
 
     /// How many readings are in flight (sent, not yet acknowledged).
     pub fn in_flight(&self) -> usize {
-        self.inflight.len()
+        self.window.len()
     }
 
     /// The broker acknowledged `seq`: forget it (and everything acknowledged before it).
     pub fn ack(&mut self, seq: u64) {
-        let Some(f) = self.inflight.iter_mut().find(|f| f.seq == seq) else { return };
-        f.acked = true;
+        self.window.ack(seq);
         self.forget_acked_front();
     }
 
-    /// Forgets the acknowledged readings at the front of the in-flight window.
     fn forget_acked_front(&mut self) {
-        while self.inflight.front().is_some_and(|f| f.acked) {
-            let f = self.inflight.pop_front().expect("front exists");
-            self.acked_through = self.acked_through.max(f.seq);
-            match f.loc {
+        while let Some((seq, loc)) = self.window.pop_acked() {
+            self.meta.acked_through = self.meta.acked_through.max(seq);
+            match loc {
                 Loc::Mem => {
-                    self.mem.pop_front();
-                    self.mem_sent -= 1;
+                    self.mem.0.pop_front();
+                    self.mem.1 -= 1;
                 }
-                Loc::Disk { seg, end } => self.forget_disk_front(seg, end),
+                Loc::Disk { seg, end } => {
+                    self.segments.forget_front(&self.st, seg, end);
+                    self.meta.dirty_since.get_or_insert(self.link.now);
+                }
             }
         }
     }
 
-    fn forget_disk_front(&mut self, seg: u64, end: u64) {
-        let Some(front) = self.segments.front() else { return };
-        if front.id != seg {
-            return; // that segment was dropped at the cap or moved aside
-        }
-        self.head = end;
-        self.head_records += 1;
-        self.disk_records = self.disk_records.saturating_sub(1);
-        self.meta_dirty_since.get_or_insert_with(Instant::now);
-        if self.head >= front.len {
-            self.remove_front_segment();
-        }
+    /// The connection is up: new readings stay in memory while they are acknowledged promptly.
+    pub fn connected(&mut self) {
+        self.link.online = true;
     }
 
-    fn remove_front_segment(&mut self) {
-        if let Some(s) = self.segments.pop_front() {
-            let _ = fs::remove_file(self.seg_path(s.id));
-            if self.segments.is_empty() {
-                self.active = None;
-            }
-            if self.reader.as_ref().is_some_and(|r| r.seg == s.id) {
-                self.reader = None;
-            }
-        }
-        self.head = 0;
-        self.head_records = 0;
-    }
-
-    /// The connection is gone: whatever was in flight will be sent again, oldest first.
-    pub fn rewind(&mut self) {
-        self.done.extend(self.inflight.iter().filter(|f| f.acked).map(|f| f.seq));
-        self.inflight.clear();
-        self.mem_sent = 0;
-        self.read = self.segments.front().map(|s| (s.id, self.head));
-        if let Some((seg, off)) = self.read {
-            if off >= self.seg_len(seg) {
-                self.advance_read(seg);
-            }
+    /// The connection is gone: whatever was in flight will be sent again, oldest first, and
+    /// everything in memory is written and synced now.
+    pub fn disconnected(&mut self, now: Instant) {
+        self.link.now = now;
+        self.link.online = false;
+        self.window.rewind();
+        self.send.peeked = None;
+        self.mem.1 = 0;
+        self.send.next = self.segments.front();
+        if !self.faults.write.waiting(now) {
+            self.spill(self.mem.0.len(), now);
         }
     }
 
     /// When [`tick`](Self::tick) should next run, if anything is waiting.
-    pub fn next_deadline(&self, offline: bool) -> Option<Instant> {
-        let spill = self.mem.front().map(|e| e.taken + if offline { OFFLINE_BATCH } else { self.spill_after });
-        let meta = self.meta_dirty_since.map(|t| t + META_FLUSH);
-        match (spill, meta) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let write_pending = !self.mem.0.is_empty() || self.segments.unsynced_since().is_some();
+        let mut at: Option<Instant> = None;
+        let mut earliest = |t: Option<Instant>| {
+            if let Some(t) = t {
+                at = Some(at.map_or(t, |a| a.min(t)));
+            }
+        };
+        match self.faults.write.at {
+            Some(retry) if write_pending => earliest(Some(retry)),
+            _ => {
+                let wait = if self.link.online { self.link.spill_after } else { Duration::ZERO };
+                earliest(self.mem.0.front().map(|e| e.taken + wait));
+                earliest(self.segments.unsynced_since().map(|t| t + OFFLINE_BATCH));
+            }
+        }
+        earliest(self.meta.dirty_since.map(|t| t + META_FLUSH));
+        if self.send.next.is_some() {
+            earliest(self.faults.read.at);
+        }
+        at
+    }
+
+    /// Does what is due at `now`: writes readings not acknowledged in time, syncs, writes the
+    /// acknowledged position.
+    pub fn tick(&mut self, now: Instant) {
+        self.link.now = now;
+        if self.faults.read.at.is_some_and(|t| t <= now) {
+            self.faults.read.at = None; // the next peek_unsent tries again
+        }
+        if !self.faults.write.waiting(now) {
+            let due = if self.link.online {
+                self.mem.0.iter().take_while(|e| e.taken + self.link.spill_after <= now).count()
+            } else {
+                self.mem.0.len()
+            };
+            if due > 0 {
+                self.spill(due, now);
+            } else if self.segments.unsynced_since().is_some_and(|t| t + OFFLINE_BATCH <= now)
+                || self.faults.write.at.is_some()
+            {
+                match self.segments.sync(&self.st) {
+                    Ok(()) => self.wrote(),
+                    Err(e) => self.write_failed(&e, now),
+                }
+            }
+        }
+        if self.meta.dirty_since.is_some_and(|t| t + META_FLUSH <= now) {
+            let m = Meta { run: self.seqs.run, reserved: self.seqs.reserved, acked_through: self.meta.acked_through };
+            // Unsynced: losing it only costs duplicates after a power cut.
+            let res = match &mut self.meta.file {
+                Some(f) if !f.is_old_layout() => f.write(&self.st, &m, false),
+                _ => Err(io::Error::other("no meta file")),
+            };
+            // A failure is retried at the next flush, not at once.
+            self.meta.dirty_since = res.is_err().then_some(now);
+            if res.is_err() {
+                self.faults.errors += 1;
+            }
         }
     }
 
-    /// Writes due readings to disk in one synced batch, and the acknowledged position.
-    pub fn tick(&mut self, now: Instant, offline: bool) {
-        let wait = if offline { OFFLINE_BATCH } else { self.spill_after };
-        let due = self.mem.iter().take_while(|e| e.taken + wait <= now).count();
-        self.spill(due);
-        if self.meta_dirty_since.is_some_and(|t| t + META_FLUSH <= now) {
-            self.write_meta(self.reserved, false);
+    /// Everything still unacknowledged goes to disk, and the next `seq` is recorded exactly, so
+    /// a clean stop neither loses a reading nor skips a `seq`.
+    ///
+    /// # Errors
+    /// Readings that could not be written even after removing the spare: they are lost (and
+    /// counted in `dropped`).
+    pub fn close(&mut self, now: Instant) -> Result<(), CloseError> {
+        self.link.now = now;
+        let mut result = self.flush_all(now);
+        if result.is_err() && self.st.remove(&self.dir.join("spare")).is_ok() {
+            let _ = self.st.sync_dir(&self.dir);
+            info!(dir = %self.dir.display(), "queue: the disk is full; removed the spare to write what is left");
+            result = self.flush_all(now);
         }
+        if let Err(e) = result {
+            let lost = self.mem.0.len() as u64;
+            self.faults.dropped += lost;
+            self.mem.0.clear();
+            self.mem.1 = 0;
+            return Err(CloseError { lost, dir: self.dir.clone(), reason: e.to_string() });
+        }
+        self.reserve(self.seqs.next);
+        Ok(())
     }
 
-    /// Everything still unacknowledged goes to disk, and `next_seq` is recorded exactly, so a
-    /// clean stop neither loses a reading nor skips a `seq`.
-    pub fn close(&mut self) {
-        self.spill(self.mem.len());
-        self.reserved = self.next_seq;
-        self.write_meta(self.next_seq, true);
+    fn flush_all(&mut self, now: Instant) -> io::Result<()> {
+        self.faults.write.succeeded(); // no backoff at a stop
+        self.spill(self.mem.0.len(), now);
+        if !self.mem.0.is_empty() {
+            return Err(io::Error::other("the disk refused the write"));
+        }
+        self.segments.sync(&self.st)
     }
 
     /// Counters for logs and health.
     pub fn stats(&self) -> QueueStats {
         QueueStats {
-            readings: self.disk_records + self.mem.len() as u64
-                - (self.inflight.iter().filter(|f| f.acked).count() + self.done.len()) as u64,
-            bytes: self.segments.iter().map(|s| s.len).sum(),
-            dropped: self.dropped,
+            readings: self.segments.records() + self.mem.0.len() as u64 - self.window.acked_held() as u64,
+            bytes: self.segments.bytes(),
+            dropped: self.faults.dropped,
+            errors: self.faults.errors,
+            seq_durable: self.seqs.next <= self.seqs.reserved,
         }
     }
 
-    /// Writes the first `n` in-memory readings to disk: one write and one sync per segment
-    /// touched (normally one), so a segment never grows much past its size.
-    fn spill(&mut self, mut n: usize) {
+    fn wrote(&mut self) {
+        if self.faults.failing {
+            info!(dir = %self.dir.display(), "queue: writing to disk again");
+            self.faults.failing = false;
+        }
+        self.faults.write.succeeded();
+    }
+
+    fn write_failed(&mut self, e: &io::Error, now: Instant) {
+        self.faults.errors += 1;
+        if !self.faults.failing {
+            warn!(dir = %self.dir.display(), error = %e,
+                "queue: cannot write to disk; keeping up to {MEM_CAP} readings in memory and retrying with backoff");
+            self.faults.failing = true;
+        }
+        self.faults.write.failed(now);
+        while self.mem.0.len() > MEM_CAP {
+            self.drop_oldest_in_memory();
+        }
+    }
+
+    /// Writes and syncs the first `n` in-memory readings: one write per segment touched.
+    fn spill(&mut self, mut n: usize, now: Instant) {
+        self.send.peeked = None; // what it described may move
         while n > 0 {
-            // `append` starts a new segment when the last one is full.
-            let room = match self.segments.back() {
-                Some(s) if s.len < self.segment_bytes => self.segment_bytes - s.len,
-                _ => self.segment_bytes,
-            };
-            let mut buf = Vec::with_capacity(n.min(4096) * (FRAME_HEAD + BODY_LEN_LUX));
+            // One segment's room at most, so a segment never grows much past its size.
+            let room = self.segments.room() as usize;
+            let mut buf = Vec::with_capacity(n.min(4096) * frame::MAX_LEN);
             let mut take = 0;
-            for e in self.mem.iter().take(n) {
-                if take > 0 && (buf.len() + frame_len(&e.rec)) as u64 > room {
+            for e in self.mem.0.iter().take(n) {
+                if take > 0 && buf.len() + frame::len(&e.rec) > room {
                     break;
                 }
-                encode(&e.rec, &mut buf);
+                frame::encode(&e.rec, &mut buf);
                 take += 1;
             }
-            if !self.spill_chunk(take, &buf) {
-                return;
+            let first = self.mem.0[0].rec.seq;
+            let (seg, start) = match self.segments.append(&self.st, first, &buf, take as u64, now) {
+                Ok(at) => at,
+                Err(e) => return self.write_failed(&e, now),
+            };
+            let mut end = start;
+            let mut first_unsent = None;
+            for i in 0..take {
+                let e = self.mem.0.pop_front().expect("take <= len");
+                let begin = end;
+                end += frame::len(&e.rec) as u64;
+                if i < self.mem.1 {
+                    // In flight: its acknowledgement now frees disk instead of memory.
+                    self.window.relocate(e.rec.seq, Loc::Disk { seg, end });
+                } else if first_unsent.is_none() {
+                    first_unsent = Some(begin);
+                }
+            }
+            self.mem.1 -= take.min(self.mem.1);
+            if self.send.next.is_none() {
+                self.send.next = first_unsent.map(|off| (seg, off));
             }
             n -= take;
+        }
+        match self.segments.sync(&self.st) {
+            Ok(()) => self.wrote(),
+            Err(e) => self.write_failed(&e, now),
         }
         self.enforce_cap();
     }
 
-    /// Writes the first `take` in-memory readings, already encoded in `buf`; false on failure.
-    fn spill_chunk(&mut self, take: usize, buf: &[u8]) -> bool {
-        let first_seq = self.mem[0].rec.seq;
-        let start = match self.append(first_seq, buf, take as u64) {
-            Ok(start) => start,
-            Err(e) => {
-                if !self.disk_failed {
-                    warn!(dir = %self.dir.display(), error = %e,
-                        "queue: cannot write to disk; keeping up to {MEM_CAP} readings in memory until it can");
-                    self.disk_failed = true;
-                }
-                while self.mem.len() > MEM_CAP {
-                    self.drop_oldest_in_memory();
-                }
-                return false;
-            }
-        };
-        if self.disk_failed {
-            info!(dir = %self.dir.display(), "queue: writing to disk again");
-            self.disk_failed = false;
-        }
-        let seg = self.segments.back().expect("append created a segment").id;
-        let mut end = start;
-        let mut first_unsent = None;
-        for i in 0..take {
-            let e = self.mem.pop_front().expect("take <= mem.len()");
-            let begin = end;
-            end += frame_len(&e.rec) as u64;
-            if i < self.mem_sent {
-                // In flight: its acknowledgement now frees disk space instead of memory.
-                if let Some(f) = self.inflight.iter_mut().find(|f| f.seq == e.rec.seq) {
-                    f.loc = Loc::Disk { seg, end };
-                }
-            } else if first_unsent.is_none() {
-                first_unsent = Some(begin);
-            }
-        }
-        self.mem_sent -= take.min(self.mem_sent);
-        self.disk_records += take as u64;
-        if self.read.is_none() {
-            self.read = first_unsent.map(|off| (seg, off));
-        }
-        true
-    }
-
-    /// Appends `buf` to the active segment (rotating when full) and syncs it; returns its offset.
-    fn append(&mut self, first_seq: u64, buf: &[u8], records: u64) -> io::Result<u64> {
-        let rotate = self.segments.back().is_none_or(|s| s.len >= self.segment_bytes);
-        if rotate || self.active.is_none() {
-            if rotate {
-                let f = OpenOptions::new().create_new(true).append(true).open(self.seg_path(first_seq))?;
-                File::open(&self.dir)?.sync_all()?;
-                self.segments.push_back(Segment { id: first_seq, len: 0, records: 0 });
-                self.active = Some(f);
-            } else {
-                let id = self.segments.back().expect("not rotating").id;
-                self.active = Some(OpenOptions::new().append(true).open(self.seg_path(id))?);
-            }
-        }
-        let seg = self.segments.back_mut().expect("segment exists");
-        let file = self.active.as_mut().expect("active segment open");
-        let start = seg.len;
-        let res = file.write_all(buf).and_then(|_| file.sync_data());
-        if let Err(e) = res {
-            // Leave no partial frame behind; the readings stay in memory.
-            let _ = file.set_len(start);
-            self.active = None;
-            return Err(e);
-        }
-        seg.len += buf.len() as u64;
-        seg.records += records;
-        Ok(start)
-    }
-
     fn enforce_cap(&mut self) {
-        let mut bytes: u64 = self.segments.iter().map(|s| s.len).sum();
-        if bytes <= self.max_bytes {
-            self.capping = false;
+        if self.segments.bytes() <= self.max_bytes {
+            self.faults.capping = false;
             return;
         }
-        while bytes > self.max_bytes && self.segments.len() > 1 {
-            let id = self.segments[0].id;
-            bytes -= self.segments[0].len;
-            self.drop_segment(id, None);
-        }
-    }
-
-    /// Drops a whole segment: at the cap, or (with the reason) because it cannot be read.
-    fn drop_segment(&mut self, id: u64, corrupt: Option<&str>) {
-        let Some(pos) = self.segments.iter().position(|s| s.id == id) else { return };
-        let lost = self.segments[pos].records - if pos == 0 { self.head_records } else { 0 };
-        self.dropped += lost;
-        self.disk_records = self.disk_records.saturating_sub(lost);
-        if let Some(why) = corrupt {
-            self.move_aside(id, why);
-        } else if !self.capping {
-            warn!(
-                lost,
-                max_bytes = self.max_bytes,
-                "queue: over queue.max_bytes; dropping the oldest readings (logged once until it recovers)"
-            );
-            self.capping = true;
-        }
-        if self.read.is_some_and(|(s, _)| s == id) {
-            self.advance_read(id);
-        }
-        self.inflight.retain(|f| !matches!(f.loc, Loc::Disk { seg, .. } if seg == id));
-        if pos == 0 {
-            self.remove_front_segment();
-        } else {
-            let s = self.segments.remove(pos).expect("position is valid");
-            let _ = fs::remove_file(self.seg_path(s.id));
-            if pos == self.segments.len() {
-                self.active = None;
+        while self.segments.bytes() > self.max_bytes {
+            let Some((id, false)) = self.segments.oldest() else { break };
+            let lost = self.segments.remove_front(&self.st);
+            self.send.peeked = None;
+            self.faults.dropped += lost;
+            self.window.forget_where(|l| matches!(l, Loc::Disk { seg, .. } if *seg == id));
+            if self.send.next.is_some_and(|(s, _)| s == id) {
+                self.send.next = self.segments.front();
+            }
+            if !self.faults.capping {
+                warn!(
+                    lost,
+                    max_bytes = self.max_bytes,
+                    "queue: over queue.max_bytes; dropping the oldest readings (logged once until it recovers)"
+                );
+                self.faults.capping = true;
             }
         }
     }
 
     fn drop_oldest_in_memory(&mut self) {
-        if self.mem_sent < self.mem.len() {
-            self.mem.remove(self.mem_sent);
-            self.dropped += 1;
+        if self.mem.1 < self.mem.0.len() {
+            self.mem.0.remove(self.mem.1);
+            self.faults.dropped += 1;
         }
     }
-
-    fn seg_len(&self, id: u64) -> u64 {
-        self.segments.iter().find(|s| s.id == id).map_or(0, |s| s.len)
-    }
-
-    /// Moves the read position to the start of the segment after `seg`, or to memory.
-    fn advance_read(&mut self, seg: u64) {
-        self.read = self.segments.iter().find(|s| s.id > seg).map(|s| (s.id, 0));
-    }
-
-    /// Reads the record at `off` of segment `seg`; `Ok(None)` at the segment's end.
-    fn read_record(&mut self, seg: u64, off: u64) -> io::Result<Option<(Telemetry, u64)>> {
-        let len = self.seg_len(seg);
-        if off >= len {
-            return Ok(None);
-        }
-        // The buffer serves `off` if it holds a whole frame there, or everything up to the end.
-        let cached = self.reader.as_ref().is_some_and(|r| {
-            let end = r.start + r.buf.len() as u64;
-            r.seg == seg && off >= r.start && (end >= off + (FRAME_HEAD + BODY_LEN_LUX) as u64 || end == len)
-        });
-        if !cached {
-            let file = match self.reader.take() {
-                Some(r) if r.seg == seg => r.file,
-                _ => File::open(self.seg_path(seg))?,
-            };
-            let want = READ_CHUNK.min((len - off) as usize);
-            let mut buf = vec![0u8; want];
-            file.read_exact_at(&mut buf, off)?;
-            self.reader = Some(Reader { seg, file, start: off, buf });
-        }
-        let r = self.reader.as_ref().expect("reader filled above");
-        let at = (off - r.start) as usize;
-        match decode(&r.buf[at..]) {
-            Some((rec, n)) => Ok(Some((rec, off + n as u64))),
-            None => Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad frame at offset {off}"))),
-        }
-    }
-
-    fn write_meta(&mut self, next_seq: u64, sync: bool) {
-        self.meta_gen += 1;
-        let mut slot = Vec::with_capacity(32);
-        slot.extend_from_slice(META_MAGIC);
-        slot.extend_from_slice(&self.meta_gen.to_le_bytes());
-        slot.extend_from_slice(&next_seq.to_le_bytes());
-        slot.extend_from_slice(&self.acked_through.to_le_bytes());
-        let crc = crc32fast::hash(&slot);
-        slot.extend_from_slice(&crc.to_le_bytes());
-        let at = (self.meta_gen % 2) * META_SLOT;
-        let res = self.meta.write_all_at(&slot, at).and_then(|_| if sync { self.meta.sync_data() } else { Ok(()) });
-        match res {
-            Ok(()) => self.meta_dirty_since = None,
-            Err(e) => warn!(dir = %self.dir.display(), error = %e, "queue: cannot write the meta file"),
-        }
-    }
-}
-
-/// Reads the newer valid meta slot: (generation, next_seq, acked_through).
-fn read_meta(f: &File) -> (u64, u64, u64) {
-    let mut best = (0, 1, 0);
-    for slot in 0..2 {
-        let mut b = [0u8; 32];
-        if f.read_exact_at(&mut b, slot * META_SLOT).is_err() || &b[..4] != META_MAGIC {
-            continue;
-        }
-        let crc = u32::from_le_bytes(b[28..32].try_into().expect("4 bytes"));
-        if crc != crc32fast::hash(&b[..28]) {
-            continue;
-        }
-        let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-        if word(4) >= best.0 {
-            best = (word(4), word(12), word(20));
-        }
-    }
-    best
-}
-
-fn frame_len(rec: &Telemetry) -> usize {
-    FRAME_HEAD + if rec.lux.is_some() { BODY_LEN_LUX } else { BODY_LEN }
-}
-
-/// Appends one framed record.
-fn encode(rec: &Telemetry, out: &mut Vec<u8>) {
-    let mut body = [0u8; BODY_LEN_LUX];
-    body[0..8].copy_from_slice(&rec.seq.to_le_bytes());
-    body[8..16].copy_from_slice(&rec.ts.to_le_bytes());
-    body[16..18].copy_from_slice(&rec.light.to_le_bytes());
-    let len = if let Some(lux) = rec.lux {
-        body[18] = 1;
-        body[19..23].copy_from_slice(&lux.to_le_bytes());
-        BODY_LEN_LUX
-    } else {
-        BODY_LEN
-    };
-    out.push(len as u8);
-    out.extend_from_slice(&crc32fast::hash(&body[..len]).to_le_bytes());
-    out.extend_from_slice(&body[..len]);
-}
-
-/// Decodes the frame at the start of `buf`: the record and the frame's length, or `None` when
-/// the frame is incomplete or fails its checks.
-fn decode(buf: &[u8]) -> Option<(Telemetry, usize)> {
-    let len = *buf.first()? as usize;
-    if len != BODY_LEN && len != BODY_LEN_LUX {
-        return None;
-    }
-    let body = buf.get(FRAME_HEAD..FRAME_HEAD + len)?;
-    let crc = u32::from_le_bytes(buf[1..5].try_into().ok()?);
-    if crc != crc32fast::hash(body) || (body[18] == 1) != (len == BODY_LEN_LUX) {
-        return None;
-    }
-    let rec = Telemetry {
-        seq: u64::from_le_bytes(body[0..8].try_into().ok()?),
-        ts: u64::from_le_bytes(body[8..16].try_into().ok()?),
-        light: u16::from_le_bytes(body[16..18].try_into().ok()?),
-        lux: (len == BODY_LEN_LUX).then(|| f32::from_le_bytes(body[19..23].try_into().expect("4 bytes"))),
-    };
-    Some((rec, FRAME_HEAD + len))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn open(dir: &Path) -> DiskQueue {
-        DiskQueue::open(dir, 1 << 20, Duration::from_millis(1000)).unwrap()
-    }
-
-    /// Sends everything unsent and returns the seqs, acking none.
-    fn send_all(q: &mut DiskQueue) -> Vec<u64> {
-        let mut out = vec![];
-        while let Some(r) = q.peek_unsent() {
-            q.mark_sent();
-            out.push(r.seq);
-        }
-        out
-    }
-
-    #[test]
-    fn frame_round_trips_and_detects_corruption() {
-        let rec = Telemetry { light: 999, ts: 1_763_776_000_123, seq: 42, lux: Some(3.5) };
-        let mut buf = vec![];
-        encode(&rec, &mut buf);
-        assert_eq!(decode(&buf), Some((rec, 28)));
-        for i in 0..buf.len() {
-            let mut bad = buf.clone();
-            bad[i] ^= 0x40;
-            assert_ne!(decode(&bad).map(|r| r.0), Some(rec), "flip at byte {i} went unnoticed");
-        }
-        assert_eq!(decode(&buf[..27]), None);
-    }
-
-    #[test]
-    fn promptly_acked_readings_never_touch_the_disk() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut q = open(dir.path());
-        for i in 0..100 {
-            let seq = q.push(i, 1000 + i as u64, None);
-            assert_eq!(send_all(&mut q), vec![seq]);
-            q.ack(seq);
-            q.tick(Instant::now(), false);
-        }
-        assert_eq!(q.stats().readings, 0);
-        assert_eq!(q.stats().bytes, 0);
-        assert!(!fs::read_dir(dir.path()).unwrap().any(|e| e.unwrap().path().extension().is_some_and(|x| x == "seg")));
-    }
-
-    #[test]
-    fn offline_readings_survive_reopen_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut q = open(dir.path());
-        let seqs: Vec<u64> = (0..10).map(|i| q.push(i, i as u64, None)).collect();
-        q.tick(Instant::now() + OFFLINE_BATCH, true);
-        drop(q); // a crash: no close()
-        let mut q = open(dir.path());
-        assert_eq!(send_all(&mut q), seqs);
-        assert!(q.push(1, 1, None) > *seqs.last().unwrap());
-    }
-
-    #[test]
-    fn seq_is_not_reused_after_a_crash_and_not_skipped_after_a_clean_stop() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut q = open(dir.path());
-        let a = q.push(1, 1, None);
-        send_all(&mut q);
-        q.ack(a);
-        drop(q); // crash with nothing on disk
-        let mut q = open(dir.path());
-        let b = q.push(1, 1, None);
-        assert!(b > a);
-        send_all(&mut q);
-        q.ack(b);
-        q.close();
-        drop(q);
-        let mut q = open(dir.path());
-        assert_eq!(q.push(1, 1, None), b + 1);
-    }
-
-    #[test]
-    fn rewind_resends_unacked_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut q = open(dir.path());
-        let seqs: Vec<u64> = (0..5).map(|i| q.push(i, 0, None)).collect();
-        assert_eq!(send_all(&mut q), seqs);
-        q.ack(seqs[0]);
-        q.rewind();
-        assert_eq!(send_all(&mut q), seqs[1..]);
-    }
-
-    #[test]
-    fn in_flight_reading_spilled_to_disk_is_forgotten_on_ack() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut q = open(dir.path());
-        let a = q.push(1, 0, None);
-        send_all(&mut q);
-        q.tick(Instant::now() + Duration::from_secs(2), false); // no ack within spill_ms
-        assert_eq!(q.stats().readings, 1);
-        assert!(q.stats().bytes > 0);
-        q.ack(a);
-        assert_eq!(q.stats().readings, 0);
-        q.close();
-        let mut q = open(dir.path());
-        assert_eq!(q.peek_unsent(), None, "an acknowledged reading came back");
-    }
-
-    #[test]
-    fn torn_tail_loses_only_the_torn_record() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut q = open(dir.path());
-        let seqs: Vec<u64> = (0..20).map(|i| q.push(i, 0, None)).collect();
-        q.close();
-        drop(q);
-        let seg = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.extension().is_some_and(|x| x == "seg"))
-            .unwrap();
-        let len = fs::metadata(&seg).unwrap().len();
-        OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - 3).unwrap();
-        let mut q = open(dir.path());
-        assert_eq!(send_all(&mut q), seqs[..19]);
-    }
-
-    #[test]
-    fn cap_drops_oldest_segments_and_counts_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut q = DiskQueue::open(dir.path(), 64 * 1024, Duration::from_millis(1000)).unwrap();
-        for i in 0..10_000u32 {
-            q.push((i % 1000) as u16, 0, None);
-            if i % 100 == 99 {
-                q.tick(Instant::now() + OFFLINE_BATCH, true);
-            }
-        }
-        let st = q.stats();
-        assert!(st.bytes <= 64 * 1024, "{st:?}");
-        assert!(st.dropped > 0);
-        assert_eq!(st.readings + st.dropped, 10_000);
-        let sent = send_all(&mut q);
-        assert!(sent.windows(2).all(|w| w[0] < w[1]));
-        assert_eq!(*sent.last().unwrap(), 10_000);
-    }
-}
+mod tests;

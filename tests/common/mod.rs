@@ -240,6 +240,18 @@ impl Observer {
     pub fn seqs(&self, topic: &str) -> Vec<u64> {
         self.on(topic).iter().filter_map(|m| m.json()["seq"].as_u64()).collect()
     }
+
+    /// Telemetry seen on `topic` as `run -> seqs` (distinct, ascending), runs in start order.
+    pub fn runs(&self, topic: &str) -> std::collections::BTreeMap<u64, Vec<u64>> {
+        let mut runs: std::collections::BTreeMap<u64, std::collections::BTreeSet<u64>> = Default::default();
+        for m in self.on(topic) {
+            let v = m.json();
+            if let (Some(r), Some(s)) = (v["run"].as_u64(), v["seq"].as_u64()) {
+                runs.entry(r).or_default().insert(s);
+            }
+        }
+        runs.into_iter().map(|(r, s)| (r, s.into_iter().collect())).collect()
+    }
 }
 
 /// A device config written to a temporary directory, with its queue inside.

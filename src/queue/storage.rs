@@ -1,0 +1,133 @@
+//! Every call the queue makes to its filesystem, behind one small trait.
+//!
+//! [`OsStorage`] is the real filesystem. [`SimFs`](super::sim::SimFs) is a simulated one for tests:
+//! it loses unsynced writes at a power cut and can fail any call. The queue never touches
+//! `std::fs` itself, so everything it does to the disk can be cut, failed and checked.
+//!
+//! The calls are those whose failure or reordering matters for durability: data writes and
+//! `fdatasync` per file, and the directory's namespace (create, rename, remove) made durable by
+//! [`Storage::sync_dir`].
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+/// The filesystem under the queue. Paths are always inside the queue directory.
+pub trait Storage {
+    /// An open file.
+    type File;
+    /// Held while the process owns the queue directory.
+    type Lock;
+
+    /// Creates the directory and its parents.
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// Takes the directory for this process, or fails with `WouldBlock` if another one has it.
+    fn lock(&self, dir: &Path) -> io::Result<Self::Lock>;
+    /// The names of the entries in `dir`.
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Opens an existing file for reading and writing.
+    fn open(&self, path: &Path) -> io::Result<Self::File>;
+    /// Creates a new, empty file; fails if it exists.
+    fn create(&self, path: &Path) -> io::Result<Self::File>;
+    /// The file's length in bytes.
+    fn len(&self, file: &Self::File) -> io::Result<u64>;
+    /// Reads at `offset`; returns how many bytes were read (0 at the end).
+    fn read_at(&self, file: &Self::File, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Writes all of `buf` at `offset` (a failure may leave part of it written).
+    fn write_at(&self, file: &Self::File, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Cuts or extends the file to `len`.
+    fn set_len(&self, file: &Self::File, len: u64) -> io::Result<()>;
+    /// `fdatasync`: the file's data (and its length) survive a power cut once this returns.
+    fn sync(&self, file: &Self::File) -> io::Result<()>;
+    /// Renames a file inside the directory.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Removes a file.
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Makes the directory's entries (creates, renames, removes) survive a power cut.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+}
+
+/// The real filesystem.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OsStorage;
+
+/// An `flock` on `<dir>/lock`, released when the process exits (also on `kill -9`).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+impl Storage for OsStorage {
+    type File = File;
+    type Lock = DirLock;
+
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        fs::create_dir_all(dir)
+    }
+
+    fn lock(&self, dir: &Path) -> io::Result<DirLock> {
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join("lock"))?;
+        // SAFETY: flock only reads the descriptor, which `file` keeps open.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(DirLock { _file: file })
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = vec![];
+        for e in fs::read_dir(dir)? {
+            if let Some(n) = e?.file_name().to_str() {
+                names.push(n.to_string());
+            }
+        }
+        Ok(names)
+    }
+
+    fn open(&self, path: &Path) -> io::Result<File> {
+        OpenOptions::new().read(true).write(true).open(path)
+    }
+
+    fn create(&self, path: &Path) -> io::Result<File> {
+        OpenOptions::new().read(true).write(true).create_new(true).open(path)
+    }
+
+    fn len(&self, file: &File) -> io::Result<u64> {
+        Ok(file.metadata()?.len())
+    }
+
+    fn read_at(&self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        loop {
+            match file.read_at(buf, offset) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => return r,
+            }
+        }
+    }
+
+    fn write_at(&self, file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+        file.write_all_at(buf, offset)
+    }
+
+    fn set_len(&self, file: &File, len: u64) -> io::Result<()> {
+        file.set_len(len)
+    }
+
+    fn sync(&self, file: &File) -> io::Result<()> {
+        file.sync_data()
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+}
