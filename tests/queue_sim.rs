@@ -29,6 +29,8 @@ use nightlight::queue::{DiskQueue, OFFLINE_BATCH, RETRY_MAX};
 
 const SPILL: Duration = Duration::from_millis(1000);
 const WALL0: u64 = 1_764_576_000_000;
+/// What a Pi without a real-time clock reads at every boot before NTP: the same old time.
+const WALL_AT_BOOT: u64 = 1_700_000_000_000;
 const STEPS: usize = 250;
 /// Far more than a case writes, so the byte cap never drops anything (it has its own test).
 const MAX_BYTES: u64 = 1 << 20;
@@ -96,6 +98,12 @@ struct Sim {
     last_sent: Option<u64>,
     last_fault: Option<Duration>,
     full: bool,
+    /// No clock to lean on: every start reads [`WALL_AT_BOOT`], so `seq` and `run` rest on the
+    /// meta file and the disk alone. Such cases inject no faults (with the meta unwritable and
+    /// the clock behind, nothing could keep seq unique) and corrupt no meta.
+    clockless: bool,
+    /// When the current run started (for the clockless wall clock).
+    boot: Duration,
     /// The last push: (run, seq).
     last: Option<(u64, u64)>,
     max_run: u64,
@@ -123,12 +131,16 @@ impl Sim {
             last_sent: None,
             last_fault: None,
             full: false,
+            clockless: false,
+            boot: Duration::ZERO,
             last: None,
             max_run: 0,
             max_seq: 0,
             trace: vec![],
         };
-        if s.rng.u8(0..10) == 0 {
+        if s.rng.u8(0..4) == 0 {
+            s.clockless = true;
+        } else if s.rng.u8(0..10) == 0 {
             // A disk that is full from the very first start.
             s.fs.set_full(true);
             s.full = true;
@@ -145,6 +157,15 @@ impl Sim {
         self.t0 + self.now
     }
 
+    /// The wall clock the device reads, in Unix ms.
+    fn wall(&self) -> u64 {
+        if self.clockless {
+            WALL_AT_BOOT + (self.now - self.boot).as_millis() as u64
+        } else {
+            WALL0 + self.now.as_millis() as u64
+        }
+    }
+
     fn note(&mut self, what: String) {
         if std::env::var("NIGHTLIGHT_SIM_DEBUG").is_ok() {
             eprintln!("{:>8.3}s {what}", self.now.as_secs_f64());
@@ -155,17 +176,11 @@ impl Sim {
     fn open(&mut self) -> Check {
         self.now += ms(2000 + self.rng.u64(0..2000)); // systemd's RestartSec=2, or a boot
         self.fs.clear_faults();
+        self.boot = self.now;
         let segment = 256 + self.rng.u64(0..4096);
-        let q = DiskQueue::open_in(
-            self.fs.clone(),
-            &self.dir,
-            MAX_BYTES,
-            SPILL,
-            self.instant(),
-            WALL0 + self.now.as_millis() as u64,
-        )
-        .map_err(|e| format!("the queue did not open: {e}"))?
-        .with_segment_bytes(segment);
+        let q = DiskQueue::open_in(self.fs.clone(), &self.dir, MAX_BYTES, SPILL, self.instant(), self.wall())
+            .map_err(|e| format!("the queue did not open: {e}"))?
+            .with_segment_bytes(segment);
         let run = q.run();
         if run <= self.max_run {
             return Err(format!("run {run} after run {}: not rising", self.max_run));
@@ -216,7 +231,7 @@ impl Sim {
         if self.fs.is_dead() {
             return Ok(());
         }
-        let ts = WALL0 + self.now.as_millis() as u64;
+        let ts = self.wall();
         let light = self.rng.u16(0..=1000);
         let now = self.instant();
         let seq = self.q().push(now, light, ts, None);
@@ -320,6 +335,9 @@ impl Sim {
     }
 
     fn fault(&mut self) {
+        if self.clockless {
+            return;
+        }
         self.last_fault = Some(self.now);
         let kinds = [ErrorKind::StorageFull, ErrorKind::Other];
         let kind = kinds[self.rng.usize(0..2)];
@@ -489,7 +507,10 @@ impl Sim {
             .fs
             .files()
             .into_iter()
-            .filter(|p| p.extension().is_some_and(|x| x == "seg") || p.file_name().is_some_and(|n| n == "meta"))
+            .filter(|p| {
+                p.extension().is_some_and(|x| x == "seg")
+                    || (!self.clockless && p.file_name().is_some_and(|n| n == "meta"))
+            })
             .collect();
         if files.is_empty() {
             return BTreeSet::new();
@@ -517,13 +538,18 @@ fn name(p: &Path) -> String {
 
 fn run_case(seed: u64) -> Result<(), (String, Vec<String>)> {
     let mut sim = Sim::new(seed);
-    let result = (|| {
+    // A panic inside the queue (a broken internal assertion) is a failure of this seed too.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         sim.open()?;
         for _ in 0..STEPS {
             sim.step()?;
         }
         sim.clean_stop()
-    })();
+    }))
+    .unwrap_or_else(|p| {
+        let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+        Err(format!("the queue panicked: {}", msg.unwrap_or_default()))
+    });
     result.map_err(|e| (e, sim.trace.split_off(sim.trace.len().saturating_sub(40))))
 }
 

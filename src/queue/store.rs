@@ -140,7 +140,7 @@ impl<S: Storage> Segments<S> {
             let file_len = st.len(&file)?;
             // A run killed before its sync left bytes only in the page cache: make them durable.
             st.sync(&file)?;
-            let scan = scan(st, &file, file_len, acked_through)?;
+            let scan = scan(st, &file, file_len, acked_through, found.max_seq)?;
             found.max_seq = found.max_seq.max(scan.last_seq);
             let mut lost = scan.lost_in_holes;
             let mut len = file_len;
@@ -162,7 +162,7 @@ impl<S: Storage> Segments<S> {
                     "queue: damaged records skipped; the readings after them are kept");
             }
             found.lost += lost;
-            if scan.records > 0 && scan.acked_records == scan.records && !last {
+            if scan.acked_records == scan.records {
                 st.remove(&path)?;
                 st.sync_dir(&self.dir)?;
                 continue;
@@ -211,7 +211,13 @@ impl<S: Storage> Segments<S> {
         }
         let seg = self.list.back_mut().expect("a segment exists");
         let at = seg.len;
-        st.write_at(self.active.as_ref().expect("open"), buf, at)?;
+        let file = self.active.as_ref().expect("open");
+        if let Err(e) = st.write_at(file, buf, at) {
+            // Cut what part of it was written (best effort: the next append overwrites it, and
+            // recovery skips a leftover copy).
+            let _ = st.set_len(file, at);
+            return Err(e);
+        }
         seg.len += buf.len() as u64;
         seg.records += records;
         self.records += records;
@@ -328,7 +334,7 @@ impl<S: Storage> Segments<S> {
         }
         self.head = (end, self.head.1 + 1);
         self.records = self.records.saturating_sub(1);
-        if end >= front.len && self.list.len() > 1 {
+        if end >= front.len {
             self.remove_front(st);
         }
     }
@@ -384,14 +390,15 @@ struct Scan {
 
 /// Streams one segment through a small buffer (a 1M-reading backlog must not cost its size
 /// in memory at start), resynchronising on the next valid frame after damage.
-fn scan<S: Storage>(st: &S, file: &S::File, file_len: u64, acked_through: u64) -> io::Result<Scan> {
+fn scan<S: Storage>(st: &S, file: &S::File, file_len: u64, acked_through: u64, after: u64) -> io::Result<Scan> {
     let mut out = Scan { frame_len: frame::MIN_LEN, ..Scan::default() };
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK + frame::MAX_LEN);
     let mut base = 0u64; // file offset of buf[0]
     let mut pos = 0usize;
     let mut eof = false;
     let mut damage: Option<u64> = None;
-    let mut prev_seq: Option<u64> = None;
+    // Seqs rise through the segments: a frame at or below one already seen is a leftover copy.
+    let mut prev_seq: Option<u64> = (after > 0).then_some(after);
     loop {
         if pos == buf.len() && eof {
             break;
@@ -416,6 +423,14 @@ fn scan<S: Storage>(st: &S, file: &S::File, file_len: u64, acked_through: u64) -
                 out.last_seq = rec.seq;
                 prev_seq = Some(rec.seq);
             }
+            // A copy of a record already seen (a failed write that was retried left it behind):
+            // skipped whole, and not lost. Inside damage it is part of the damage.
+            Decoded::Frame(_, n) if damage.is_none() => {
+                let at = base + pos as u64;
+                out.holes.push((at, at + n as u64));
+                pos += n;
+                out.valid_end = at + n as u64;
+            }
             Decoded::Short if !eof => {
                 buf.drain(..pos);
                 base += pos as u64;
@@ -427,7 +442,7 @@ fn scan<S: Storage>(st: &S, file: &S::File, file_len: u64, acked_through: u64) -
                 eof = n == 0 || base + buf.len() as u64 >= file_len;
             }
             // Damage (or, at the end of the file, bytes too few for a frame): look for the
-            // next valid frame one byte further on. A frame whose seq does not rise is stale.
+            // next valid frame one byte further on.
             _ => {
                 damage.get_or_insert(base + pos as u64);
                 pos += 1;
