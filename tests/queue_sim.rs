@@ -72,6 +72,9 @@ struct Taken {
     durable_by: Duration,
     /// Taken while offline: written at push, so it survives a `kill -9` at once.
     offline: bool,
+    /// Written by a run that was killed before syncing it: durable only once the next start
+    /// has synced what it found.
+    pending: bool,
 }
 
 /// How a run ended, for what must survive it.
@@ -173,25 +176,41 @@ impl Sim {
         self.trace.push(format!("{:>8.3}s {what}", self.now.as_secs_f64()));
     }
 
-    fn open(&mut self) -> Check {
-        self.now += ms(2000 + self.rng.u64(0..2000)); // systemd's RestartSec=2, or a boot
-        self.fs.clear_faults();
-        self.boot = self.now;
-        let segment = 256 + self.rng.u64(0..4096);
-        let q = DiskQueue::open_in(self.fs.clone(), &self.dir, MAX_BYTES, SPILL, self.instant(), self.wall())
-            .map_err(|e| format!("the queue did not open: {e}"))?
-            .with_segment_bytes(segment);
-        let run = q.run();
-        if run <= self.max_run {
-            return Err(format!("run {run} after run {}: not rising", self.max_run));
+    /// Starts the device (after systemd's 2 s, or a boot). Sometimes the power is cut inside
+    /// the start too; then it starts again. Returns when such a cut happened.
+    fn open(&mut self) -> Result<Option<Duration>, String> {
+        let mut cut_at = None;
+        loop {
+            self.now += ms(2000 + self.rng.u64(0..2000));
+            self.fs.clear_faults();
+            self.boot = self.now;
+            if cut_at.is_none() && self.rng.u8(0..5) == 0 {
+                self.fs.cut_after(self.rng.u64(0..30));
+            }
+            let segment = 256 + self.rng.u64(0..4096);
+            let res = DiskQueue::open_in(self.fs.clone(), &self.dir, MAX_BYTES, SPILL, self.instant(), self.wall());
+            if self.fs.is_dead() {
+                drop(res);
+                cut_at = Some(self.now);
+                self.note("power cut while starting".into());
+                let mut rng = self.rng.fork();
+                self.fs.power_cut(&mut || rng.bool());
+                continue;
+            }
+            self.fs.cancel_cut();
+            let q = res.map_err(|e| format!("the queue did not open: {e}"))?.with_segment_bytes(segment);
+            let run = q.run();
+            if run <= self.max_run {
+                return Err(format!("run {run} after run {}: not rising", self.max_run));
+            }
+            self.max_run = run;
+            self.q = Some(q);
+            self.online = false;
+            self.in_flight.clear();
+            self.last = None;
+            self.note(format!("open (run {run}, segments of {segment} bytes)"));
+            return Ok(cut_at);
         }
-        self.max_run = run;
-        self.q = Some(q);
-        self.online = false;
-        self.in_flight.clear();
-        self.last = None;
-        self.note(format!("open (run {run}, segments of {segment} bytes)"));
-        Ok(())
     }
 
     /// Lets time pass to `now + d`, ticking at every deadline the queue names on the way.
@@ -260,7 +279,7 @@ impl Sim {
         }
         self.last = Some((run, seq));
         let window = if self.online { SPILL } else { OFFLINE_BATCH };
-        let t = Taken { ts, light, at: self.now, durable_by: self.now + window, offline: !self.online };
+        let t = Taken { ts, light, at: self.now, durable_by: self.now + window, offline: !self.online, pending: false };
         self.taken.insert(seq, t);
         Ok(())
     }
@@ -445,13 +464,19 @@ impl Sim {
         }
         self.q = None;
         self.fs.kill();
+        if matches!(end, End::Kill) {
+            for t in self.taken.values_mut().filter(|t| t.durable_by >= gone) {
+                t.pending = true;
+            }
+        }
         let touched = if self.rng.u8(0..8) == 0 { self.corrupt() } else { BTreeSet::new() };
-        self.open()?;
+        // A cut while starting can only lose what a killed run had not synced.
+        let cut_while_starting = self.open()?.is_some();
         let shadow =
             |t: &Taken, last_fault: Option<Duration>| last_fault.is_some_and(|f| f + FAULT_SHADOW >= t.at && f <= gone);
         let last_fault = self.last_fault;
         let required = |t: &Taken| -> bool {
-            if shadow(t, last_fault) {
+            if shadow(t, last_fault) || (cut_while_starting && t.pending) {
                 return false;
             }
             match end {
@@ -466,7 +491,6 @@ impl Sim {
             .filter(|(s, t)| !self.acked.contains(s) && !self.excused.contains(s) && required(t))
             .map(|(s, _)| *s)
             .collect();
-        let touched_required = touched.iter().filter(|s| must.contains(s)).count() as u64;
         self.excused.extend(touched.iter().copied());
         // Everything the reopened queue holds, sent once (and not acknowledged).
         self.q().connected();
@@ -483,9 +507,19 @@ impl Sim {
             let details: Vec<String> = missing.iter().take(5).map(|s| format!("{s} {:?}", self.taken[s])).collect();
             return Err(format!("{} readings lost beyond the window: {}", missing.len(), details.join("; ")));
         }
+        // Readings the corruption destroyed: touched, owed, and not delivered (a touched frame
+        // may have been a leftover copy of one that is intact elsewhere).
+        let touched_required = touched.iter().filter(|s| must.contains(s) && !got.contains(s)).count() as u64;
         let dropped = self.q().stats().dropped;
-        if dropped < touched_required {
+        // (A start cut short may have counted the damage and cut it away before it died.)
+        if dropped < touched_required && !cut_while_starting {
             return Err(format!("corruption destroyed {touched_required} readings, dropped says {dropped}"));
+        }
+        // The start synced what a killed run left.
+        let started = self.now;
+        for t in self.taken.values_mut().filter(|t| t.pending) {
+            t.pending = false;
+            t.durable_by = t.durable_by.min(started);
         }
         // What was not required and did not come back is gone for good.
         let unacked: Vec<u64> = self.taken.keys().filter(|s| !self.acked.contains(s)).copied().collect();

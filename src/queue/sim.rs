@@ -111,6 +111,11 @@ impl SimFs {
         s.cut_at = Some(s.calls + n);
     }
 
+    /// Calls off a cut scheduled by [`cut_after`](Self::cut_after) that has not happened.
+    pub fn cancel_cut(&self) {
+        self.0.borrow_mut().cut_at = None;
+    }
+
     /// Whether the power is off (a cut happened and [`power_cut`](Self::power_cut) is due).
     pub fn is_dead(&self) -> bool {
         self.0.borrow().dead
