@@ -75,6 +75,8 @@ struct Taken {
     /// Written by a run that was killed before syncing it: durable only once the next start
     /// has synced what it found.
     pending: bool,
+    /// The queue reported its seq covered by a synced reservation (`seq_durable`).
+    claimed: bool,
 }
 
 /// How a run ended, for what must survive it.
@@ -97,19 +99,24 @@ struct Sim {
     acked: BTreeSet<u64>,
     /// Readings whose loss is excused (faults, corruption, the window): not checked again.
     excused: BTreeSet<u64>,
+    /// Seqs handed out twice where that was not promised against (see `clockless`).
+    ambiguous: BTreeSet<u64>,
     in_flight: Vec<u64>,
     last_sent: Option<u64>,
     last_fault: Option<Duration>,
     full: bool,
     /// No clock to lean on: every start reads [`WALL_AT_BOOT`], so `seq` and `run` rest on the
-    /// meta file and the disk alone. Such cases inject no faults (with the meta unwritable and
-    /// the clock behind, nothing could keep seq unique) and corrupt no meta.
+    /// meta file and the disk alone. With the meta unwritable too nothing can keep them unique,
+    /// and the queue says so (`seq_durable` false): such cases check uniqueness only for what
+    /// the queue reported durable. They corrupt no meta.
     clockless: bool,
     /// When the current run started (for the clockless wall clock).
     boot: Duration,
     /// The last push: (run, seq).
     last: Option<(u64, u64)>,
     max_run: u64,
+    /// Whether the meta recorded that run (else, without a clock, it may come again).
+    max_run_durable: bool,
     /// The highest seq handed out so far.
     max_seq: u64,
     trace: Vec<String>,
@@ -130,6 +137,7 @@ impl Sim {
             taken: BTreeMap::new(),
             acked: BTreeSet::new(),
             excused: BTreeSet::new(),
+            ambiguous: BTreeSet::new(),
             in_flight: vec![],
             last_sent: None,
             last_fault: None,
@@ -138,6 +146,7 @@ impl Sim {
             boot: Duration::ZERO,
             last: None,
             max_run: 0,
+            max_run_durable: true,
             max_seq: 0,
             trace: vec![],
         };
@@ -200,10 +209,11 @@ impl Sim {
             self.fs.cancel_cut();
             let q = res.map_err(|e| format!("the queue did not open: {e}"))?.with_segment_bytes(segment);
             let run = q.run();
-            if run <= self.max_run {
+            if run <= self.max_run && (!self.clockless || self.max_run_durable) {
                 return Err(format!("run {run} after run {}: not rising", self.max_run));
             }
-            self.max_run = run;
+            self.max_run = self.max_run.max(run);
+            self.max_run_durable = q.stats().seq_durable;
             self.q = Some(q);
             self.online = false;
             self.in_flight.clear();
@@ -258,14 +268,20 @@ impl Sim {
             return Ok(()); // the power went during the push: the reading never existed
         }
         let run = self.q().run();
-        if self.taken.contains_key(&seq) {
-            return Err(format!("seq {seq} handed out twice"));
+        let claimed = self.q().stats().seq_durable;
+        if let Some(earlier) = self.taken.get(&seq) {
+            if !self.clockless || earlier.claimed {
+                return Err(format!("seq {seq} handed out twice (durable: {})", earlier.claimed));
+            }
+            // Without a clock and without a writable meta: said, and not promised.
+            self.excused.insert(seq);
+            self.ambiguous.insert(seq);
         }
-        // The simulated clock never goes back and restarts take 2 s: seq must always rise.
-        if seq <= self.max_seq {
+        // With a clock that never goes back and restarts that take 2 s, seq always rises.
+        if !self.clockless && seq <= self.max_seq {
             return Err(format!("seq {seq} after {}: seq went back", self.max_seq));
         }
-        self.max_seq = seq;
+        self.max_seq = self.max_seq.max(seq);
         if let Some((r, s)) = self.last {
             if r == run && seq != s + 1 {
                 return Err(format!("within run {run} seq went from {s} to {seq}"));
@@ -279,7 +295,15 @@ impl Sim {
         }
         self.last = Some((run, seq));
         let window = if self.online { SPILL } else { OFFLINE_BATCH };
-        let t = Taken { ts, light, at: self.now, durable_by: self.now + window, offline: !self.online, pending: false };
+        let t = Taken {
+            ts,
+            light,
+            at: self.now,
+            durable_by: self.now + window,
+            offline: !self.online,
+            pending: false,
+            claimed,
+        };
         self.taken.insert(seq, t);
         Ok(())
     }
@@ -303,6 +327,7 @@ impl Sim {
             eprintln!("{:>8.3}s sent {seq}", self.now.as_secs_f64());
         }
         match self.taken.get(&seq) {
+            Some(_) if self.ambiguous.contains(&seq) => {}
             Some(t) if t.ts == ts && t.light == light => {}
             Some(t) => return Err(format!("seq {seq} delivered as ({ts}, {light}), taken as ({}, {})", t.ts, t.light)),
             None => return Err(format!("seq {seq} delivered but never taken")),
@@ -354,9 +379,6 @@ impl Sim {
     }
 
     fn fault(&mut self) {
-        if self.clockless {
-            return;
-        }
         self.last_fault = Some(self.now);
         let kinds = [ErrorKind::StorageFull, ErrorKind::Other];
         let kind = kinds[self.rng.usize(0..2)];
