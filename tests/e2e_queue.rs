@@ -170,3 +170,40 @@ fn a_full_disk_is_survived_and_nothing_is_lost_once_there_is_room() {
     assert_contiguous(seqs);
     assert_eq!(d.stderr().matches("cannot write to disk").count(), 1, "said once:\n{}", d.stderr());
 }
+
+#[test]
+fn a_second_device_on_the_same_queue_directory_exits_1_naming_it() {
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 200, "");
+    let mut first = dev.spawn();
+    first.wait_stderr("nightlight started", 10 * S);
+    let (code, _, err) = run_to_end(&["run", "--config", dev.config().to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(dev.queue().to_str().unwrap()) && err.contains("in use"), "{err}");
+    assert!(first.is_running(), "the first device goes on");
+}
+
+#[test]
+fn a_clean_stop_that_cannot_write_its_readings_exits_1_and_says_how_many() {
+    let disk = TinyDisk::mount();
+    let queue = disk.0.path().join("queue");
+    let mut broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 50, "");
+    broker.stop();
+    let env_dir = queue.to_str().unwrap().to_string();
+    let mut d = Daemon::spawn(
+        &["run", "--config", dev.config().to_str().unwrap()],
+        &[("NIGHTLIGHT__QUEUE__DIR", env_dir.as_str())],
+    );
+    d.wait_stderr("nightlight started", 10 * S);
+    // Fill the disk to the last byte: readings now wait in memory.
+    let filler = disk.0.path().join("filler");
+    let _ = Command::new("dd").arg("if=/dev/zero").arg(format!("of={}", filler.display())).arg("bs=1k").status();
+    d.wait_stderr("cannot write to disk", 10 * S);
+    std::thread::sleep(S);
+    let (status, _) = d.stop_with(libc::SIGTERM, 10 * S);
+    assert_eq!(status.code(), Some(1), "{}", d.stderr());
+    let err = d.stderr();
+    assert!(err.contains("readings could not be written") && err.contains("are lost"), "{err}");
+    assert!(!err.contains("stopped queued"), "the stop line must not claim they are queued: {err}");
+}

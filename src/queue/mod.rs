@@ -195,18 +195,29 @@ struct Faults {
 
 /// The queue. See the module docs for the design.
 pub struct DiskQueue<S: Storage = OsStorage> {
+    /// Every filesystem call goes through this.
     st: S,
+    /// `queue.dir`.
     dir: PathBuf,
+    /// Held while this process owns `dir`.
     _lock: S::Lock,
+    /// `queue.max_bytes`: the oldest segments go past it.
     max_bytes: u64,
+    /// The readings on disk.
     segments: Segments<S>,
+    /// The meta file and the acknowledged position.
     meta: MetaState<S::File>,
+    /// `run`, the next `seq` and the reservation.
     seqs: Seqs,
-    /// Readings not on disk, oldest first; the first `mem_sent` are in flight.
+    /// Readings not on disk, oldest first; the first `.1` of them are in flight.
     mem: (VecDeque<Entry>, usize),
+    /// The readings in flight, and where each is kept.
     window: Window<Loc>,
+    /// Where sending stands.
     send: SendPos,
+    /// Online or not, and the time.
     link: Link,
+    /// Retries, counters and what has been logged.
     faults: Faults,
 }
 
