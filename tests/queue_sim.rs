@@ -191,12 +191,15 @@ impl Sim {
         let mut cut_at = None;
         loop {
             self.now += ms(2000 + self.rng.u64(0..2000));
-            self.fs.clear_faults();
+            if self.rng.bool() {
+                self.fs.clear_faults(); // else the faults injected last stay for the start
+            }
             self.boot = self.now;
             if cut_at.is_none() && self.rng.u8(0..5) == 0 {
                 self.fs.cut_after(self.rng.u64(0..30));
             }
             let segment = 256 + self.rng.u64(0..4096);
+            let faulty = self.fs.has_faults();
             let res = DiskQueue::open_in(self.fs.clone(), &self.dir, MAX_BYTES, SPILL, self.instant(), self.wall());
             if self.fs.is_dead() {
                 drop(res);
@@ -207,7 +210,17 @@ impl Sim {
                 continue;
             }
             self.fs.cancel_cut();
-            let q = res.map_err(|e| format!("the queue did not open: {e}"))?.with_segment_bytes(segment);
+            let q = match res {
+                Ok(q) => q.with_segment_bytes(segment).with_seq_block(1 + self.rng.u64(0..50)),
+                // An injected fault (an I/O error reading the directory) may stop a start:
+                // systemd starts it again.
+                Err(e) if faulty => {
+                    self.note(format!("the start failed: {e}"));
+                    self.fs.clear_faults();
+                    continue;
+                }
+                Err(e) => return Err(format!("the queue did not open: {e}")),
+            };
             let run = q.run();
             if run <= self.max_run && (!self.clockless || self.max_run_durable) {
                 return Err(format!("run {run} after run {}: not rising", self.max_run));

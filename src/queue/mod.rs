@@ -119,8 +119,8 @@ pub struct QueueStats {
     pub dropped: u64,
     /// Failed storage calls (full disk, I/O errors), each retried.
     pub errors: u64,
-    /// Whether the seqs handed out are covered by a synced reservation; while false, only the
-    /// wall clock keeps the next start above them.
+    /// Whether this run and the seqs handed out are covered by a synced reservation; while
+    /// false, only the wall clock keeps the next start above them.
     pub seq_durable: bool,
 }
 
@@ -169,6 +169,8 @@ struct Seqs {
     next: u64,
     /// Every seq below this is covered by a synced reservation.
     reserved: u64,
+    /// How many seqs a reservation covers ([`SEQ_BLOCK`]).
+    block: u64,
 }
 
 /// The meta file and what it last made durable.
@@ -295,7 +297,9 @@ impl<S: Storage> DiskQueue<S> {
             max_bytes,
             segments,
             meta: MetaState { file, acked_through: prior.acked_through, dirty_since: None },
-            seqs: Seqs { run, next, reserved: 0 },
+            // What `meta` holds (synced when it was opened) until this run reserves more: the
+            // lazy writes of the acknowledged position carry it, so they never lower it.
+            seqs: Seqs { run, next, reserved: prior.reserved, block: SEQ_BLOCK },
             mem: (VecDeque::new(), 0),
             window: Window::default(),
             send: SendPos { next: None, peeked: None },
@@ -320,6 +324,13 @@ impl<S: Storage> DiskQueue<S> {
     /// small segments make rotation, caps and corruption cheap to exercise in tests.
     pub fn with_segment_bytes(mut self, bytes: u64) -> Self {
         self.segments.set_segment_bytes(bytes.max(64));
+        self
+    }
+
+    /// Reserves `n` seqs at a time instead of [`SEQ_BLOCK`] (from the next reservation on):
+    /// small blocks make reservations, and their failures, frequent in tests.
+    pub fn with_seq_block(mut self, n: u64) -> Self {
+        self.seqs.block = n.max(1);
         self
     }
 
@@ -378,7 +389,7 @@ impl<S: Storage> DiskQueue<S> {
         self.link.now = now;
         if self.seqs.next >= self.seqs.reserved
             && !self.faults.write.waiting(now)
-            && !self.reserve(self.seqs.next + SEQ_BLOCK)
+            && !self.reserve(self.seqs.next + self.seqs.block)
         {
             self.faults.write.failed(now);
         }
@@ -614,7 +625,8 @@ impl<S: Storage> DiskQueue<S> {
             bytes: self.segments.bytes(),
             dropped: self.faults.dropped,
             errors: self.faults.errors,
-            seq_durable: self.seqs.next <= self.seqs.reserved,
+            // This run's own reservation (which records `run` too) is synced and covers them.
+            seq_durable: !self.faults.meta_failing && self.seqs.next <= self.seqs.reserved,
         }
     }
 

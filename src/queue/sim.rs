@@ -133,6 +133,11 @@ impl SimFs {
         s.capacity = full.then(|| s.used());
     }
 
+    /// Whether injected faults are still waiting to happen.
+    pub fn has_faults(&self) -> bool {
+        !self.0.borrow().faults.is_empty()
+    }
+
     /// Clears injected faults (not a full disk).
     pub fn clear_faults(&self) {
         self.0.borrow_mut().faults.clear();
