@@ -134,6 +134,24 @@ impl TinyDisk {
     }
 }
 
+impl TinyDisk {
+    /// Starts `dev`'s device with its queue on this disk.
+    fn spawn(&self, dev: &DeviceDir) -> Daemon {
+        let queue = self.0.path().join("queue");
+        Daemon::spawn(
+            &["run", "--config", dev.config().to_str().unwrap()],
+            &[("NIGHTLIGHT__QUEUE__DIR", queue.to_str().unwrap())],
+        )
+    }
+
+    /// Fills the disk to the last byte; returns the file that does it.
+    fn fill(&self) -> PathBuf {
+        let filler = self.0.path().join("filler");
+        let _ = Command::new("dd").arg("if=/dev/zero").arg(format!("of={}", filler.display())).arg("bs=1k").status();
+        filler
+    }
+}
+
 impl Drop for TinyDisk {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
@@ -143,20 +161,13 @@ impl Drop for TinyDisk {
 #[test]
 fn a_full_disk_is_survived_and_nothing_is_lost_once_there_is_room() {
     let disk = TinyDisk::mount();
-    let queue = disk.0.path().join("queue");
     let mut broker = Mosquitto::start("persistence true");
     let dev = DeviceDir::new(broker.port, 50, "");
     let obs = Observer::persistent(broker.port, &dev.topic("telemetry"));
-    let env_dir = queue.to_str().unwrap().to_string();
     broker.stop();
-    let d = Daemon::spawn(
-        &["run", "--config", dev.config().to_str().unwrap()],
-        &[("NIGHTLIGHT__QUEUE__DIR", env_dir.as_str())],
-    );
+    let d = disk.spawn(&dev);
     std::thread::sleep(Duration::from_millis(300));
-    // Fill the disk to the last byte.
-    let filler = disk.0.path().join("filler");
-    let _ = Command::new("dd").arg("if=/dev/zero").arg(format!("of={}", filler.display())).arg("bs=1k").status();
+    let filler = disk.fill();
     d.wait_stderr("cannot write to disk", 10 * S);
     std::thread::sleep(S);
     std::fs::remove_file(&filler).unwrap();
@@ -177,8 +188,11 @@ fn a_second_device_on_the_same_queue_directory_exits_1_naming_it() {
     let dev = DeviceDir::new(broker.port, 200, "");
     let mut first = dev.spawn();
     first.wait_stderr("nightlight started", 10 * S);
-    let (code, _, err) = run_to_end(&["run", "--config", dev.config().to_str().unwrap()], &[]);
-    assert_eq!(code, 1, "{err}");
+    let mut second = dev.spawn();
+    let status = second.wait_exit(10 * S).expect("a second device on the same queue directory kept running");
+    second.wait_stderr("in use", 5 * S);
+    let err = second.stderr();
+    assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains(dev.queue().to_str().unwrap()) && err.contains("in use"), "{err}");
     assert!(first.is_running(), "the first device goes on");
 }
@@ -186,19 +200,13 @@ fn a_second_device_on_the_same_queue_directory_exits_1_naming_it() {
 #[test]
 fn a_clean_stop_that_cannot_write_its_readings_exits_1_and_says_how_many() {
     let disk = TinyDisk::mount();
-    let queue = disk.0.path().join("queue");
     let mut broker = Mosquitto::start("");
     let dev = DeviceDir::new(broker.port, 50, "");
     broker.stop();
-    let env_dir = queue.to_str().unwrap().to_string();
-    let mut d = Daemon::spawn(
-        &["run", "--config", dev.config().to_str().unwrap()],
-        &[("NIGHTLIGHT__QUEUE__DIR", env_dir.as_str())],
-    );
+    let mut d = disk.spawn(&dev);
     d.wait_stderr("nightlight started", 10 * S);
-    // Fill the disk to the last byte: readings now wait in memory.
-    let filler = disk.0.path().join("filler");
-    let _ = Command::new("dd").arg("if=/dev/zero").arg(format!("of={}", filler.display())).arg("bs=1k").status();
+    // Readings now wait in memory.
+    disk.fill();
     d.wait_stderr("cannot write to disk", 10 * S);
     std::thread::sleep(S);
     let (status, _) = d.stop_with(libc::SIGTERM, 10 * S);
@@ -206,4 +214,47 @@ fn a_clean_stop_that_cannot_write_its_readings_exits_1_and_says_how_many() {
     let err = d.stderr();
     assert!(err.contains("readings could not be written") && err.contains("are lost"), "{err}");
     assert!(!err.contains("stopped queued"), "the stop line must not claim they are queued: {err}");
+}
+
+#[test]
+fn the_watchdog_is_fed_while_the_disk_refuses_every_write() {
+    let disk = TinyDisk::mount();
+    let mut broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 10, "");
+    broker.stop();
+    let sock_dir = tempfile::tempdir().unwrap();
+    let path = sock_dir.path().join("notify");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    // Read the notifications as systemd does, at once (a full socket would block the sender).
+    let feeds = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let sink = feeds.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok(n) = sock.recv(&mut buf) {
+            if String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1") {
+                sink.lock().unwrap().push(Instant::now());
+            }
+        }
+    });
+    let queue = disk.0.path().join("queue");
+    let d = Daemon::spawn(
+        &["run", "--config", dev.config().to_str().unwrap()],
+        &[
+            ("NIGHTLIGHT__QUEUE__DIR", queue.to_str().unwrap()),
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "200000"),
+        ],
+    );
+    d.wait_stderr("nightlight started", 10 * S);
+    disk.fill();
+    d.wait_stderr("cannot write to disk", 10 * S);
+    // Two seconds of a disk that refuses every write, readings every 10 ms: at a feed every
+    // 100 ms, about 20 feeds; a device spinning on its spill deadline would send none.
+    let (start, cpu0) = (Instant::now(), d.cpu_s());
+    std::thread::sleep(2 * S);
+    let cpu = d.cpu_s() - cpu0;
+    let fed = feeds.lock().unwrap().iter().filter(|t| **t >= start).count();
+    assert!(fed >= 10, "{fed} watchdog feeds in 2 s on a failing disk:\n{}", d.stderr());
+    // And it waits between retries: a loop that spins on a past deadline burns a whole core.
+    assert!(cpu < 0.5, "{cpu:.2} CPU-s in 2 s on a failing disk: a busy loop");
 }
