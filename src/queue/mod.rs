@@ -587,8 +587,8 @@ impl<S: Storage> DiskQueue<S> {
         }
     }
 
-    /// Everything still unacknowledged goes to disk, and the next `seq` is recorded exactly, so
-    /// a clean stop neither loses a reading nor skips a `seq`.
+    /// A clean stop: everything still unacknowledged goes to disk and is synced, and the
+    /// reservation ends exactly at the next `seq` (the next start still begins above the clock).
     ///
     /// # Errors
     /// Readings that could not be written even after removing the spare: they are lost (and
