@@ -1,5 +1,5 @@
-//! One reading as bytes on disk: a checksummed frame, and a scan that salvages the frames
-//! around damage.
+//! One reading as bytes on disk: a checksummed frame. (Reading on past damage is the segment
+//! store's scan, which tries each byte offset until a frame decodes.)
 //!
 //! A frame is `[len: u8][crc32(body): u32 LE][body]`. The body, little-endian:
 //!
@@ -98,12 +98,6 @@ pub fn decode(buf: &[u8]) -> Decoded {
     Decoded::Frame(rec, HEAD + n)
 }
 
-/// Finds the next valid frame at or after `from` whose `seq` is above `after`: where reading
-/// resumes past damage. Returns its offset in `buf`.
-pub fn resync(buf: &[u8], from: usize, after: u64) -> Option<usize> {
-    (from..buf.len()).find(|&at| matches!(decode(&buf[at..]), Decoded::Frame(r, _) if r.seq > after))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,16 +147,5 @@ mod tests {
         frame.extend_from_slice(&body);
         let want = Telemetry { seq: 5, ts: 6, light: 300, run: 0, lux: None };
         assert_eq!(decode(&frame), Decoded::Frame(want, 24));
-    }
-
-    #[test]
-    fn resync_skips_damage_to_the_next_frame() {
-        let mut buf = vec![];
-        for s in 1..=3 {
-            encode(&rec(s, None), &mut buf);
-        }
-        buf[34] ^= 0xff; // inside the second frame
-        assert_eq!(decode(&buf[32..]), Decoded::Bad);
-        assert_eq!(resync(&buf, 33, 1), Some(64));
     }
 }

@@ -8,7 +8,7 @@
 //! power inside any operation ([`sim::SimFs`]).
 //!
 //! # Parts
-//! - [`frame`]: one reading as a checksummed frame, and resynchronising after damage.
+//! - [`frame`]: one reading as a checksummed frame.
 //! - [`meta`]: the meta file (run, seq reservation, acknowledged position), two slots.
 //! - [`store`]: the segment files: append, sync, read, recover and salvage.
 //! - [`window`]: the readings in flight (pure, no storage).

@@ -100,11 +100,6 @@ impl SimFs {
         Self::default()
     }
 
-    /// Storage calls made so far.
-    pub fn calls(&self) -> u64 {
-        self.0.borrow().calls
-    }
-
     /// Cuts the power at the `n`th call from now (0: the next one).
     pub fn cut_after(&self, n: u64) {
         let mut s = self.0.borrow_mut();

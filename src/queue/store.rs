@@ -105,10 +105,6 @@ impl<S: Storage> Segments<S> {
         self.list.iter().map(|s| s.len).sum()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.records == 0
-    }
-
     /// Bytes the next append can take without going past the segment size (a new segment's
     /// worth when the last one is full).
     pub fn room(&self) -> u64 {
