@@ -135,13 +135,12 @@ impl TinyDisk {
 }
 
 impl TinyDisk {
-    /// Starts `dev`'s device with its queue on this disk.
-    fn spawn(&self, dev: &DeviceDir) -> Daemon {
+    /// Starts `dev`'s device with its queue on this disk (and `env` besides).
+    fn spawn(&self, dev: &DeviceDir, env: &[(&str, &str)]) -> Daemon {
         let queue = self.0.path().join("queue");
-        Daemon::spawn(
-            &["run", "--config", dev.config().to_str().unwrap()],
-            &[("NIGHTLIGHT__QUEUE__DIR", queue.to_str().unwrap())],
-        )
+        let mut all = vec![("NIGHTLIGHT__QUEUE__DIR", queue.to_str().unwrap())];
+        all.extend_from_slice(env);
+        Daemon::spawn(&["run", "--config", dev.config().to_str().unwrap()], &all)
     }
 
     /// Fills the disk to the last byte; returns the file that does it.
@@ -165,7 +164,7 @@ fn a_full_disk_is_survived_and_nothing_is_lost_once_there_is_room() {
     let dev = DeviceDir::new(broker.port, 50, "");
     let obs = Observer::persistent(broker.port, &dev.topic("telemetry"));
     broker.stop();
-    let d = disk.spawn(&dev);
+    let d = disk.spawn(&dev, &[]);
     std::thread::sleep(Duration::from_millis(300));
     let filler = disk.fill();
     d.wait_stderr("cannot write to disk", 10 * S);
@@ -203,7 +202,7 @@ fn a_clean_stop_that_cannot_write_its_readings_exits_1_and_says_how_many() {
     let mut broker = Mosquitto::start("");
     let dev = DeviceDir::new(broker.port, 50, "");
     broker.stop();
-    let mut d = disk.spawn(&dev);
+    let mut d = disk.spawn(&dev, &[]);
     d.wait_stderr("nightlight started", 10 * S);
     // Readings now wait in memory.
     disk.fill();
@@ -236,15 +235,7 @@ fn the_watchdog_is_fed_while_the_disk_refuses_every_write() {
             }
         }
     });
-    let queue = disk.0.path().join("queue");
-    let d = Daemon::spawn(
-        &["run", "--config", dev.config().to_str().unwrap()],
-        &[
-            ("NIGHTLIGHT__QUEUE__DIR", queue.to_str().unwrap()),
-            ("NOTIFY_SOCKET", path.to_str().unwrap()),
-            ("WATCHDOG_USEC", "200000"),
-        ],
-    );
+    let d = disk.spawn(&dev, &[("NOTIFY_SOCKET", path.to_str().unwrap()), ("WATCHDOG_USEC", "200000")]);
     d.wait_stderr("nightlight started", 10 * S);
     disk.fill();
     d.wait_stderr("cannot write to disk", 10 * S);

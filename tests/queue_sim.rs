@@ -120,6 +120,8 @@ struct Sim {
     /// The highest seq handed out so far.
     max_seq: u64,
     trace: Vec<String>,
+    /// `NIGHTLIGHT_SIM_DEBUG` is set: every step, send and file goes to stderr as well.
+    debug: bool,
 }
 
 type Check = Result<(), String>;
@@ -149,6 +151,7 @@ impl Sim {
             max_run_durable: true,
             max_seq: 0,
             trace: vec![],
+            debug: std::env::var_os("NIGHTLIGHT_SIM_DEBUG").is_some(),
         };
         if s.rng.u8(0..4) == 0 {
             s.clockless = true;
@@ -178,8 +181,19 @@ impl Sim {
         }
     }
 
+    /// With `NIGHTLIGHT_SIM_DEBUG`: each file and the seqs of the frames in it.
+    fn dump(&self, when: &str) {
+        if self.debug {
+            for f in self.fs.files() {
+                let b = self.fs.read_file(&f).unwrap_or_default();
+                let seqs: Vec<u64> = frames(&b).iter().map(|x| x.0).collect();
+                eprintln!("{when}: {} {} bytes {seqs:?}", name(&f), b.len());
+            }
+        }
+    }
+
     fn note(&mut self, what: String) {
-        if std::env::var("NIGHTLIGHT_SIM_DEBUG").is_ok() {
+        if self.debug {
             eprintln!("{:>8.3}s {what}", self.now.as_secs_f64());
         }
         self.trace.push(format!("{:>8.3}s {what}", self.now.as_secs_f64()));
@@ -336,7 +350,7 @@ impl Sim {
 
     /// Checks one delivered reading against what was taken, and the order of the connection.
     fn delivered(&mut self, seq: u64, ts: u64, light: u16) -> Check {
-        if std::env::var("NIGHTLIGHT_SIM_DEBUG").is_ok() {
+        if self.debug {
             eprintln!("{:>8.3}s sent {seq}", self.now.as_secs_f64());
         }
         match self.taken.get(&seq) {
@@ -470,23 +484,11 @@ impl Sim {
         }
         let cut = self.now;
         self.note("power off".into());
-        if std::env::var("NIGHTLIGHT_SIM_DEBUG").is_ok() {
-            for f in self.fs.files() {
-                let b = self.fs.read_file(&f).unwrap_or_default();
-                let seqs: Vec<u64> = frames(&b).iter().map(|x| x.0).collect();
-                eprintln!("before cut {}: {} bytes {:?}", name(&f), b.len(), seqs);
-            }
-        }
+        self.dump("before the cut");
         let mut rng = self.rng.fork();
         self.q = None;
         self.fs.power_cut(&mut || rng.bool());
-        if std::env::var("NIGHTLIGHT_SIM_DEBUG").is_ok() {
-            for f in self.fs.files() {
-                let b = self.fs.read_file(&f).unwrap_or_default();
-                let seqs: Vec<u64> = frames(&b).iter().map(|x| x.0).collect();
-                eprintln!("after cut {}: {} bytes {:?}", name(&f), b.len(), seqs);
-            }
-        }
+        self.dump("after the cut");
         self.restart(End::Cut, Some(cut))
     }
 

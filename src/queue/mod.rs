@@ -566,10 +566,7 @@ impl<S: Storage> DiskQueue<S> {
             } else if self.segments.unsynced_since().is_some_and(|t| t + OFFLINE_BATCH <= now)
                 || self.faults.write.at.is_some()
             {
-                match self.segments.sync(&self.st) {
-                    Ok(()) => self.wrote(),
-                    Err(e) => self.write_failed(&e, now),
-                }
+                self.sync_segments(now);
             }
         }
         if self.meta.dirty_since.is_some_and(|t| t + META_FLUSH <= now) {
@@ -633,6 +630,14 @@ impl<S: Storage> DiskQueue<S> {
         }
     }
 
+    /// Syncs what was written, and notes the outcome.
+    fn sync_segments(&mut self, now: Instant) {
+        match self.segments.sync(&self.st) {
+            Ok(()) => self.wrote(),
+            Err(e) => self.write_failed(&e, now),
+        }
+    }
+
     fn wrote(&mut self) {
         if self.faults.failing {
             info!(dir = %self.dir.display(), "queue: writing to disk again");
@@ -693,10 +698,7 @@ impl<S: Storage> DiskQueue<S> {
             }
             n -= take;
         }
-        match self.segments.sync(&self.st) {
-            Ok(()) => self.wrote(),
-            Err(e) => self.write_failed(&e, now),
-        }
+        self.sync_segments(now);
         self.enforce_cap();
     }
 
