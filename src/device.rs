@@ -31,6 +31,7 @@ use crate::link::{self, Backoff, Poller};
 use crate::payload::{self, LedState, Topics, OFFLINE, ONLINE};
 use crate::queue::DiskQueue;
 use crate::sensor::{self, Reading, Sensor, SimulatedControl};
+use crate::systemd::Notifier;
 
 /// Telemetry publishes in flight at once while a backlog drains.
 pub const WINDOW: usize = 64;
@@ -99,7 +100,8 @@ pub async fn run_with(
     info!(id = %cfg.id, broker = %format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port), queued = queue.stats().readings,
         "nightlight started");
     // Configuration loaded, queue, sensor and LED open: ready as far as systemd is concerned.
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("running")]);
+    let notifier = Notifier::new(format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port));
+    notifier.ready();
     let mut device = Device {
         backoff: Backoff::new(
             Duration::from_millis(cfg.mqtt.reconnect_min_ms),
@@ -124,6 +126,7 @@ pub async fn run_with(
         last_failure: None,
         started: Instant::now(),
         discovery_cleared: false,
+        notifier,
     };
     let result = device.run(readings_rx, shutdown).await;
     sampler.abort();
@@ -211,6 +214,8 @@ struct Device {
     started: Instant,
     /// Discovery is disabled and its retained configs were removed in this run.
     discovery_cleared: bool,
+    /// READY, the watchdog and the status line systemd shows.
+    notifier: Notifier,
 }
 
 impl Device {
@@ -221,7 +226,7 @@ impl Device {
     ) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
         // systemd's watchdog (WatchdogSec=) is fed from this loop, so a hung loop gets restarted.
-        let watchdog = sd_notify::watchdog_enabled();
+        let watchdog = self.notifier.watchdog();
         let mut feed = tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
         feed.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut health = tokio::time::interval_at(tokio::time::Instant::now() + HEALTH_EVERY, HEALTH_EVERY);
@@ -233,7 +238,7 @@ impl Device {
                 _ = &mut shutdown => break,
                 // First after a stop: nothing the device does may starve the watchdog.
                 _ = feed.tick(), if watchdog.is_some() => {
-                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                    self.notifier.feed_watchdog();
                 }
                 events = self.poller.next(), if self.poller.is_running() => {
                     self.on_events(events);
@@ -260,7 +265,7 @@ impl Device {
                 }
             }
         }
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        self.notifier.stopping();
         self.stop().await
     }
 
@@ -271,6 +276,7 @@ impl Device {
                 Ok(Event::Incoming(Incoming::PubAck(ack))) => {
                     if let Some(Sent::Telemetry(seq)) = self.by_pkid.remove(&ack.pkid) {
                         self.queue.ack(seq);
+                        self.notifier.delivered();
                     }
                 }
                 Ok(Event::Incoming(Incoming::Publish(p))) => self.on_message(&p),
@@ -281,7 +287,10 @@ impl Device {
                     }
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => match self.sent.pop_front() {
-                    Some(Sent::Telemetry(seq)) if pkid == 0 => self.queue.ack(seq),
+                    Some(Sent::Telemetry(seq)) if pkid == 0 => {
+                        self.queue.ack(seq);
+                        self.notifier.delivered();
+                    }
                     Some(what) if pkid != 0 => {
                         self.by_pkid.insert(pkid, what);
                     }
@@ -304,6 +313,7 @@ impl Device {
         }
         info!(broker = %format!("{}:{}", self.cfg.mqtt.host, self.cfg.mqtt.port), session_present,
             backlog = self.queue.stats().readings, "connected");
+        self.notifier.connected(self.queue.stats().readings);
         // A session the broker kept still has our subscriptions; re-subscribing would make it
         // deliver retained messages again.
         if !session_present {
@@ -384,10 +394,12 @@ impl Device {
                     self.backoff.reset();
                 }
                 warn!(reason = %reason, backlog = self.queue.stats().readings, "disconnected");
+                self.notifier.unreachable(&reason);
             }
             None if self.last_failure.as_deref() != Some(reason.as_str()) => {
                 warn!(broker = %format!("{}:{}", self.cfg.mqtt.host, self.cfg.mqtt.port), reason = %reason,
                     "cannot connect; retrying with backoff");
+                self.notifier.unreachable(&reason);
             }
             None => debug!(reason = %reason, "still cannot connect"),
         }

@@ -22,6 +22,7 @@
 //! - [`demo`]: `nightlight demo` (virtual builds): broker, device, controller and a view.
 //! - [`broker`]: the demo's small embedded MQTT broker (virtual builds).
 //! - [`shutdown`]: the SIGINT/SIGTERM future.
+//! - [`systemd`]: READY, the watchdog and the status line systemd shows.
 
 #[cfg(feature = "virtual")]
 pub mod broker;
@@ -40,6 +41,7 @@ pub mod sensor;
 pub mod server;
 pub mod shutdown;
 pub mod status;
+pub mod systemd;
 pub mod tls;
 
 pub use config::{Config, ConfigError};
