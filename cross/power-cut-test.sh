@@ -28,64 +28,24 @@ root="$work/root"
 mkdir -p "$work"
 vm_root "$root" "$deb"
 # The device reaches the host's broker at 10.0.2.100:1883 (a guestfwd rule below).
-$SUDO tee "$root/etc/nightlight/device.toml" >/dev/null <<EOF
-id = "vm"
-[mqtt]
-host = "10.0.2.100"
-port = 1883
-reconnect_min_ms = 200
-reconnect_max_ms = 1000
-[sensor]
-kind = "virtual"
-interval_ms = $INTERVAL_MS
-[led]
-kind = "virtual"
-[homeassistant]
-enabled = false
-EOF
+vm_device_toml "$INTERVAL_MS" | $SUDO tee "$root/etc/nightlight/device.toml" >/dev/null
 # DHCP from the emulator's user network; the in-VM broker is not used here.
-$SUDO mkdir -p "$root/etc/systemd/network"
-printf '[Match]\nName=e*\n[Network]\nDHCP=yes\n' | $SUDO tee "$root/etc/systemd/network/10-vm.network" >/dev/null
-$SUDO ln -sf /lib/systemd/system/systemd-networkd.service "$root/etc/systemd/system/multi-user.target.wants/systemd-networkd.service"
-$SUDO rm -f "$root/etc/systemd/system/multi-user.target.wants/mosquitto.service"
+vm_network "$root"
 vm_disk "$root" "$work"
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-mkdir -p "$work/mq"
-rm -f "$work/mq/"*.db "$work/observed.jsonl" "$work/cuts.txt"
-{ [ "$(id -u)" -eq 0 ] && echo "user root"; true; } >"$work/mosquitto.conf"
-cat >>"$work/mosquitto.conf" <<EOF
-listener $port 127.0.0.1
-allow_anonymous true
-persistence true
-persistence_location $work/mq/
-max_queued_messages 0
-set_tcp_nodelay true
-EOF
-broker=""
-observer=""
+port=$(vm_free_port)
+vm_broker "$work" "$port"
+rm -f "$work/cuts.txt"
+start_broker() { vm_broker_start; }
+stop_broker() { vm_broker_stop; }
 qemu=""
-start_broker() {
-  mosquitto -c "$work/mosquitto.conf" >>"$work/mosquitto.log" 2>&1 &
-  broker=$!
-  for _ in $(seq 50); do mosquitto_sub -p "$port" -t x -C 1 -W 1 -E >/dev/null 2>&1 && break; sleep 0.1; done
-  # The observer's persistent session: what arrives while it is away is kept for it.
-  mosquitto_sub -p "$port" -c -i power-cut-observer -q 1 -t vm/telemetry >>"$work/observed.jsonl" 2>/dev/null &
-  observer=$!
-}
-stop_broker() {
-  kill "$observer" 2>/dev/null || true
-  kill "$broker" 2>/dev/null || true
-  wait "$broker" 2>/dev/null || true
-  wait "$observer" 2>/dev/null || true
-}
 cleanup() {
   [ -n "$qemu" ] && kill -9 "$qemu" 2>/dev/null || true
   stop_broker
 }
 trap cleanup EXIT
 boot() {
-  vm_qemu "$work" "$work/console-$1.log" "user,id=n,restrict=on,guestfwd=tcp:10.0.2.100:1883-tcp:127.0.0.1:$port"
+  vm_qemu "$work" "$work/console-$1.log" "user,id=n,restrict=on,$(vm_guestfwd "$port")"
   "${VM_QEMU[@]}" &
   qemu=$!
 }
@@ -110,7 +70,6 @@ wait_new_run() {
 now_ms() { date +%s%3N; }
 pause() { python3 -c "import random, time; time.sleep(random.uniform($1, $2))"; }
 
-touch "$work/observed.jsonl"
 start_broker
 # Boots after a cut whose queue opened and whose new run delivered readings.
 opened=0

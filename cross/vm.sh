@@ -1,17 +1,28 @@
+# shellcheck shell=bash
 # cross/vm.sh: sourced by the tests that boot the real .deb in an emulated arm64 Debian
-# (cross/boot-test.sh, cross/power-cut-test.sh). One place for the tools, the cached rootfs
-# (shared by every VM test, in cargo's target directory) and the disk image.
+# (cross/boot-test.sh, cross/power-cut-test.sh, cross/deploy-test.sh). One place for the tools,
+# the cached rootfs (shared by every VM test, in cargo's target directory), the disk image and
+# the broker on the host that a guest reaches through the emulator's user network.
 #
 #   vm_tools                 install qemu, mmdebstrap and friends when missing; binfmt for arm64
 #   vm_rootfs                build or reuse the cached bookworm rootfs tarball; sets $VM_BASE
-#   vm_root DIR DEB          unpack the rootfs into DIR and install DEB (and /etc/hosts)
+#   vm_root DIR [DEB]        unpack the rootfs into DIR (sshd off, /etc/hosts), install DEB
+#   vm_network DIR           DHCP from the emulator's user network; the guest's own broker off
 #   vm_disk DIR OUT          make OUT/disk.img from DIR, and OUT/vmlinuz, OUT/initrd.img
 #   vm_qemu OUT LOG NETDEV   sets VM_QEMU, the qemu-system-aarch64 command line for that disk
+#   vm_device_toml MS        a device.toml for the guest: id "vm", virtual sensor and LED read
+#                            every MS ms, the host's broker at 10.0.2.100:1883 (vm_guestfwd)
+#   vm_free_port             a free TCP port on 127.0.0.1
+#   vm_guestfwd PORT         the netdev rule that makes the guest's 10.0.2.100:1883 the host's
+#                            127.0.0.1:PORT, one relay per connection
+#   vm_broker DIR PORT       write DIR/mosquitto.conf: a persistent broker on 127.0.0.1:PORT
+#   vm_broker_start / _stop  start it with a persistent QoS 1 observer of $VM_TOPIC appending
+#                            to DIR/observed.jsonl; stop both
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 VM_WORK="$(scripts/target-dir.sh)/boot-test"
-VM_PACKAGES=systemd-sysv,udev,linux-image-arm64,mosquitto,mosquitto-clients,kmod
+VM_PACKAGES=systemd-sysv,udev,linux-image-arm64,mosquitto,mosquitto-clients,kmod,openssh-server,sudo
 
 vm_tools() {
   local need=()
@@ -21,6 +32,8 @@ vm_tools() {
   command -v update-binfmts >/dev/null 2>&1 || need+=(binfmt-support)
   command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
   command -v mosquitto_sub >/dev/null 2>&1 || need+=(mosquitto mosquitto-clients)
+  command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
+  command -v nc >/dev/null 2>&1 || need+=(netcat-openbsd)
   if [ ${#need[@]} -gt 0 ]; then
     $SUDO apt-get update -q
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q -o DPkg::Lock::Timeout=300 "${need[@]}"
@@ -52,13 +65,17 @@ vm_rootfs() {
 }
 
 vm_root() {
-  local root=$1 deb=$2
+  local root=$1 deb=${2:-}
   $SUDO rm -rf "$root"
   mkdir -p "$root"
   $SUDO tar -xf "$VM_BASE" -C "$root"
-  $SUDO cp "$deb" "$root/tmp/nightlight.deb"
-  $SUDO chroot "$root" dpkg -i /tmp/nightlight.deb
-  $SUDO rm "$root/tmp/nightlight.deb"
+  # sshd is for the deploy test, which turns it back on.
+  $SUDO rm -f "$root/etc/systemd/system/multi-user.target.wants/ssh.service" "$root/etc/systemd/system/sshd.service"
+  if [ -n "$deb" ]; then
+    $SUDO cp "$deb" "$root/tmp/nightlight.deb"
+    $SUDO chroot "$root" dpkg -i /tmp/nightlight.deb
+    $SUDO rm "$root/tmp/nightlight.deb"
+  fi
   # mmdebstrap leaves no /etc/hosts, so "localhost" would not resolve; every real image has one.
   printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\tvm\n' | $SUDO tee "$root/etc/hosts" >/dev/null
   echo vm | $SUDO tee "$root/etc/hostname" >/dev/null
@@ -81,4 +98,57 @@ vm_qemu() {
     -append "root=/dev/vda rw console=ttyAMA0 systemd.show_status=false"
     -drive "if=none,file=$out/disk.img,format=raw,id=hd" -device virtio-blk-device,drive=hd
     -netdev "$netdev" -device virtio-net-device,netdev=n)
+}
+
+vm_network() {
+  local root=$1
+  $SUDO mkdir -p "$root/etc/systemd/network"
+  printf '[Match]\nName=e*\n[Network]\nDHCP=yes\n' | $SUDO tee "$root/etc/systemd/network/10-vm.network" >/dev/null
+  $SUDO ln -sf /lib/systemd/system/systemd-networkd.service "$root/etc/systemd/system/multi-user.target.wants/systemd-networkd.service"
+  $SUDO rm -f "$root/etc/systemd/system/multi-user.target.wants/mosquitto.service"
+}
+
+vm_device_toml() {
+  printf '%s\n' 'id = "vm"' '[mqtt]' 'host = "10.0.2.100"' 'port = 1883' 'reconnect_min_ms = 200' \
+    'reconnect_max_ms = 1000' '[sensor]' 'kind = "virtual"' "interval_ms = $1" '[led]' 'kind = "virtual"' \
+    '[homeassistant]' 'enabled = false'
+}
+
+vm_free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# A `tcp:` target would be one chardev, connected once: after the guest's first connection
+# closed (a restart, a broker outage) the next would time out. `cmd:` runs nc per connection.
+vm_guestfwd() {
+  echo "guestfwd=tcp:10.0.2.100:1883-cmd:nc -q 0 127.0.0.1 $1"
+}
+
+VM_BROKER_DIR="" VM_BROKER_PORT="" VM_TOPIC=vm/telemetry
+vm_broker_pid="" vm_observer_pid=""
+vm_broker() {
+  VM_BROKER_DIR=$1 VM_BROKER_PORT=$2
+  mkdir -p "$VM_BROKER_DIR/mq"
+  rm -f "$VM_BROKER_DIR/mq/"*.db "$VM_BROKER_DIR/observed.jsonl"
+  touch "$VM_BROKER_DIR/observed.jsonl"
+  { [ "$(id -u)" -eq 0 ] && echo "user root"; true; } >"$VM_BROKER_DIR/mosquitto.conf"
+  printf '%s\n' "listener $VM_BROKER_PORT 127.0.0.1" "allow_anonymous true" "persistence true" \
+    "persistence_location $VM_BROKER_DIR/mq/" "max_queued_messages 0" "set_tcp_nodelay true" \
+    >>"$VM_BROKER_DIR/mosquitto.conf"
+}
+
+vm_broker_start() {
+  mosquitto -c "$VM_BROKER_DIR/mosquitto.conf" >>"$VM_BROKER_DIR/mosquitto.log" 2>&1 &
+  vm_broker_pid=$!
+  for _ in $(seq 50); do mosquitto_sub -p "$VM_BROKER_PORT" -t x -C 1 -W 1 -E >/dev/null 2>&1 && break; sleep 0.1; done
+  # The observer's persistent session: what arrives while it is away is kept for it.
+  mosquitto_sub -p "$VM_BROKER_PORT" -c -i vm-observer -q 1 -t "$VM_TOPIC" >>"$VM_BROKER_DIR/observed.jsonl" 2>/dev/null &
+  vm_observer_pid=$!
+}
+
+vm_broker_stop() {
+  kill "$vm_observer_pid" 2>/dev/null || true
+  kill "$vm_broker_pid" 2>/dev/null || true
+  wait "$vm_broker_pid" 2>/dev/null || true
+  wait "$vm_observer_pid" 2>/dev/null || true
 }
