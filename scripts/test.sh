@@ -2,8 +2,9 @@
 # The one test command (README "Tests"). On a fresh Debian/Ubuntu machine it installs what the
 # tests need (mosquitto, the Pi cross linkers and rustup targets, cargo-deb, qemu, mmdebstrap),
 # proves the Pi builds cross-compile, package and run (cross/check.sh), boots the .deb in an
-# emulated arm64 Debian (cross/boot-test.sh) and cuts its power ten times (cross/power-cut-test.sh),
-# smoke-tests the benchmark script, then runs every test: unit, driver (mock I2C), the queue's
+# emulated arm64 Debian (cross/boot-test.sh), cuts its power ten times (cross/power-cut-test.sh),
+# deploys, upgrades and rolls it back over ssh (cross/deploy-test.sh), smoke-tests the benchmark
+# script, then runs every test: unit, driver (mock I2C), the queue's
 # simulation, and end to end against real mosquitto brokers it starts on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +40,9 @@ cross/boot-test.sh
 
 echo "==> real power cuts: the .deb in the emulated arm64 Debian, killed with SIGKILL ten times"
 cross/power-cut-test.sh
+
+echo "==> a proven deploy: cross/deploy.sh over ssh to the emulated arm64 Debian (install, upgrade, rollback)"
+cross/deploy-test.sh
 
 echo "==> benchmark script smoke (one short repetition beside the lesson's device; no figures asserted)"
 SMOKE=1 bench/compare.sh >/dev/null
