@@ -448,6 +448,9 @@ impl Device {
 
     /// Publishes queued readings, oldest first, while the window has room.
     fn pump(&mut self) {
+        if let Some(sim) = &self.simulated {
+            sim.set_queued(self.queue.stats().readings); // for the demo's page
+        }
         if self.connected.is_none() || self.purge {
             return;
         }

@@ -12,6 +12,7 @@ mod hardware;
 #[cfg(feature = "virtual")]
 pub mod simulated;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::config::Config;
@@ -72,20 +73,40 @@ pub fn scale_to_light(value: f64, full_scale: f64) -> u16 {
     (value / full_scale * 1000.0).round().clamp(0.0, 1000.0) as u16
 }
 
-/// Shared handle through which the device applies `<id>/virtual/light` to the simulated sensor.
+/// Shared handle to the simulated device: through it the device applies `<id>/virtual/light`
+/// (and the demo's page its slider) to the simulated sensor, and the device reports how many
+/// readings its queue holds, for the demo's page.
 #[derive(Debug, Clone, Default)]
-pub struct SimulatedControl(Arc<Mutex<Option<SimulatedLight>>>);
+pub struct SimulatedControl {
+    light: Arc<Mutex<Option<SimulatedLight>>>,
+    queued: Arc<AtomicU64>,
+}
 
 impl SimulatedControl {
     /// Holds the level, or fails every read, until the next call.
     pub fn set(&self, v: SimulatedLight) {
         // A poisoned lock means a panic elsewhere, and panics abort this program.
-        *self.0.lock().expect("lock") = Some(v);
+        *self.light.lock().expect("lock") = Some(v);
+    }
+
+    /// Back to the configured pattern (the simulated day).
+    pub fn clear(&self) {
+        *self.light.lock().expect("lock") = None;
     }
 
     /// The override in force, if any.
     pub fn get(&self) -> Option<SimulatedLight> {
-        *self.0.lock().expect("lock")
+        *self.light.lock().expect("lock")
+    }
+
+    /// The device's queue now holds `n` readings.
+    pub fn set_queued(&self, n: u64) {
+        self.queued.store(n, Ordering::Relaxed);
+    }
+
+    /// Readings in the device's queue, as last reported.
+    pub fn queued(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed)
     }
 }
 
