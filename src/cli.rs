@@ -47,6 +47,9 @@ enum Command {
         /// Port of the embedded broker on 127.0.0.1
         #[arg(long, default_value_t = 1883)]
         port: u16,
+        /// Port of the web page on 127.0.0.1 (0 picks a free one; the address is printed)
+        #[arg(long, default_value_t = 8080)]
+        web_port: u16,
     },
 }
 
@@ -54,10 +57,10 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     #[cfg(feature = "virtual")]
-    if let Some(Command::Demo { port }) = cli.command {
+    if let Some(Command::Demo { port, web_port }) = cli.command {
         // The demo needs no configuration; its info lines would scroll over the live view.
         init_logging(LevelFilter::WARN);
-        return serve(|shutdown| crate::demo::run(port, shutdown));
+        return serve(|shutdown| crate::demo::run(port, web_port, shutdown));
     }
     init_logging(LevelFilter::INFO);
     let source = config::locate(cli.config.as_deref(), std::env::var(config::CONFIG_ENV).ok().as_deref());
