@@ -101,6 +101,7 @@ fn demo_runs_headless_shows_both_commands_to_outside_clients_and_stops_on_sigint
     });
     assert!(!obs.on("demo/telemetry").is_empty());
     let out = d.stdout().join("\n");
+    assert!(out.contains("open http://127.0.0.1:"), "the page's address is printed:\n{out}");
     assert!(
         out.contains("command led_on=true") && out.contains("telemetry light="),
         "plain lines when not a terminal:\n{out}"
@@ -114,15 +115,24 @@ fn demo_runs_headless_shows_both_commands_to_outside_clients_and_stops_on_sigint
 fn demo_on_a_busy_port_says_so_and_exits_1() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();
-    let (code, _, err) = run_to_end(&["demo", "--port", &port], &[]);
+    let (code, _, err) = run_to_end(&["demo", "--port", &port, "--web-port", "0"], &[]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains(&port) && err.contains("--port"), "{err}");
+}
+
+#[test]
+fn demo_on_a_busy_web_port_says_so_and_exits_1() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let web = taken.local_addr().unwrap().port().to_string();
+    let (code, _, err) = run_to_end(&["demo", "--port", &free_port().to_string(), "--web-port", &web], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&web) && err.contains("--web-port"), "{err}");
 }
 
 /// Runs `nightlight demo` on a free port and waits until its broker accepts connections.
 fn demo() -> (Daemon, u16) {
     let port = free_port();
-    let d = Daemon::spawn(&["demo", "--port", &port.to_string()], &[]);
+    let d = Daemon::spawn(&["demo", "--port", &port.to_string(), "--web-port", "0"], &[]);
     let deadline = std::time::Instant::now() + 10 * S;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(std::time::Instant::now() < deadline, "demo broker did not start: {}", d.stderr());
@@ -175,4 +185,47 @@ fn demo_broker_gives_standard_clients_retained_messages_qos_2_delivery_and_last_
     assert_eq!(obs.wait_on("x/silent", 5 * S, |m| !m.is_empty())[0].text(), "timed out");
     assert!(started.elapsed() >= Duration::from_millis(1400), "not before 1.5 x keep-alive");
     drop(silent);
+}
+
+/// One raw HTTP/1.1 request to the demo's page server; the status line and the body.
+fn http(port: u16, request: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(5 * S)).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (head.lines().next().unwrap_or_default().to_owned(), body.to_owned())
+}
+
+#[test]
+fn the_demo_page_answers_only_itself_and_moves_nothing_for_another_origin() {
+    let (d, _) = demo();
+    let web = {
+        let deadline = std::time::Instant::now() + 10 * S;
+        loop {
+            let out = d.stdout().join("\n");
+            if let Some(rest) = out.split("open http://127.0.0.1:").nth(1) {
+                break rest.split('/').next().unwrap().parse::<u16>().unwrap();
+            }
+            assert!(std::time::Instant::now() < deadline, "no page address printed: {out}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let host = format!("Host: 127.0.0.1:{web}\r\nConnection: close\r\n");
+    let (status, body) = http(web, &format!("GET / HTTP/1.1\r\n{host}\r\n"));
+    assert!(status.ends_with("200 OK") && body.contains(r#"aria-label="Light level""#), "{status}");
+    // A page elsewhere can send a simple POST, but not this header without a preflight.
+    let (status, _) = http(web, &format!("POST /network?up=false HTTP/1.1\r\n{host}Content-Length: 0\r\n\r\n"));
+    assert!(status.ends_with("403 Forbidden"), "{status}");
+    // A rebinding DNS name reaches 127.0.0.1 with another Host: refused.
+    let (status, _) = http(web, "GET / HTTP/1.1\r\nHost: attacker.example:80\r\nConnection: close\r\n\r\n");
+    assert!(status.contains("421"), "{status}");
+    let (status, _) =
+        http(web, &format!("POST /light?level=2000 HTTP/1.1\r\n{host}X-Nightlight: 1\r\nContent-Length: 0\r\n\r\n"));
+    assert!(status.ends_with("400 Bad Request"), "{status}");
+    let (status, _) =
+        http(web, &format!("POST /light?level=20 HTTP/1.1\r\n{host}X-Nightlight: 1\r\nContent-Length: 0\r\n\r\n"));
+    assert!(status.ends_with("204 No Content"), "{status}");
 }
