@@ -4,7 +4,7 @@
 # proves the Pi builds cross-compile, package and run (cross/check.sh), boots the .deb in an
 # emulated arm64 Debian (cross/boot-test.sh), cuts its power ten times (cross/power-cut-test.sh),
 # deploys, upgrades and rolls it back over ssh (cross/deploy-test.sh), smoke-tests the benchmark
-# script, then runs every test: unit, driver (mock I2C), the queue's
+# script, drives the demo's page in headless chromium (tests/web/run.sh), then runs every test: unit, driver (mock I2C), the queue's
 # simulation, and end to end against real mosquitto brokers it starts on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,12 +47,19 @@ cross/deploy-test.sh
 echo "==> benchmark script smoke (one short repetition beside the lesson's device; no figures asserted)"
 SMOKE=1 bench/compare.sh >/dev/null
 
-echo "==> tests"
 log=$(mktemp)
-# --lib --bins --tests: every unit, driver, property and end-to-end test (no doc-tests: there are none).
+echo "==> the demo's page in a real browser (headless chromium)"
 set +e
-cargo test --features virtual --lib --bins --tests 2>&1 | tee "$log"
+tests/web/run.sh 2>&1 | tee "$log"
+web_status=${PIPESTATUS[0]}
+
+echo "==> tests"
+# --lib --bins --tests: every unit, driver, property and end-to-end test (no doc-tests: there are none).
+cargo test --features virtual --lib --bins --tests 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
 set -e
-awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+# cargo's "test result:" lines and node's "# pass N" / "# fail N", together.
+awk '/^test result:/ { p += $4; f += $6 } /^# pass / { p += $3 } /^# fail / { f += $3 }
+  END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+[ "$web_status" -eq 0 ] || exit "$web_status"
 exit "$status"
