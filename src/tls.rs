@@ -2,6 +2,12 @@
 //! `mqtt.tls.ca_file` or the system roots (host name and IP addresses checked), and an optional
 //! client certificate for mutual TLS (PEM; PKCS#8, PKCS#1 RSA and SEC1 EC keys).
 //!
+//! The client certificate is the broker's to judge, not ours: one that rustls's parser cannot
+//! read (an X.509 v1 certificate, which OpenSSL 3 makes from the `openssl x509 -req` recipe of
+//! `mosquitto-tls(7)`) is sent as it is; only a key that provably belongs to another
+//! certificate is refused here. A broker certificate rustls cannot accept (v1, or without a
+//! subjectAltName for the host) gets a message that says so and how to make one that works.
+//!
 //! Loading happens while the configuration is validated, so a missing or unreadable file is a
 //! configuration error (exit 2) that names it.
 
@@ -9,7 +15,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ClientConfig, RootCertStore};
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
+use rustls::{ClientConfig, InconsistentKeys, RootCertStore};
 
 use crate::config::TlsConfig;
 
@@ -47,7 +54,7 @@ pub fn client_config(cfg: &TlsConfig) -> Result<Arc<ClientConfig>, TlsError> {
             roots.add(cert).map_err(|e| err("mqtt.tls.ca_file", &cfg.ca_file, format!("not a CA certificate: {e}")))?;
         }
     }
-    let builder = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| err("mqtt.tls.enabled", "", e.to_string()))?
         .with_root_certificates(roots);
@@ -55,10 +62,21 @@ pub fn client_config(cfg: &TlsConfig) -> Result<Arc<ClientConfig>, TlsError> {
         (true, true) => builder.with_no_client_auth(),
         (false, false) => {
             let chain = certs("mqtt.tls.cert_file", &cfg.cert_file)?;
-            let key = key(&cfg.key_file)?;
-            builder.with_client_auth_cert(chain, key).map_err(|e| {
-                err("mqtt.tls.key_file", &cfg.key_file, format!("does not match mqtt.tls.cert_file: {e}"))
-            })?
+            let signer = provider
+                .key_provider
+                .load_private_key(key(&cfg.key_file)?)
+                .map_err(|e| err("mqtt.tls.key_file", &cfg.key_file, format!("cannot be used: {e}")))?;
+            let certified = CertifiedKey::new(chain, signer);
+            // Anything else is a match, or not knowable here (a certificate rustls cannot
+            // parse): the broker verifies the certificate and that we hold its key.
+            if let Err(rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch)) = certified.keys_match() {
+                return Err(err(
+                    "mqtt.tls.key_file",
+                    &cfg.key_file,
+                    format!("is not the key of the certificate in {}", cfg.cert_file),
+                ));
+            }
+            builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)))
         }
         (true, false) => return Err(err("mqtt.tls.cert_file", "", "is required with mqtt.tls.key_file".into())),
         (false, true) => return Err(err("mqtt.tls.key_file", "", "is required with mqtt.tls.cert_file".into())),
@@ -124,7 +142,21 @@ fn explain_rustls(e: &rustls::Error, host: &str) -> String {
             "TLS: the broker's certificate is not valid yet (check this machine's clock)".into()
         }
         E::InvalidCertificate(C::NotValidForName) | E::InvalidCertificate(C::NotValidForNameContext { .. }) => {
-            format!("TLS: the broker's certificate is not valid for {host} (check mqtt.host)")
+            format!(
+                "TLS: the broker's certificate is not valid for {host}: its subjectAltName must name {host} \
+                 (rustls does not look at the CN). Check mqtt.host, or sign the broker's certificate again \
+                 with {}",
+                extfile(host)
+            )
+        }
+        E::InvalidCertificate(C::Other(o))
+            if matches!(o.0.downcast_ref(), Some(webpki::Error::UnsupportedCertVersion)) =>
+        {
+            format!(
+                "TLS: the broker's certificate is an X.509 version 1 certificate, which rustls does not accept \
+                 (OpenSSL 3 makes one when `openssl x509 -req` is given no extensions). Sign it again with {}",
+                extfile(host)
+            )
         }
         E::AlertReceived(A::CertificateRequired) => {
             "TLS: the broker requires a client certificate (set mqtt.tls.cert_file and key_file)".into()
@@ -134,4 +166,10 @@ fn explain_rustls(e: &rustls::Error, host: &str) -> String {
         }
         other => format!("TLS: {other}"),
     }
+}
+
+/// The `openssl x509 -req` argument that makes a v3 certificate naming `host`.
+fn extfile(host: &str) -> String {
+    let san = if host.parse::<std::net::IpAddr>().is_ok() { "IP" } else { "DNS" };
+    format!("-extfile <(printf 'subjectAltName={san}:{host}')")
 }

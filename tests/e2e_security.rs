@@ -83,6 +83,7 @@ fn a_broker_certificate_for_another_host_is_refused_naming_the_host() {
     let dev = device_dir(&tls_toml(tls_port, "127.0.0.1", &format!("ca_file = {:?}\n", pki.path("ca.pem"))));
     let d = device_with(&dev, &[]);
     d.wait_stderr("not valid for 127.0.0.1", 10 * S);
+    assert!(d.stderr().contains("subjectAltName=IP:127.0.0.1"), "says how to make one: {}", d.stderr());
 }
 
 #[test]
@@ -110,6 +111,61 @@ fn mutual_tls_works_with_a_client_certificate_and_is_refused_without_one() {
     b.wait_stderr("client certificate", 10 * S);
     std::thread::sleep(S);
     assert!(obs.on(&without.topic("telemetry")).is_empty());
+}
+
+#[test]
+fn mutual_tls_works_with_a_client_certificate_made_by_the_mosquitto_tls_recipe() {
+    let pki = Pki::new("ca");
+    pki.issue("ca", "server", "DNS:localhost,IP:127.0.0.1", false);
+    let version = pki.issue_as_mosquitto_tls("ca", "client");
+    assert!(version.starts_with("Version: 1"), "the recipe makes a v1 certificate here: {version}");
+    let (broker, tls_port) = tls_broker(&pki, "server", true);
+    let obs = Observer::new(broker.port, "#");
+    let dev = device_dir(&tls_toml(
+        tls_port,
+        "127.0.0.1",
+        &format!(
+            "ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+            pki.path("ca.pem"),
+            pki.path("client.pem"),
+            pki.path("client.key")
+        ),
+    ));
+    let d = device_with(&dev, &[]);
+    obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= 3);
+    assert!(!d.stderr().contains("WARN"), "{}", d.stderr());
+}
+
+#[test]
+fn a_key_of_another_certificate_is_a_configuration_error_naming_the_key_file() {
+    let pki = Pki::new("ca");
+    pki.issue("ca", "client", "DNS:client", true);
+    pki.issue("ca", "other", "DNS:other", true);
+    let dev = device_dir(&tls_toml(
+        1,
+        "127.0.0.1",
+        &format!(
+            "ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+            pki.path("ca.pem"),
+            pki.path("client.pem"),
+            pki.path("other.key")
+        ),
+    ));
+    let (code, _, err) = run_to_end(&["check", "--config", dev.config().to_str().unwrap()], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("mqtt.tls.key_file") && err.contains("is not the key of the certificate"), "{err}");
+}
+
+#[test]
+fn a_version_1_broker_certificate_is_refused_saying_so_and_how_to_make_one_that_works() {
+    let pki = Pki::new("ca");
+    let version = pki.issue_as_mosquitto_tls("ca", "server");
+    assert!(version.starts_with("Version: 1"), "{version}");
+    let (_broker, tls_port) = tls_broker(&pki, "server", false);
+    let dev = device_dir(&tls_toml(tls_port, "127.0.0.1", &format!("ca_file = {:?}\n", pki.path("ca.pem"))));
+    let d = device_with(&dev, &[]);
+    d.wait_stderr("X.509 version 1 certificate", 10 * S);
+    assert!(d.stderr().contains("-extfile <(printf 'subjectAltName=IP:127.0.0.1')"), "{}", d.stderr());
 }
 
 fn password_broker(acl: Option<&str>) -> (Mosquitto, tempfile::TempDir) {

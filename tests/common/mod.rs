@@ -499,6 +499,38 @@ impl Pki {
         ]);
     }
 
+    /// `<name>.pem` / `<name>.key` made exactly as `mosquitto-tls(7)` says (an RSA key, a CSR,
+    /// `openssl x509 -req ... -CAcreateserial`, no extensions): OpenSSL 3 makes it an X.509 v1
+    /// certificate. Returns openssl's `Version:` line, so a test can show it met that case.
+    pub fn issue_as_mosquitto_tls(&self, ca: &str, name: &str) -> String {
+        let (key, csr, pem) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"));
+        self.openssl(&["genrsa", "-out", &key, "2048"]);
+        self.openssl(&["req", "-out", &csr, "-key", &key, "-new", "-subj", &format!("/CN={name}")]);
+        let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "30",
+        ]);
+        let out = Command::new("openssl")
+            .args(["x509", "-noout", "-text", "-in", &pem])
+            .current_dir(self.dir.path())
+            .output()
+            .expect("openssl is installed");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines().find(|l| l.trim_start().starts_with("Version:")).unwrap_or_default().trim().to_owned()
+    }
+
     fn openssl(&self, args: &[&str]) {
         let out =
             Command::new("openssl").args(args).current_dir(self.dir.path()).output().expect("openssl is installed");
