@@ -320,10 +320,17 @@ impl Config {
         };
         let config: Config = merged.try_deserialize().map_err(|e| {
             let msg = e.to_string();
-            // Say where the offending value came from: config only knows the key.
-            let key = msg.split("for key `").nth(1).and_then(|rest| rest.split('`').next());
+            // Say where the offending value came from: config only knows the key. For an unknown
+            // field it names the table the field is in, which the defaults have too: look up the
+            // field itself, or an unknown NIGHTLIGHT__LED__X would be blamed on the defaults.
+            let quoted = |after: &str| msg.split(after).nth(1).and_then(|rest| rest.split('`').next());
+            let key = match (quoted("for key `"), quoted("unknown field `")) {
+                (Some(table), Some(field)) => Some(format!("{table}.{field}")),
+                (None, Some(field)) => Some(field.to_owned()),
+                (key, None) => key.map(str::to_owned),
+            };
             match key {
-                Some(key) => ConfigError::Parse(format!("{msg} {}", origin_of(key))),
+                Some(key) => ConfigError::Parse(format!("{msg} {}", origin_of(&key))),
                 None => ConfigError::Parse(format!("{msg} (in {source} or a NIGHTLIGHT__* variable)")),
             }
         })?;

@@ -79,6 +79,24 @@ fn a_bad_environment_value_names_the_variable() {
 }
 
 #[test]
+fn an_unknown_key_is_blamed_on_where_it_was_set_not_on_the_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_file(dir.path(), "device.toml", "id = \"porch\"\n[led]\nkind = \"virtual\"\n");
+    let (code, _, err) =
+        run_to_end(&["check", "--config", cfg.to_str().unwrap()], &[("NIGHTLIGHT__LED__BRIGHTNESS", "2")]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("unknown field `brightness`")
+            && err.contains("from environment variable NIGHTLIGHT__LED__BRIGHTNESS"),
+        "{err}"
+    );
+    let cfg = write_file(dir.path(), "typo.toml", "id = \"porch\"\n[led]\nbrightnes = 2\n");
+    let (code, _, err) = run_to_end(&["check", "--config", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("unknown field `brightnes`") && err.contains(cfg.to_str().unwrap()), "{err}");
+}
+
+#[test]
 fn usage_errors_exit_2_and_help_and_version_exit_0() {
     assert_eq!(run_to_end(&["frobnicate"], &[]).0, 2);
     let (code, out, _) = run_to_end(&["--help"], &[]);
