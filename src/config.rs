@@ -122,12 +122,25 @@ pub enum LedKind {
     Virtual,
 }
 
+/// The LED's state at start, before any network (`led.power_on`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PowerOn {
+    Off,
+    On,
+    /// The state it had when the device stopped or lost power.
+    Last,
+    /// What the controller's rule says of the first reading.
+    Auto,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LedConfig {
     pub kind: LedKind,
     pub pin: u8,
     pub active_low: bool,
+    pub power_on: PowerOn,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -230,6 +243,7 @@ impl Default for LedConfig {
             kind: if cfg!(feature = "hardware") { LedKind::Gpio } else { LedKind::Virtual },
             pin: 5,
             active_low: false,
+            power_on: PowerOn::Last,
         }
     }
 }

@@ -26,6 +26,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, SensorKind};
 use crate::homeassistant::{self, Health};
+use crate::led::power_on::KeptLed;
 use crate::led::{self, Led};
 use crate::link::{self, Backoff, Poller};
 use crate::payload::{self, LedState, Topics, OFFLINE, ONLINE};
@@ -91,6 +92,8 @@ pub async fn run_with(
     let queue_dir = Path::new(&cfg.queue.dir);
     let queue = DiskQueue::open(queue_dir, cfg.queue.max_bytes, Duration::from_millis(cfg.queue.spill_ms))
         .with_context(|| format!("cannot open the offline queue (queue.dir = {})", queue_dir.display()))?;
+    // Before any network: the LED as `led.power_on` says.
+    let led = KeptLed::start(led, cfg.led.power_on, cfg.server.threshold, queue_dir);
     let topics = Topics::new(&cfg.id);
     let (client, eventloop) = link::connect_options(&cfg, &topics)?;
     let counters = Arc::new(Counters::default());
@@ -189,7 +192,7 @@ struct Device {
     cfg: Config,
     topics: Topics,
     queue: DiskQueue,
-    led: Box<dyn Led>,
+    led: KeptLed,
     simulated: Option<SimulatedControl>,
     client: AsyncClient,
     poller: Poller,
@@ -247,6 +250,11 @@ impl Device {
                     }
                 }
                 Some((reading, ts)) = readings_rx.recv() => {
+                    if let Some(on) = self.led.reading(reading.light) {
+                        if self.connected.is_some() {
+                            self.publish_other(&self.topics.state.clone(), LedState { led_on: on }.to_json(), true);
+                        }
+                    }
                     self.queue.push(Instant::now(), reading.light, ts, reading.lux);
                     self.pump();
                 }

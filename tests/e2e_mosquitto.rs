@@ -313,3 +313,42 @@ fn sigint_stops_it_even_when_started_with_sigint_ignored_like_a_background_job()
     };
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn the_led_comes_back_as_it_was_before_any_network_unless_power_on_says_otherwise() {
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 200, "");
+    let obs = Observer::new(broker.port, "#");
+    let mut d = dev.spawn();
+    obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| !m.is_empty());
+    obs.publish(&dev.topic("commands"), r#"{"led_on": true}"#, false);
+    d.wait_stdout_lines(1, 5 * S);
+    assert!(d.stdout()[0].starts_with("led on"), "{:?}", d.stdout());
+    assert_eq!(d.stop_with(libc::SIGTERM, 5 * S).0.code(), Some(0));
+    drop(broker); // no network from here on
+
+    // led.power_on = "last" (the default): on again at start, with no broker to say so.
+    let config = dev.config();
+    let run = ["run", "--config", config.to_str().unwrap()];
+    let mut d = Daemon::spawn(&run, &[]);
+    let lines = d.wait_stdout_lines(1, 5 * S);
+    assert!(lines[0].starts_with("led on"), "{lines:?}");
+    d.wait_stderr("cannot connect", 5 * S);
+    assert_eq!(d.stop_with(libc::SIGTERM, 5 * S).0.code(), Some(0));
+
+    // "off" overrides what was kept (and keeps off).
+    let mut d = Daemon::spawn(&run, &[("NIGHTLIGHT__LED__POWER_ON", "off")]);
+    d.wait_stderr("cannot connect", 5 * S);
+    assert!(d.stdout().is_empty(), "the LED stays off: {:?}", d.stdout());
+    assert_eq!(d.stop_with(libc::SIGTERM, 5 * S).0.code(), Some(0));
+    let mut d = Daemon::spawn(&run, &[]);
+    d.wait_stderr("cannot connect", 5 * S);
+    assert!(d.stdout().is_empty(), "last is off now: {:?}", d.stdout());
+    assert_eq!(d.stop_with(libc::SIGTERM, 5 * S).0.code(), Some(0));
+
+    // "auto": the first reading (the simulated 123, below the threshold of 300) switches it on.
+    let mut d = Daemon::spawn(&run, &[("NIGHTLIGHT__LED__POWER_ON", "auto")]);
+    let lines = d.wait_stdout_lines(1, 5 * S);
+    assert!(lines[0].starts_with("led on"), "{lines:?}");
+    assert_eq!(d.stop_with(libc::SIGTERM, 5 * S).0.code(), Some(0));
+}

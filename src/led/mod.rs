@@ -1,9 +1,11 @@
 //! The LED: a GPIO pin through rppal, or the virtual LED that prints its changes.
 //!
-//! LED drivers know nothing of MQTT: the device calls [`Led::set`] with the commanded state.
+//! LED drivers know nothing of MQTT: the device calls [`Led::set`] with the commanded state,
+//! through [`power_on::KeptLed`], which sets the state at start and keeps every change.
 
 #[cfg(feature = "hardware")]
 mod gpio;
+pub mod power_on;
 #[cfg(feature = "virtual")]
 pub mod simulated;
 

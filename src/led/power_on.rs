@@ -1,0 +1,194 @@
+//! The LED's state at start (`led.power_on`), set before any network, and the memory behind
+//! `last`: the state the LED had when the device stopped or lost power.
+//!
+//! Rules:
+//! - `off` and `on` are what they say; `last` is the kept state (off when none was ever kept);
+//!   `auto` waits for the first reading and applies the controller's rule to it: on below
+//!   `server.threshold` (a first reading has no state before it, so the hysteresis band is off).
+//! - The memory is one file, `led`, in the state directory (`queue.dir`), holding `on` or `off`.
+//!   It is written only when the state changes (no SD-card wear per reading), atomically:
+//!   `led.new`, fdatasync, rename over `led`, directory fsync. A power cut leaves the old state or
+//!   the new one, never a torn file; an unreadable file counts as none kept.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use tracing::{info, warn};
+
+use super::Led;
+use crate::config::PowerOn;
+
+/// The LED state to apply at start; `None` for `auto` (the first reading decides).
+pub fn at_start(mode: PowerOn, kept: Option<bool>) -> Option<bool> {
+    match mode {
+        PowerOn::Off => Some(false),
+        PowerOn::On => Some(true),
+        PowerOn::Last => Some(kept.unwrap_or(false)),
+        PowerOn::Auto => None,
+    }
+}
+
+/// `auto`: the controller's rule applied to a first reading.
+pub fn auto(light: u16, threshold: u16) -> bool {
+    light < threshold
+}
+
+/// The kept LED state in a state directory.
+#[derive(Debug)]
+pub struct Memory {
+    dir: PathBuf,
+    /// What the file holds (as far as this process knows).
+    kept: Option<bool>,
+}
+
+impl Memory {
+    /// Reads the kept state from `dir`; none when there is no file or it cannot be read.
+    pub fn open(dir: &Path) -> Self {
+        let kept = match fs::read_to_string(dir.join("led")) {
+            Ok(s) if s.trim() == "on" => Some(true),
+            Ok(s) if s.trim() == "off" => Some(false),
+            _ => None,
+        };
+        Memory { dir: dir.to_owned(), kept }
+    }
+
+    pub fn kept(&self) -> Option<bool> {
+        self.kept
+    }
+
+    /// Keeps `on` as the LED's state, writing only when it differs from what is kept.
+    ///
+    /// # Errors
+    /// The file cannot be written or synced (a full or failing disk); the kept state is then
+    /// what it was, and the next call tries again.
+    pub fn record(&mut self, on: bool) -> io::Result<()> {
+        if self.kept == Some(on) {
+            return Ok(());
+        }
+        let new = self.dir.join("led.new");
+        let mut f = File::create(&new)?;
+        f.write_all(if on { b"on\n" } else { b"off\n" })?;
+        f.sync_data()?;
+        drop(f);
+        fs::rename(&new, self.dir.join("led"))?;
+        File::open(&self.dir)?.sync_all()?;
+        self.kept = Some(on);
+        Ok(())
+    }
+}
+
+/// The LED as the device switches it: the power-on rule applied at start, every state kept.
+pub struct KeptLed {
+    led: Box<dyn Led>,
+    memory: Memory,
+    /// `auto` and no reading yet: the threshold the first reading is held against.
+    auto_threshold: Option<u16>,
+    /// The last write of the memory failed (warned once until one succeeds).
+    failing: bool,
+}
+
+impl KeptLed {
+    /// Applies `mode` to `led` with the state kept in `dir`.
+    pub fn start(led: Box<dyn Led>, mode: PowerOn, threshold: u16, dir: &Path) -> Self {
+        let memory = Memory::open(dir);
+        let mut this = KeptLed { led, memory, auto_threshold: None, failing: false };
+        match at_start(mode, this.memory.kept()) {
+            Some(on) => {
+                this.set(on);
+            }
+            None => this.auto_threshold = Some(threshold),
+        }
+        this
+    }
+
+    /// Switches the LED and keeps its state. Returns whether that was a change.
+    pub fn set(&mut self, on: bool) -> bool {
+        let changed = self.led.set(on);
+        match self.memory.record(self.led.is_on()) {
+            Ok(()) if self.failing => {
+                self.failing = false;
+                info!("the LED's state is kept again");
+            }
+            Ok(()) => {}
+            Err(e) if !self.failing => {
+                self.failing = true;
+                warn!(error = %e, "cannot keep the LED's state: led.power_on = \"last\" may start it wrong");
+            }
+            Err(_) => {}
+        }
+        changed
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.led.is_on()
+    }
+
+    /// Under `auto`, the first reading switches the LED: its new state, once.
+    pub fn reading(&mut self, light: u16) -> Option<bool> {
+        let threshold = self.auto_threshold.take()?;
+        self.set(auto(light, threshold));
+        Some(self.is_on())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_is_the_kept_state_and_off_when_nothing_was_kept() {
+        assert_eq!(at_start(PowerOn::Last, Some(true)), Some(true));
+        assert_eq!(at_start(PowerOn::Last, None), Some(false));
+        assert_eq!(at_start(PowerOn::Off, Some(true)), Some(false));
+        assert_eq!(at_start(PowerOn::On, Some(false)), Some(true));
+        assert_eq!(at_start(PowerOn::Auto, Some(true)), None, "auto waits for the first reading");
+    }
+
+    #[test]
+    fn auto_is_on_below_the_threshold() {
+        assert!(auto(299, 300));
+        assert!(!auto(300, 300));
+    }
+
+    #[test]
+    fn the_state_survives_a_reopen_and_is_written_only_when_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = Memory::open(dir.path());
+        assert_eq!(m.kept(), None);
+        m.record(true).unwrap();
+        assert_eq!(Memory::open(dir.path()).kept(), Some(true));
+        let written = fs::metadata(dir.path().join("led")).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        m.record(true).unwrap();
+        assert_eq!(
+            fs::metadata(dir.path().join("led")).unwrap().modified().unwrap(),
+            written,
+            "no write for no change"
+        );
+        m.record(false).unwrap();
+        assert_eq!(Memory::open(dir.path()).kept(), Some(false));
+        assert!(!dir.path().join("led.new").exists());
+    }
+
+    #[test]
+    fn a_damaged_file_counts_as_none_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("led"), b"\xff\x00garbage").unwrap();
+        assert_eq!(Memory::open(dir.path()).kept(), None);
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_old_state_and_is_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = Memory::open(dir.path());
+        m.record(true).unwrap();
+        let gone = dir.path().join("gone");
+        let mut broken = Memory { dir: gone.clone(), kept: Some(true) };
+        assert!(broken.record(false).is_err());
+        assert_eq!(broken.kept(), Some(true), "nothing was kept, so nothing changed");
+        fs::create_dir(&gone).unwrap();
+        broken.record(false).unwrap();
+        assert_eq!(Memory::open(&gone).kept(), Some(false));
+    }
+}
