@@ -141,6 +141,8 @@ pub struct LedConfig {
     pub pin: u8,
     pub active_low: bool,
     pub power_on: PowerOn,
+    /// A command whose `ts` is older than this changes nothing (0: any age).
+    pub command_max_age_s: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -244,6 +246,7 @@ impl Default for LedConfig {
             pin: 5,
             active_low: false,
             power_on: PowerOn::Last,
+            command_max_age_s: 300,
         }
     }
 }

@@ -431,11 +431,20 @@ impl Device {
 
     fn on_message(&mut self, p: &Publish) {
         if p.topic == self.topics.commands {
+            let now_ms = crate::clock::synchronized().then(unix_ms);
+            let max_age_s = self.cfg.led.command_max_age_s;
             match payload::parse_command(&p.payload) {
-                Ok(cmd) => {
-                    self.led.set(cmd.led_on);
-                    self.publish_other(&self.topics.state.clone(), cmd.to_json(), true);
-                }
+                Ok(cmd) => match payload::check_fresh(&cmd, p.retain, now_ms, max_age_s) {
+                    Ok(()) => {
+                        self.led.set(cmd.led_on);
+                        self.publish_other(&self.topics.state.clone(), LedState { led_on: cmd.led_on }.to_json(), true);
+                    }
+                    Err(why) => {
+                        let n = self.counters.rejected_commands.fetch_add(1, Ordering::Relaxed) + 1;
+                        warn!(topic = %p.topic, led_on = cmd.led_on, reason = %why, rejected_total = n,
+                            "ignored a stale command");
+                    }
+                },
                 Err(e) => {
                     let n = self.counters.rejected_commands.fetch_add(1, Ordering::Relaxed) + 1;
                     warn!(topic = %p.topic, bytes = p.payload.len(), error = %e, rejected_total = n,

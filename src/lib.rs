@@ -7,6 +7,7 @@
 //!
 //! # Layout
 //! - [`cli`]: command-line parsing, logging set-up, exit codes (`main.rs` only calls it).
+//! - [`clock`]: whether the wall clock is known to be synchronized.
 //! - [`config`]: the configuration schema, layered loading and validation.
 //! - [`device`]: the orchestrator: sampler task, device loop, clean stop.
 //! - [`link`]: MQTT options, reconnect backoff, the cancel-safe poller around rumqttc.
@@ -27,6 +28,7 @@
 #[cfg(feature = "virtual")]
 pub mod broker;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod controller;
 #[cfg(feature = "virtual")]

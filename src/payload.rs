@@ -80,6 +80,54 @@ impl LedState {
     }
 }
 
+/// A command on `<id>/commands`: `{"led_on": bool}`, and `"ts"` (Unix ms, when it was sent) if
+/// the sender stamps it (the controller does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    pub led_on: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts: Option<u64>,
+}
+
+impl Command {
+    /// The JSON payload: `{"led_on":true,"ts":1764590000000}`.
+    pub fn to_json(self) -> Vec<u8> {
+        // A bool and an integer cannot fail to serialize.
+        serde_json::to_vec(&self).expect("command serializes")
+    }
+}
+
+/// Why a well-formed command changes nothing; logged once per message and counted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Stale {
+    #[error("it is a retained message: the broker kept it from before this connection")]
+    Retained,
+    #[error("it was sent {age_s} s ago, more than led.command_max_age_s = {max_s}")]
+    TooOld { age_s: u64, max_s: u64 },
+}
+
+/// Whether a command still stands.
+///
+/// A retained command never does: the broker hands it to every new subscription, so it would
+/// switch the LED at every start ("ghost switching"). A stamped one does while it is at most
+/// `max_age_s` old (0: any age), judged only by a clock known to be right: `now_ms` is `None`
+/// when this machine's clock is not synchronized, and then `ts` says nothing. A `ts` ahead of
+/// the clock (the sender's clock is fast) is a fresh command.
+///
+/// # Errors
+/// Why it changes nothing.
+pub fn check_fresh(cmd: &Command, retained: bool, now_ms: Option<u64>, max_age_s: u64) -> Result<(), Stale> {
+    if retained {
+        return Err(Stale::Retained);
+    }
+    let (Some(ts), Some(now)) = (cmd.ts, now_ms) else { return Ok(()) };
+    let age_s = now.saturating_sub(ts) / 1000;
+    if max_age_s > 0 && age_s > max_age_s {
+        return Err(Stale::TooOld { age_s, max_s: max_age_s });
+    }
+    Ok(())
+}
+
 /// Why a command was rejected; logged once per message, counted, and otherwise ignored.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum CommandError {
@@ -95,7 +143,7 @@ pub enum CommandError {
 ///
 /// # Errors
 /// Oversized, non-UTF-8, malformed or too deeply nested JSON, or no boolean `led_on`.
-pub fn parse_command(payload: &[u8]) -> Result<LedState, CommandError> {
+pub fn parse_command(payload: &[u8]) -> Result<Command, CommandError> {
     if payload.len() > MAX_COMMAND_BYTES {
         return Err(CommandError::TooLarge(payload.len()));
     }
@@ -107,7 +155,15 @@ pub fn parse_command(payload: &[u8]) -> Result<LedState, CommandError> {
     if nesting_depth(text) > MAX_COMMAND_DEPTH {
         return Err(CommandError::Invalid(format!("nested deeper than {MAX_COMMAND_DEPTH} levels")));
     }
-    serde_json::from_str::<LedState>(text).map_err(|e| CommandError::Invalid(e.to_string()))
+    serde_json::from_str::<Command>(text).map_err(|e| CommandError::Invalid(e.to_string()))
+}
+
+/// Decodes a reported state (`<id>/state`), with the rules of [`parse_command`].
+///
+/// # Errors
+/// As [`parse_command`].
+pub fn parse_state(payload: &[u8]) -> Result<LedState, CommandError> {
+    parse_command(payload).map(|c| LedState { led_on: c.led_on })
 }
 
 /// A command is a flat object; anything nested deeper than this is hostile or a mistake.
@@ -166,8 +222,10 @@ mod tests {
 
     #[test]
     fn valid_commands_parse_and_extra_fields_are_ignored() {
-        assert_eq!(parse_command(br#"{"led_on": true}"#), Ok(LedState { led_on: true }));
-        assert_eq!(parse_command(br#"{"led_on":false,"by":"server"}"#), Ok(LedState { led_on: false }));
+        assert_eq!(parse_command(br#"{"led_on": true}"#), Ok(Command { led_on: true, ts: None }));
+        assert_eq!(parse_command(br#"{"led_on":false,"by":"server"}"#), Ok(Command { led_on: false, ts: None }));
+        assert_eq!(parse_command(br#"{"led_on":true,"ts":17}"#), Ok(Command { led_on: true, ts: Some(17) }));
+        assert!(parse_command(br#"{"led_on":true,"ts":"yesterday"}"#).is_err());
     }
 
     #[test]
@@ -194,7 +252,9 @@ mod tests {
     fn state_payload_round_trips() {
         for on in [true, false] {
             let s = LedState { led_on: on };
-            assert_eq!(parse_command(&s.to_json()), Ok(s));
+            assert_eq!(parse_state(&s.to_json()), Ok(s));
+            let c = Command { led_on: on, ts: Some(1_764_590_000_000) };
+            assert_eq!(parse_command(&c.to_json()), Ok(c));
         }
     }
 
@@ -205,5 +265,42 @@ mod tests {
         assert_eq!(parse_simulated_light(b"fail"), Some(SimulatedLight::Fail));
         assert_eq!(parse_simulated_light(b"1001"), None);
         assert_eq!(parse_simulated_light(b"-1"), None);
+    }
+
+    const HOUR_MS: u64 = 3_600_000;
+
+    #[test]
+    fn a_retained_command_never_stands_whatever_its_age() {
+        let fresh = Command { led_on: true, ts: Some(10 * HOUR_MS) };
+        assert_eq!(check_fresh(&fresh, true, Some(10 * HOUR_MS), 300), Err(Stale::Retained));
+        assert_eq!(check_fresh(&Command { ts: None, ..fresh }, true, None, 300), Err(Stale::Retained));
+    }
+
+    #[test]
+    fn an_hour_old_command_is_stale_by_a_synchronized_clock() {
+        let old = Command { led_on: true, ts: Some(10 * HOUR_MS) };
+        assert_eq!(check_fresh(&old, false, Some(11 * HOUR_MS), 300), Err(Stale::TooOld { age_s: 3600, max_s: 300 }));
+    }
+
+    #[test]
+    fn a_clock_not_known_to_be_right_judges_no_command_by_its_ts() {
+        let old = Command { led_on: true, ts: Some(10 * HOUR_MS) };
+        assert_eq!(check_fresh(&old, false, None, 300), Ok(()));
+    }
+
+    #[test]
+    fn skew_rejects_no_fresh_command() {
+        let now = 10 * HOUR_MS;
+        let ahead = Command { led_on: true, ts: Some(now + 90_000) };
+        assert_eq!(check_fresh(&ahead, false, Some(now), 300), Ok(()), "the sender's clock runs fast");
+        let behind = Command { led_on: true, ts: Some(now - 299_999) };
+        assert_eq!(check_fresh(&behind, false, Some(now), 300), Ok(()), "just within the age");
+        assert_eq!(check_fresh(&Command { ts: None, ..behind }, false, Some(now), 300), Ok(()), "unstamped");
+    }
+
+    #[test]
+    fn max_age_0_turns_the_age_check_off() {
+        let old = Command { led_on: true, ts: Some(0) };
+        assert_eq!(check_fresh(&old, false, Some(10 * HOUR_MS), 0), Ok(()));
     }
 }

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::controller::{Command, Controller};
 use crate::link::{self, Backoff};
-use crate::payload::{self, LedState};
+use crate::payload;
 
 /// The telemetry fields the controller reads; the rest is ignored.
 #[derive(Debug, Deserialize)]
@@ -113,14 +113,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
                             None
                         }
                     },
-                    "state" => payload::parse_command(&p.payload).ok().and_then(|s| controller.on_state(id, s.led_on)),
+                    "state" => payload::parse_state(&p.payload).ok().and_then(|s| controller.on_state(id, s.led_on)),
                     _ => None,
                 };
                 if let Some(Command { id, on }) = cmd {
                     info!(device = %id, led_on = on, "sending command");
                     let topic = format!("{id}/commands");
-                    if let Err(e) =
-                        client.publish(topic, QoS::AtLeastOnce, false, LedState { led_on: on }.to_json()).await
+                    if let Err(e) = client
+                        .publish(
+                            topic,
+                            QoS::AtLeastOnce,
+                            false,
+                            payload::Command { led_on: on, ts: Some(unix_ms()) }.to_json(),
+                        )
+                        .await
                     {
                         warn!(device = %id, error = %e, "cannot send command");
                     }
@@ -140,4 +146,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     poller.abort();
     info!("controller stopped");
     Ok(())
+}
+
+/// When a command is sent, for its `ts` (Unix ms; 0 if the clock is before 1970).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

@@ -60,7 +60,7 @@ pub async fn fetch(cfg: &Config) -> anyhow::Result<Snapshot> {
                 if p.topic == topics.status {
                     snap.status = Some(String::from_utf8_lossy(&p.payload).into_owned());
                 } else if p.topic == topics.state {
-                    snap.state = payload::parse_command(&p.payload).ok();
+                    snap.state = payload::parse_state(&p.payload).ok();
                 } else if p.topic == topics.health {
                     snap.health = serde_json::from_slice(&p.payload).ok();
                 }

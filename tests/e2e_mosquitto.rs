@@ -352,3 +352,54 @@ fn the_led_comes_back_as_it_was_before_any_network_unless_power_on_says_otherwis
     assert!(lines[0].starts_with("led on"), "{lines:?}");
     assert_eq!(d.stop_with(libc::SIGTERM, 5 * S).0.code(), Some(0));
 }
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// Waits until `needle` is in the daemon's stderr `n` times.
+fn wait_count(d: &Daemon, needle: &str, n: usize) {
+    let deadline = std::time::Instant::now() + 10 * S;
+    while d.stderr().matches(needle).count() < n {
+        assert!(std::time::Instant::now() < deadline, "wanted {n} x {needle:?}:\n{}", d.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn retained_and_hour_old_commands_change_nothing_but_a_fresh_one_does() {
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 200, "");
+    let obs = Observer::new(broker.port, "#");
+    // Left on the command topic, retained, from some earlier day: it must not switch the LED at
+    // every start ("ghost switching").
+    obs.publish(&dev.topic("commands"), r#"{"led_on": true}"#, true);
+    obs.wait_on(&dev.topic("commands"), 5 * S, |m| !m.is_empty());
+    let config = dev.config();
+    let run = ["run", "--config", config.to_str().unwrap()];
+    let mut d = Daemon::spawn(&run, &[("NIGHTLIGHT_CLOCK_SYNCED", "1")]);
+    wait_count(&d, "ignored a stale command", 1);
+    assert!(d.stderr().contains("retained message"), "{}", d.stderr());
+
+    // An hour old by a synchronized clock: stale too. A fresh one switches the LED.
+    let hour_ago = now_ms() - 3_600_000;
+    obs.publish(&dev.topic("commands"), format!(r#"{{"led_on": true, "ts": {hour_ago}}}"#), false);
+    wait_count(&d, "ignored a stale command", 2);
+    assert!(d.stderr().contains("sent 3600 s ago, more than led.command_max_age_s = 300"), "{}", d.stderr());
+    assert!(d.stdout().is_empty(), "nothing stale switched the LED: {:?}", d.stdout());
+    obs.publish(&dev.topic("commands"), format!(r#"{{"led_on": true, "ts": {}}}"#, now_ms()), false);
+    let lines = d.wait_stdout_lines(1, 5 * S);
+    assert!(lines[0].starts_with("led on"), "{lines:?}");
+    assert_eq!(d.stop_with(libc::SIGTERM, 5 * S).0.code(), Some(0));
+
+    // With a clock not known to be right, `ts` says nothing: the hour-old command switches it.
+    // (The broker kept the session, so the retained command is not delivered again.)
+    let env = [("NIGHTLIGHT_CLOCK_SYNCED", "0"), ("NIGHTLIGHT__LED__POWER_ON", "off")];
+    let mut d = Daemon::spawn(&run, &env);
+    d.wait_stderr("connected", 10 * S);
+    assert!(d.stdout().is_empty(), "{:?}", d.stdout());
+    obs.publish(&dev.topic("commands"), format!(r#"{{"led_on": true, "ts": {hour_ago}}}"#), false);
+    let lines = d.wait_stdout_lines(1, 5 * S);
+    assert!(lines[0].starts_with("led on"), "{lines:?}");
+    assert_eq!(d.stop_with(libc::SIGTERM, 5 * S).0.code(), Some(0));
+}

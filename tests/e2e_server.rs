@@ -48,6 +48,9 @@ fn dark_turns_the_led_on_bright_off_and_the_band_changes_nothing() {
     assert!(lines[0].starts_with("led on"), "{lines:?}");
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(commands(&obs, &dev.topic("commands")), vec![true], "one command, not one per dark reading");
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let ts = obs.on(&dev.topic("commands"))[0].json()["ts"].as_u64().expect("the controller stamps ts");
+    assert!(now_ms.abs_diff(ts) < 60_000, "ts is when it was sent: {ts} vs {now_ms}");
 
     obs.publish(&dev.topic("virtual/light"), "310", false); // inside the band: nothing
     std::thread::sleep(Duration::from_millis(800));
