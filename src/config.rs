@@ -143,6 +143,9 @@ pub struct LedConfig {
     pub power_on: PowerOn,
     /// A command whose `ts` is older than this changes nothing (0: any age).
     pub command_max_age_s: u64,
+    /// With no broker or no controller online this long, the device switches the LED itself
+    /// (0: never).
+    pub local_after_s: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -247,6 +250,7 @@ impl Default for LedConfig {
             active_low: false,
             power_on: PowerOn::Last,
             command_max_age_s: 300,
+            local_after_s: 60,
         }
     }
 }

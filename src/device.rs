@@ -29,7 +29,8 @@ use crate::homeassistant::{self, Health};
 use crate::led::power_on::KeptLed;
 use crate::led::{self, Led};
 use crate::link::{self, Backoff, Poller};
-use crate::payload::{self, LedState, Topics, OFFLINE, ONLINE};
+use crate::local::{self, LocalRule};
+use crate::payload::{self, Topics, OFFLINE, ONLINE};
 use crate::queue::DiskQueue;
 use crate::sensor::{self, Reading, Sensor, SimulatedControl};
 use crate::systemd::Notifier;
@@ -105,6 +106,7 @@ pub async fn run_with(
     // Configuration loaded, queue, sensor and LED open: ready as far as systemd is concerned.
     let notifier = Notifier::new(format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port));
     notifier.ready();
+    let cfg_local = (cfg.led.local_after_s, cfg.server.threshold, cfg.server.hysteresis);
     let mut device = Device {
         backoff: Backoff::new(
             Duration::from_millis(cfg.mqtt.reconnect_min_ms),
@@ -130,6 +132,7 @@ pub async fn run_with(
         started: Instant::now(),
         discovery_cleared: false,
         notifier,
+        local: LocalRule::new(cfg_local.0, cfg_local.1, cfg_local.2, Instant::now()),
     };
     let result = device.run(readings_rx, shutdown).await;
     sampler.abort();
@@ -219,6 +222,8 @@ struct Device {
     discovery_cleared: bool,
     /// READY, the watchdog and the status line systemd shows.
     notifier: Notifier,
+    /// Whether a controller or the device itself switches the LED.
+    local: LocalRule,
 }
 
 impl Device {
@@ -250,10 +255,17 @@ impl Device {
                     }
                 }
                 Some((reading, ts)) = readings_rx.recv() => {
-                    if let Some(on) = self.led.reading(reading.light) {
-                        if self.connected.is_some() {
-                            self.publish_other(&self.topics.state.clone(), LedState { led_on: on }.to_json(), true);
-                        }
+                    let first = self.led.reading(reading.light).is_some();
+                    let step = self.local.reading(reading.light, ts, self.led.is_on(), Instant::now());
+                    if let Some(on) = step.switch {
+                        info!(led_on = on, light = reading.light, "local rule: switching the LED");
+                        self.led.set(on);
+                    }
+                    if step.mode_changed {
+                        info!(mode = self.local.mode().as_str(), "mode changed");
+                    }
+                    if first || step.switch.is_some() || step.mode_changed {
+                        self.publish_state();
                     }
                     self.queue.push(Instant::now(), reading.light, ts, reading.lux);
                     self.pump();
@@ -289,9 +301,16 @@ impl Device {
                 }
                 Ok(Event::Incoming(Incoming::Publish(p))) => self.on_message(&p),
                 Ok(Event::Incoming(Incoming::SubAck(ack))) => {
-                    if ack.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure)) {
-                        warn!(topic = %self.topics.commands,
-                            "the broker refused a subscription (check its ACL): commands will not arrive");
+                    let refused: Vec<String> = ack
+                        .return_codes
+                        .iter()
+                        .zip(self.subscriptions())
+                        .filter(|(c, _)| matches!(c, SubscribeReasonCode::Failure))
+                        .map(|(_, t)| t)
+                        .collect();
+                    if !refused.is_empty() {
+                        warn!(topics = ?refused, "the broker refused subscriptions (check its ACL): \
+                            nothing arrives on these");
                     }
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => match self.sent.pop_front() {
@@ -325,17 +344,14 @@ impl Device {
         // A session the broker kept still has our subscriptions; re-subscribing would make it
         // deliver retained messages again.
         if !session_present {
-            let mut topics = vec![rumqttc::SubscribeFilter::new(self.topics.commands.clone(), QoS::AtLeastOnce)];
-            if self.simulated_topic {
-                topics.push(rumqttc::SubscribeFilter::new(self.topics.virtual_light.clone(), QoS::AtLeastOnce));
-            }
+            let topics = self.subscriptions().into_iter().map(|t| rumqttc::SubscribeFilter::new(t, QoS::AtLeastOnce));
             if let Err(e) = self.client.try_subscribe_many(topics) {
                 warn!(error = %e, "cannot subscribe to commands");
             }
         }
         self.publish_other(&self.topics.status.clone(), ONLINE.as_bytes().to_vec(), true);
-        let state = LedState { led_on: self.led.is_on() };
-        self.publish_other(&self.topics.state.clone(), state.to_json(), true);
+        self.local.link(true, Instant::now());
+        self.publish_state();
         self.publish_discovery();
         self.publish_health();
     }
@@ -369,6 +385,7 @@ impl Device {
             rejected_commands: c.rejected_commands.load(Ordering::Relaxed),
             reconnects: c.reconnects.load(Ordering::Relaxed),
             last_error: c.last_error.lock().expect("lock").clone(),
+            mode: self.local.mode().as_str().into(),
         };
         // Serializing a struct of numbers and an optional string cannot fail.
         let payload = serde_json::to_vec(&h).expect("health serializes");
@@ -394,6 +411,7 @@ impl Device {
     }
 
     fn on_disconnected(&mut self, e: &ConnectionError) {
+        self.local.link(false, Instant::now());
         let reason = link::describe_for(e, &self.cfg.mqtt.host);
         match self.connected.take() {
             Some(since) => {
@@ -430,6 +448,13 @@ impl Device {
     }
 
     fn on_message(&mut self, p: &Publish) {
+        if local::is_controller_status(&p.topic) {
+            if self.local.controller_status(&p.topic, &p.payload, Instant::now()) {
+                info!(mode = self.local.mode().as_str(), controller = %p.topic, "mode changed");
+                self.publish_state();
+            }
+            return;
+        }
         if p.topic == self.topics.commands {
             let now_ms = crate::clock::synchronized().then(unix_ms);
             let max_age_s = self.cfg.led.command_max_age_s;
@@ -437,7 +462,7 @@ impl Device {
                 Ok(cmd) => match payload::check_fresh(&cmd, p.retain, now_ms, max_age_s) {
                     Ok(()) => {
                         self.led.set(cmd.led_on);
-                        self.publish_other(&self.topics.state.clone(), LedState { led_on: cmd.led_on }.to_json(), true);
+                        self.publish_state();
                     }
                     Err(why) => {
                         let n = self.counters.rejected_commands.fetch_add(1, Ordering::Relaxed) + 1;
@@ -479,6 +504,25 @@ impl Device {
             self.queue.mark_sent();
             self.sent.push_back(Sent::Telemetry(rec.seq));
         }
+    }
+
+    /// What the device subscribes to, in this order: its commands, the controllers' statuses
+    /// (the local rule) and, when simulated, its light.
+    fn subscriptions(&self) -> Vec<String> {
+        let mut topics = vec![self.topics.commands.clone(), local::CONTROLLERS.to_owned()];
+        if self.simulated_topic {
+            topics.push(self.topics.virtual_light.clone());
+        }
+        topics
+    }
+
+    /// `<id>/state`, retained: the LED and who switches it.
+    fn publish_state(&mut self) {
+        if self.connected.is_none() {
+            return; // sent on the next connection
+        }
+        let state = payload::state_json(self.led.is_on(), self.local.mode().as_str());
+        self.publish_other(&self.topics.state.clone(), state, true);
     }
 
     fn publish_other(&mut self, topic: &str, payload: Vec<u8>, retain: bool) {

@@ -160,6 +160,13 @@ pub struct Health {
     pub reconnects: u64,
     /// The last connection or sensor error, if any.
     pub last_error: Option<String>,
+    /// Who switches the LED: `remote` (a controller's commands) or `local` (the local rule).
+    #[serde(default = "remote")]
+    pub mode: String,
+}
+
+fn remote() -> String {
+    "remote".into()
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //! - [`clock`]: whether the wall clock is known to be synchronized.
 //! - [`config`]: the configuration schema, layered loading and validation.
 //! - [`device`]: the orchestrator: sampler task, device loop, clean stop.
+//! - [`local`]: the local rule: the device switches the LED itself when unattended.
 //! - [`link`]: MQTT options, reconnect backoff, the cancel-safe poller around rumqttc.
 //! - [`tls`]: rustls client configuration and plain-words TLS errors.
 //! - [`queue`]: the durable offline queue (segments, checksums, group commit, byte cap).
@@ -37,6 +38,7 @@ pub mod device;
 pub mod homeassistant;
 pub mod led;
 pub mod link;
+pub mod local;
 pub mod payload;
 pub mod queue;
 pub mod sensor;

@@ -128,6 +128,11 @@ pub fn check_fresh(cmd: &Command, retained: bool, now_ms: Option<u64>, max_age_s
     Ok(())
 }
 
+/// The `<id>/state` payload: `{"led_on":true,"mode":"remote"}`.
+pub fn state_json(led_on: bool, mode: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "led_on": led_on, "mode": mode })).expect("state serializes")
+}
+
 /// Why a command was rejected; logged once per message, counted, and otherwise ignored.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum CommandError {

@@ -2,7 +2,9 @@
 //!
 //! Subscribes to every device's telemetry (`+/telemetry`, or `$share/<group>/+/telemetry` so
 //! several controllers split a fleet) and state (`+/state`), feeds them to [`Controller`], and
-//! publishes the commands it decides on. It never touches sensor or LED code.
+//! publishes the commands it decides on. It never touches sensor or LED code. It announces
+//! itself on `nightlight/controller/<client id>/status` (retained `online`; `offline` is its
+//! Last Will; a clean stop clears it), which the devices' local rule counts.
 
 use std::future::Future;
 use std::time::Duration;
@@ -49,6 +51,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         // A generated client id cannot resume a session; a configured one may.
         .set_clean_session(cfg.mqtt.client_id.is_empty() || cfg.mqtt.clean_session)
         .set_max_packet_size(link::MAX_INCOMING_BYTES, link::MAX_OUTGOING_BYTES);
+    // Devices count the controllers online on these (the local rule): `offline` if this process
+    // dies, nothing left behind on a clean stop.
+    let status_topic = crate::local::controller_status_topic(&client_id);
+    opts.set_last_will(rumqttc::LastWill::new(&status_topic, "offline", QoS::AtLeastOnce, true));
     link::apply_security(&mut opts, &cfg)?;
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let host = cfg.mqtt.host.clone();
@@ -95,8 +101,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         };
         match ev {
             Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                info!(broker = %broker, "connected");
+                info!(broker = %broker, status = %status_topic, "connected");
                 last_error = None;
+                if let Err(e) = client.publish(&status_topic, QoS::AtLeastOnce, true, "online").await {
+                    warn!(topic = %status_topic, error = %e, "cannot announce this controller");
+                }
                 for f in [filter.as_str(), "+/state"] {
                     if let Err(e) = client.subscribe(f, QoS::AtLeastOnce).await {
                         warn!(filter = f, error = %e, "cannot subscribe");
@@ -141,6 +150,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             }
         }
     }
+    let _ = client.try_publish(&status_topic, QoS::AtLeastOnce, true, Vec::new());
     let _ = client.try_disconnect();
     tokio::time::sleep(Duration::from_millis(50)).await;
     poller.abort();

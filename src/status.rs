@@ -100,6 +100,7 @@ pub fn render(snap: &Snapshot, broker: &str) -> String {
         out += &line("sensor errors", h.sensor_errors.to_string());
         out += &line("rejected cmds", h.rejected_commands.to_string());
         out += &line("reconnects", h.reconnects.to_string());
+        out += &line("mode", h.mode.clone());
         out += &line("last error", h.last_error.clone().unwrap_or_else(|| "none".into()));
     } else {
         out += &line("health", "unknown (no retained health)".into());
@@ -137,12 +138,16 @@ mod tests {
                 rejected_commands: 1,
                 reconnects: 3,
                 last_error: None,
+                mode: "local".into(),
             }),
         };
         let text = render(&snap, "localhost:1883");
         assert!(text.contains("online") && text.contains("LED           on"), "{text}");
         assert!(
-            text.contains("1h 02m 03s") && text.contains("5 readings") && text.contains("reconnects    3"),
+            text.contains("1h 02m 03s")
+                && text.contains("5 readings")
+                && text.contains("reconnects    3")
+                && text.contains("mode          local"),
             "{text}"
         );
         let empty = render(&Snapshot { id: "x".into(), ..Snapshot::default() }, "h:1");

@@ -232,3 +232,43 @@ fn the_demo_page_answers_only_itself_and_moves_nothing_for_another_origin() {
         http(web, &format!("POST /light?level=20 HTTP/1.1\r\n{host}X-Nightlight: 1\r\nContent-Length: 0\r\n\r\n"));
     assert!(status.ends_with("204 No Content"), "{status}");
 }
+
+fn mode_is(obs: &Observer, dev: &DeviceDir, mode: &str, led_on: bool) {
+    obs.wait_on(&dev.topic("state"), 10 * S, |m| {
+        m.last().is_some_and(|m| m.json()["mode"] == mode && m.json()["led_on"] == led_on)
+    });
+}
+
+#[test]
+fn with_no_controller_online_the_device_switches_the_led_itself_until_a_controller_is_back() {
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 100, ""); // a constant 123: dark
+    let obs = Observer::new(broker.port, "#");
+    let config = dev.config();
+    let d = Daemon::spawn(&["run", "--config", config.to_str().unwrap()], &[("NIGHTLIGHT__LED__LOCAL_AFTER_S", "1")]);
+    // Connected, but no controller online: after 1 s the device's own rule switches it on.
+    let lines = d.wait_stdout_lines(1, 10 * S);
+    assert!(lines[0].starts_with("led on"), "{lines:?}");
+    mode_is(&obs, &dev, "local", true);
+    d.wait_stderr("local rule: switching the LED", 5 * S);
+
+    // A controller announces itself (retained `online`): the device hands over at once.
+    let srv = server(broker.port, &[]);
+    let status = obs.wait_on_prefix("nightlight/controller/", 10 * S, 1);
+    assert_eq!(status[0].text(), "online");
+    let late = Observer::new(broker.port, "nightlight/controller/+/status");
+    let kept = late.wait_on(&status[0].topic, 5 * S, |m| !m.is_empty());
+    assert!(kept[0].retain && kept[0].text() == "online", "retained, for devices that connect later");
+    mode_is(&obs, &dev, "remote", true);
+    // Bright now: the controller, not the device, turns it off.
+    obs.publish(&dev.topic("virtual/light"), "900", false);
+    mode_is(&obs, &dev, "remote", false);
+    assert_eq!(commands(&obs, &dev.topic("commands")), vec![false], "the controller's command");
+
+    // The controller dies: its Last Will says offline, and 1 s later the device is in charge.
+    drop(srv);
+    obs.wait_on(&status[0].topic, 10 * S, |m| m.last().is_some_and(|m| m.text() == "offline"));
+    obs.publish(&dev.topic("virtual/light"), "100", false);
+    mode_is(&obs, &dev, "local", true);
+    assert_eq!(commands(&obs, &dev.topic("commands")), vec![false], "no controller sent it");
+}
