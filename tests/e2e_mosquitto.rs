@@ -66,7 +66,7 @@ fn commands_switch_the_led_and_update_the_retained_state() {
     let late = Observer::new(broker.port, &dev.topic("state"));
     let st = late.wait_on(&dev.topic("state"), 5 * S, |m| !m.is_empty());
     assert!(st[0].retain);
-    assert_eq!(st[0].json(), serde_json::json!({"led_on": false}));
+    assert_eq!(st[0].json(), serde_json::json!({"led_on": false, "mode": "remote"}));
     assert_eq!(led_lines(&d).len(), 2);
 }
 
