@@ -359,6 +359,14 @@ impl Config {
         Ok(Loaded { config, source: source.clone() })
     }
 
+    /// Checks ranges and combinations with every value from `origin` (e.g. a live change).
+    ///
+    /// # Errors
+    /// As `nightlight check`: the key, the origin and why.
+    pub fn validate_from(&self, origin: &str) -> Result<(), ConfigError> {
+        self.validate(&|_| origin.to_owned())
+    }
+
     /// Checks ranges and combinations; `origin_of(key)` says where a key's value came from.
     fn validate(&self, origin_of: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
         let bad = |key: &'static str, reason: String| ConfigError::Invalid { key, origin: origin_of(key), reason };

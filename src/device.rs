@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use rumqttc::{AsyncClient, ConnectionError, Event, Incoming, Outgoing, Publish, QoS, SubscribeReasonCode};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
 
@@ -32,6 +32,7 @@ use crate::link::{self, Backoff, Poller};
 use crate::local::{self, LocalRule};
 use crate::payload::{self, Topics, OFFLINE, ONLINE};
 use crate::queue::DiskQueue;
+use crate::remote;
 use crate::sensor::{self, Reading, Sensor, SimulatedControl};
 use crate::systemd::Notifier;
 
@@ -90,17 +91,33 @@ pub async fn run_with(
     led: Box<dyn Led>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let queue_dir = Path::new(&cfg.queue.dir);
+    let queue_dir = Path::new(&cfg.queue.dir).to_owned();
+    let queue_dir = queue_dir.as_path();
     let queue = DiskQueue::open(queue_dir, cfg.queue.max_bytes, Duration::from_millis(cfg.queue.spill_ms))
         .with_context(|| format!("cannot open the offline queue (queue.dir = {})", queue_dir.display()))?;
+    // What was set live before (kept in the state directory) wins over the file and the env.
+    let kept = match remote::Overrides::load(queue_dir) {
+        Ok(kept) => kept,
+        Err(e) => {
+            warn!(error = %e, "ignored the kept live configuration");
+            remote::Overrides::default()
+        }
+    };
+    let cfg = match kept.apply_to(&cfg) {
+        Ok(c) => c,
+        Err(r) => {
+            warn!(refused = %r, "ignored the kept live configuration");
+            cfg
+        }
+    };
     // Before any network: the LED as `led.power_on` says.
     let led = KeptLed::start(led, cfg.led.power_on, cfg.server.threshold, queue_dir);
     let topics = Topics::new(&cfg.id);
     let (client, eventloop) = link::connect_options(&cfg, &topics)?;
     let counters = Arc::new(Counters::default());
     let (readings_tx, readings_rx) = mpsc::channel(64);
-    let sampler =
-        tokio::spawn(sample(sensor, Duration::from_millis(cfg.sensor.interval_ms), readings_tx, counters.clone()));
+    let (interval, interval_rx) = watch::channel(Duration::from_millis(cfg.sensor.interval_ms));
+    let sampler = tokio::spawn(sample(sensor, interval_rx, readings_tx, counters.clone()));
     info!(id = %cfg.id, broker = %format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port), queued = queue.stats().readings,
         "nightlight started");
     // Configuration loaded, queue, sensor and LED open: ready as far as systemd is concerned.
@@ -133,6 +150,7 @@ pub async fn run_with(
         discovery_cleared: false,
         notifier,
         local: LocalRule::new(cfg_local.0, cfg_local.1, cfg_local.2, Instant::now()),
+        live: remote::Live { kept, refusal: None, interval },
     };
     let result = device.run(readings_rx, shutdown).await;
     sampler.abort();
@@ -142,15 +160,30 @@ pub async fn run_with(
 /// Reads the sensor every `interval` and hands readings to the device loop.
 async fn sample(
     mut sensor: Box<dyn Sensor>,
-    interval: Duration,
+    mut interval: watch::Receiver<Duration>,
     readings_tx: mpsc::Sender<(Reading, u64)>,
     counters: Arc<Counters>,
 ) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let every = |d: Duration| {
+        let mut tick = tokio::time::interval(d);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        tick
+    };
+    let mut tick = every(*interval.borrow_and_update());
     let mut failed_reads = 0u64;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = interval.changed() => {
+                if changed.is_ok() {
+                    // A live change of sensor.interval_ms: the next reading comes one new interval on.
+                    let d = *interval.borrow_and_update();
+                    tick = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
+                    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                }
+                continue;
+            }
+        }
         let ts = unix_ms();
         let res = if sensor.blocks() {
             // Panics abort the process, so the blocking task always hands the sensor back.
@@ -224,6 +257,8 @@ struct Device {
     notifier: Notifier,
     /// Whether a controller or the device itself switches the LED.
     local: LocalRule,
+    /// Live configuration: what was set, the last refusal, the sampler's interval.
+    live: remote::Live,
 }
 
 impl Device {
@@ -352,6 +387,7 @@ impl Device {
         self.publish_other(&self.topics.status.clone(), ONLINE.as_bytes().to_vec(), true);
         self.local.link(true, Instant::now());
         self.publish_state();
+        self.publish_config();
         self.publish_discovery();
         self.publish_health();
     }
@@ -455,6 +491,10 @@ impl Device {
             }
             return;
         }
+        if p.topic == self.topics.config_set {
+            self.on_config_set(&p.payload);
+            return;
+        }
         if p.topic == self.topics.commands {
             let now_ms = crate::clock::synchronized().then(unix_ms);
             let max_age_s = self.cfg.led.command_max_age_s;
@@ -507,13 +547,50 @@ impl Device {
     }
 
     /// What the device subscribes to, in this order: its commands, the controllers' statuses
-    /// (the local rule) and, when simulated, its light.
+    /// (the local rule), its live configuration and, when simulated, its light.
     fn subscriptions(&self) -> Vec<String> {
-        let mut topics = vec![self.topics.commands.clone(), local::CONTROLLERS.to_owned()];
+        let mut topics =
+            vec![self.topics.commands.clone(), local::CONTROLLERS.to_owned(), self.topics.config_set.clone()];
         if self.simulated_topic {
             topics.push(self.topics.virtual_light.clone());
         }
         topics
+    }
+
+    /// A live change: applied and kept, or refused (counted) with nothing changed; reported.
+    fn on_config_set(&mut self, payload: &[u8]) {
+        match remote::set(&self.cfg, &self.live.kept, payload) {
+            Ok((cfg, kept)) => {
+                if let Err(e) = kept.save(Path::new(&self.cfg.queue.dir)) {
+                    warn!(error = %e, "cannot keep the live configuration: it holds until the next start");
+                }
+                info!(changed = %String::from_utf8_lossy(payload), "live configuration applied");
+                self.live.interval.send_if_modified(|d| {
+                    let new = Duration::from_millis(cfg.sensor.interval_ms);
+                    std::mem::replace(d, new) != new
+                });
+                self.local.reconfigure(cfg.led.local_after_s, cfg.server.threshold, cfg.server.hysteresis);
+                self.cfg = cfg;
+                self.live.kept = kept;
+                self.live.refusal = None;
+            }
+            Err(refusal) => {
+                let n = self.counters.rejected_commands.fetch_add(1, Ordering::Relaxed) + 1;
+                warn!(topic = %self.topics.config_set, bytes = payload.len(), refused = %refusal, rejected_total = n,
+                    "refused a live configuration change");
+                self.live.refusal = Some(refusal);
+            }
+        }
+        self.publish_config();
+    }
+
+    /// `<id>/config`, retained: the effective settable values and the last refusal.
+    fn publish_config(&mut self) {
+        if self.connected.is_none() {
+            return;
+        }
+        let report = remote::report(&self.cfg, self.live.refusal.as_ref());
+        self.publish_other(&self.topics.config.clone(), report, true);
     }
 
     /// `<id>/state`, retained: the LED and who switches it.

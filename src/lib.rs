@@ -13,6 +13,7 @@
 //! - [`local`]: the local rule: the device switches the LED itself when unattended.
 //! - [`link`]: MQTT options, reconnect backoff, the cancel-safe poller around rumqttc.
 //! - [`tls`]: rustls client configuration and plain-words TLS errors.
+//! - [`remote`]: live configuration from `<id>/config/set`.
 //! - [`queue`]: the durable offline queue (segments, checksums, group commit, byte cap).
 //! - [`payload`]: topics and JSON payloads; defensive command decoding.
 //! - [`homeassistant`]: MQTT discovery configs and the health payload.
@@ -41,9 +42,11 @@ pub mod link;
 pub mod local;
 pub mod payload;
 pub mod queue;
+pub mod remote;
 pub mod sensor;
 pub mod server;
 pub mod shutdown;
+pub mod statefile;
 pub mod status;
 pub mod systemd;
 pub mod tls;

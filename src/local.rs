@@ -91,6 +91,12 @@ impl LocalRule {
         self.mode
     }
 
+    /// New settings (live configuration); the mode and what is known of controllers stay.
+    pub fn reconfigure(&mut self, local_after_s: u64, threshold: u16, hysteresis: u16) {
+        self.after = (local_after_s > 0).then(|| Duration::from_secs(local_after_s));
+        self.decide = Controller::new(threshold, hysteresis);
+    }
+
     /// The broker connection came up or went down. True when the mode changed.
     pub fn link(&mut self, connected: bool, now: Instant) -> bool {
         self.connected = connected;

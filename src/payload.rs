@@ -17,6 +17,9 @@ pub struct Topics {
     pub status: String,
     pub health: String,
     pub virtual_light: String,
+    /// Live configuration in (`config/set`) and its report out (`config`).
+    pub config_set: String,
+    pub config: String,
 }
 
 impl Topics {
@@ -29,6 +32,8 @@ impl Topics {
             status: format!("{id}/status"),
             health: format!("{id}/health"),
             virtual_light: format!("{id}/virtual/light"),
+            config_set: format!("{id}/config/set"),
+            config: format!("{id}/config"),
         }
     }
 }
@@ -175,7 +180,7 @@ pub fn parse_state(payload: &[u8]) -> Result<LedState, CommandError> {
 pub const MAX_COMMAND_DEPTH: usize = 8;
 
 /// The deepest nesting of `{` and `[` outside strings (serde ignores unknown fields of any depth).
-fn nesting_depth(text: &str) -> usize {
+pub fn nesting_depth(text: &str) -> usize {
     let (mut depth, mut max, mut in_str, mut escaped) = (0usize, 0usize, false, false);
     for b in text.bytes() {
         match (in_str, b) {

@@ -403,3 +403,45 @@ fn retained_and_hour_old_commands_change_nothing_but_a_fresh_one_does() {
     assert!(lines[0].starts_with("led on"), "{lines:?}");
     assert_eq!(d.stop_with(libc::SIGTERM, 5 * S).0.code(), Some(0));
 }
+
+#[test]
+fn live_configuration_changes_the_interval_at_once_is_kept_across_a_restart_and_refuses_the_broker() {
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 1000, "");
+    let obs = Observer::new(broker.port, "#");
+    let mut d = dev.spawn();
+    let report = |obs: &Observer, done: &dyn Fn(&serde_json::Value) -> bool| {
+        obs.wait_on(&dev.topic("config"), 10 * S, |m| m.last().is_some_and(|m| done(&m.json())))
+    };
+    report(&obs, &|v| v["sensor"]["interval_ms"] == 1000 && v["refused"].is_null());
+
+    obs.publish(&dev.topic("config/set"), r#"{"sensor": {"interval_ms": 200}}"#, false);
+    report(&obs, &|v| v["sensor"]["interval_ms"] == 200);
+    let before = obs.on(&dev.topic("telemetry")).len();
+    std::thread::sleep(2 * S);
+    let got = obs.on(&dev.topic("telemetry")).len() - before;
+    assert!((7..=13).contains(&got), "one reading every 200 ms: {got} in 2 s");
+
+    // The broker, the identity and the queue can never be set; a refusal changes nothing.
+    obs.publish(
+        &dev.topic("config/set"),
+        r#"{"sensor": {"interval_ms": 500}, "mqtt": {"host": "evil.example"}}"#,
+        false,
+    );
+    let r = report(&obs, &|v| !v["refused"].is_null());
+    let last = r.last().unwrap().json();
+    assert_eq!(last["refused"]["key"], "mqtt.host");
+    assert_eq!(last["sensor"]["interval_ms"], 200, "nothing changed");
+    obs.publish(&dev.topic("config/set"), "not json at all", false);
+    d.wait_stderr("refused a live configuration change", 5 * S);
+    assert_eq!(d.stop_with(libc::SIGTERM, 5 * S).0.code(), Some(0));
+
+    // Kept in the state directory: the next start reads every 200 ms again.
+    let late = Observer::new(broker.port, &dev.topic("#"));
+    let _d = dev.spawn();
+    late.wait_on(&dev.topic("config"), 10 * S, |m| m.last().is_some_and(|m| m.json()["sensor"]["interval_ms"] == 200));
+    let before = late.on(&dev.topic("telemetry")).len();
+    std::thread::sleep(2 * S);
+    let got = late.on(&dev.topic("telemetry")).len() - before;
+    assert!((7..=13).contains(&got), "still every 200 ms after a restart: {got} in 2 s");
+}

@@ -275,6 +275,22 @@ fn under_the_readme_acl_device_and_controller_do_their_job_and_a_device_cannot_s
     std::thread::sleep(2 * S);
     assert!(obs.on("garage/telemetry").is_empty(), "a device published into another device's topics");
     assert!(obs.on("garage/status").is_empty());
+
+    // The controller announces itself under the ACL (the devices' local rule counts it).
+    let status = obs.wait_on_prefix("nightlight/controller/", 5 * S, 1);
+    assert_eq!(status[0].text(), "online");
+    // Another device cannot change the porch's settings; the controller's user can.
+    let interval = |obs: &Observer| obs.on("porch/config").last().map(|m| m.json()["sensor"]["interval_ms"].clone());
+    obs.wait_on("porch/config", 5 * S, |m| !m.is_empty());
+    assert_eq!(interval(&obs), Some(serde_json::json!(100)));
+    let garage = Observer::with_login(broker.port, "garage/#", Some(("garage", "garage-pass-4")));
+    garage.publish("porch/config/set", r#"{"sensor": {"interval_ms": 5000}}"#, false);
+    std::thread::sleep(S);
+    assert_eq!(interval(&obs), Some(serde_json::json!(100)), "a device changed another's settings");
+    assert!(!d.stderr().contains("live configuration applied"), "{}", d.stderr());
+    let admin = Observer::with_login(broker.port, "porch/config", Some(("controller", "ctl-pass-2")));
+    admin.publish("porch/config/set", r#"{"sensor": {"interval_ms": 250}}"#, false);
+    obs.wait_on("porch/config", 5 * S, |m| m.last().is_some_and(|m| m.json()["sensor"]["interval_ms"] == 250));
 }
 
 #[test]

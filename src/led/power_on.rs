@@ -6,12 +6,12 @@
 //!   `auto` waits for the first reading and applies the controller's rule to it: on below
 //!   `server.threshold` (a first reading has no state before it, so the hysteresis band is off).
 //! - The memory is one file, `led`, in the state directory (`queue.dir`), holding `on` or `off`.
-//!   It is written only when the state changes (no SD-card wear per reading), atomically:
-//!   `led.new`, fdatasync, rename over `led`, directory fsync. A power cut leaves the old state or
-//!   the new one, never a torn file; an unreadable file counts as none kept.
+//!   It is written only when the state changes (no SD-card wear per reading), atomically
+//!   ([`crate::statefile`]). A power cut leaves the old state or the new one, never a torn
+//!   file; an unreadable file counts as none kept.
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use tracing::{info, warn};
@@ -66,13 +66,7 @@ impl Memory {
         if self.kept == Some(on) {
             return Ok(());
         }
-        let new = self.dir.join("led.new");
-        let mut f = File::create(&new)?;
-        f.write_all(if on { b"on\n" } else { b"off\n" })?;
-        f.sync_data()?;
-        drop(f);
-        fs::rename(&new, self.dir.join("led"))?;
-        File::open(&self.dir)?.sync_all()?;
+        crate::statefile::write_atomic(&self.dir, "led", if on { b"on\n" } else { b"off\n" })?;
         self.kept = Some(on);
         Ok(())
     }

@@ -1,0 +1,282 @@
+//! Live configuration: a JSON object on `<id>/config/set`, shaped like `device.toml` and
+//! partial (`{"sensor": {"interval_ms": 200}}`), changes the running device.
+//!
+//! Rules:
+//! - Only [`SETTABLE`] keys can be set. `id`, anything under `mqtt` (host, port, credentials,
+//!   TLS) and `queue.dir` never can: a message must not be able to send the device to another
+//!   broker. Any other key is refused as unknown or not settable.
+//! - The result is checked with the rules of `nightlight check` (types, ranges). One bad key
+//!   refuses the whole message: a refusal changes nothing.
+//! - What was set is kept in the state directory (`queue.dir/config.json`, written atomically)
+//!   and applied at every start on top of the file and the environment: the latest intent wins.
+//! - The device reports the effective settable values and the last refusal on the retained
+//!   `<id>/config`.
+//!
+//! Pure but for [`Overrides::load`] and [`Overrides::save`].
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Map, Value};
+
+use crate::config::Config;
+use crate::payload::{self, CommandError};
+
+/// The keys `<id>/config/set` may change.
+pub const SETTABLE: [&str; 6] = [
+    "sensor.interval_ms",
+    "led.power_on",
+    "led.local_after_s",
+    "led.command_max_age_s",
+    "server.threshold",
+    "server.hysteresis",
+];
+
+/// Why a message changed nothing: the key (dotted, or `(message)`) and the reason.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Refusal {
+    pub key: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+fn refuse(key: impl Into<String>, reason: impl Into<String>) -> Refusal {
+    Refusal { key: key.into(), reason: reason.into() }
+}
+
+/// The settable values set remotely so far, as dotted keys.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides(Map<String, Value>);
+
+impl Overrides {
+    const FILE: &'static str = "config.json";
+
+    /// Reads the kept overrides from `dir`; none when there is no file. A file that cannot be
+    /// read or holds anything not settable is ignored whole (the caller logs it).
+    ///
+    /// # Errors
+    /// The file exists but is unreadable or not what [`Overrides::save`] writes.
+    pub fn load(dir: &Path) -> Result<Self, String> {
+        let path: PathBuf = dir.join(Self::FILE);
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Overrides::default()),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        match serde_json::from_slice::<Map<String, Value>>(&text) {
+            Ok(m) if m.keys().all(|k| SETTABLE.contains(&k.as_str())) => Ok(Overrides(m)),
+            _ => Err(format!("{}: not a live configuration this version wrote", path.display())),
+        }
+    }
+
+    /// Keeps the overrides in `dir`, atomically.
+    ///
+    /// # Errors
+    /// The disk refused (full, failing); the file is then unchanged.
+    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec(&self.0).expect("a JSON map serializes");
+        crate::statefile::write_atomic(dir, Self::FILE, &bytes)
+    }
+
+    /// `base` with these overrides applied, checked like `nightlight check`.
+    ///
+    /// # Errors
+    /// A value does not fit (a newer file from another version, or a changed file underneath).
+    pub fn apply_to(&self, base: &Config) -> Result<Config, Refusal> {
+        let mut v = serde_json::to_value(base).expect("a config serializes");
+        for (key, value) in &self.0 {
+            set_dotted(&mut v, key, value.clone());
+        }
+        let cfg: Config = serde_json::from_value(v).map_err(|e| refuse("(kept configuration)", e.to_string()))?;
+        cfg.validate_from("set remotely on <id>/config/set").map_err(|e| refuse(invalid_key(&e), e.to_string()))?;
+        Ok(cfg)
+    }
+}
+
+/// The device's side of it: what was set, the last refusal, and the sampler's interval.
+#[derive(Debug)]
+pub struct Live {
+    pub kept: Overrides,
+    pub refusal: Option<Refusal>,
+    pub interval: tokio::sync::watch::Sender<std::time::Duration>,
+}
+
+/// Applies one `<id>/config/set` message to the running configuration.
+///
+/// # Errors
+/// The message is hostile or malformed, names a key that cannot be set remotely, or a value
+/// `nightlight check` would refuse; nothing changes.
+pub fn set(current: &Config, kept: &Overrides, payload: &[u8]) -> Result<(Config, Overrides), Refusal> {
+    let patch = parse_object(payload)?;
+    let mut leaves = Vec::new();
+    flatten("", &Value::Object(patch), &mut leaves);
+    if leaves.is_empty() {
+        return Err(refuse("(message)", "sets nothing"));
+    }
+    let mut next = kept.clone();
+    for (key, value) in leaves {
+        if !SETTABLE.contains(&key.as_str()) {
+            let why = if key == "id" || key == "queue.dir" || key == "mqtt" || key.starts_with("mqtt.") {
+                "cannot be set remotely (it could move the device to another broker or identity)".to_owned()
+            } else {
+                format!("is not a key that can be set remotely (those are {})", SETTABLE.join(", "))
+            };
+            return Err(refuse(key, why));
+        }
+        next.0.insert(key, value);
+    }
+    let cfg = next.apply_to(current).map_err(|r| {
+        // serde names the field, not its table: say which of the message's keys it was.
+        if r.key == "(kept configuration)" {
+            refuse("(message)", r.reason)
+        } else {
+            r
+        }
+    })?;
+    Ok((cfg, next))
+}
+
+/// The retained `<id>/config`: the effective settable values and the last refusal.
+pub fn report(cfg: &Config, refusal: Option<&Refusal>) -> Vec<u8> {
+    let v = json!({
+        "sensor": { "interval_ms": cfg.sensor.interval_ms },
+        "led": {
+            "power_on": cfg.led.power_on,
+            "local_after_s": cfg.led.local_after_s,
+            "command_max_age_s": cfg.led.command_max_age_s,
+        },
+        "server": { "threshold": cfg.server.threshold, "hysteresis": cfg.server.hysteresis },
+        "refused": refusal,
+    });
+    serde_json::to_vec(&v).expect("a JSON value serializes")
+}
+
+fn parse_object(payload: &[u8]) -> Result<Map<String, Value>, Refusal> {
+    let as_refusal = |e: CommandError| refuse("(message)", e.to_string());
+    if payload.len() > payload::MAX_COMMAND_BYTES {
+        return Err(as_refusal(CommandError::TooLarge(payload.len())));
+    }
+    let text = std::str::from_utf8(payload).map_err(|_| as_refusal(CommandError::NotUtf8))?;
+    if payload::nesting_depth(text) > payload::MAX_COMMAND_DEPTH {
+        return Err(refuse("(message)", "nested too deeply"));
+    }
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(refuse("(message)", "not a JSON object shaped like device.toml")),
+        Err(e) => Err(refuse("(message)", format!("not JSON: {e}"))),
+    }
+}
+
+/// `{"a": {"b": 1}}` as `[("a.b", 1)]`; an empty object is a leaf (it names a key too).
+fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, Value)>) {
+    match v {
+        Value::Object(m) if !m.is_empty() => {
+            for (k, v) in m {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten(&key, v, out);
+            }
+        }
+        _ if prefix.is_empty() => {}
+        other => out.push((prefix.to_owned(), other.clone())),
+    }
+}
+
+fn set_dotted(v: &mut Value, key: &str, value: Value) {
+    let mut node = v;
+    let mut parts = key.split('.').peekable();
+    while let Some(part) = parts.next() {
+        if parts.peek().is_none() {
+            node[part] = value;
+            return;
+        }
+        node = &mut node[part];
+    }
+}
+
+fn invalid_key(e: &crate::ConfigError) -> String {
+    match e {
+        crate::ConfigError::Invalid { key, .. } => (*key).to_owned(),
+        _ => "(message)".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config { id: "porch".into(), ..Config::default() }
+    }
+
+    #[test]
+    fn a_partial_object_changes_just_the_keys_it_names() {
+        let (c, kept) = set(&cfg(), &Overrides::default(), br#"{"sensor": {"interval_ms": 2000}}"#).unwrap();
+        assert_eq!(c.sensor.interval_ms, 2000);
+        assert_eq!(c.server, cfg().server);
+        let (c, kept) = set(&c, &kept, br#"{"server": {"threshold": 250}, "led": {"power_on": "auto"}}"#).unwrap();
+        assert_eq!((c.sensor.interval_ms, c.server.threshold), (2000, 250), "earlier settings stay");
+        assert_eq!(kept.0.len(), 3);
+    }
+
+    #[test]
+    fn the_broker_the_identity_and_the_queue_can_never_be_set() {
+        for (msg, key) in [
+            (r#"{"mqtt": {"host": "evil.example"}}"#, "mqtt.host"),
+            (r#"{"mqtt": {"tls": {"enabled": false}}}"#, "mqtt.tls.enabled"),
+            (r#"{"id": "garage"}"#, "id"),
+            (r#"{"queue": {"dir": "/tmp"}}"#, "queue.dir"),
+        ] {
+            let r = set(&cfg(), &Overrides::default(), msg.as_bytes()).unwrap_err();
+            assert_eq!(r.key, key);
+            assert!(r.reason.contains("cannot be set remotely"), "{r}");
+        }
+    }
+
+    #[test]
+    fn one_bad_key_refuses_the_whole_message() {
+        let msg = br#"{"sensor": {"interval_ms": 500}, "mqtt": {"port": 1}}"#;
+        assert_eq!(set(&cfg(), &Overrides::default(), msg).unwrap_err().key, "mqtt.port");
+        let r = set(&cfg(), &Overrides::default(), br#"{"sensor": {"interval_ms": 0}}"#).unwrap_err();
+        assert_eq!(r.key, "sensor.interval_ms", "the rules of nightlight check: {r}");
+        let r = set(&cfg(), &Overrides::default(), br#"{"led": {"power_on": "sometimes"}}"#).unwrap_err();
+        assert!(r.reason.contains("sometimes"), "{r}");
+        let r = set(&cfg(), &Overrides::default(), br#"{"sensor": {"pattern": "x"}}"#).unwrap_err();
+        assert!(r.reason.contains("not a key that can be set remotely"), "{r}");
+    }
+
+    #[test]
+    fn hostile_and_malformed_messages_are_refused() {
+        for bad in [&b"[1]"[..], b"\xff", b"{", br#"{"sensor": 5}"#, b"{}", b"null"] {
+            assert!(set(&cfg(), &Overrides::default(), bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+        let deep = format!("{}{}", "{\"a\":".repeat(50), "}".repeat(50));
+        assert!(set(&cfg(), &Overrides::default(), deep.as_bytes()).is_err());
+        let big = format!(r#"{{"sensor": {{"interval_ms": 500}}, "pad": "{}"}}"#, "x".repeat(10_000));
+        assert!(set(&cfg(), &Overrides::default(), big.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn what_was_set_survives_a_restart_on_top_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, kept) = set(&cfg(), &Overrides::default(), br#"{"sensor": {"interval_ms": 1500}}"#).unwrap();
+        kept.save(dir.path()).unwrap();
+        let again = Overrides::load(dir.path()).unwrap();
+        assert_eq!(again.apply_to(&cfg()).unwrap().sensor.interval_ms, 1500);
+        std::fs::write(dir.path().join("config.json"), br#"{"mqtt.host": "x"}"#).unwrap();
+        assert!(Overrides::load(dir.path()).is_err(), "a kept file may only hold settable keys");
+    }
+
+    #[test]
+    fn the_report_holds_the_settable_values_and_the_refusal() {
+        let r = refuse("mqtt.host", "cannot be set remotely");
+        let v: Value = serde_json::from_slice(&report(&cfg(), Some(&r))).unwrap();
+        assert_eq!(v["sensor"]["interval_ms"], cfg().sensor.interval_ms);
+        assert_eq!(v["led"]["power_on"], "last");
+        assert_eq!(v["refused"]["key"], "mqtt.host");
+        assert!(v.get("mqtt").is_none(), "nothing else, no secrets");
+    }
+}
