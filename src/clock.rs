@@ -1,26 +1,80 @@
-//! Whether this machine's wall clock is known to be right.
+//! The wall clock, and whether it is known to be right.
 //!
 //! A Raspberry Pi has no real-time clock: after a boot without network its clock sits at the
-//! last saved time until NTP answers. What depends on the wall clock (rejecting a command by its
-//! `ts`) asks [`synchronized`] first. The answer, in order:
+//! last saved time until NTP answers, exactly when the queue matters. What depends on the wall
+//! clock asks [`now`]: the time, and whether it is synchronized. The answer, in order:
 //!
-//! 1. `NIGHTLIGHT_CLOCK_SYNCED=1` or `=0` in the environment: the tests' seam (and an override
-//!    for a clock kept right by other means);
-//! 2. `/run/systemd/timesync/synchronized` exists: systemd-timesyncd has synchronized it;
-//! 3. the kernel's NTP state through `adjtimex(2)`: synchronized unless it reports
+//! 1. The tests' seams. `NIGHTLIGHT_CLOCK_SYNCED=1` or `=0`: synchronized or not, for the whole
+//!    run. `NIGHTLIGHT_CLOCK_SEAM=<path>`: while that file exists the clock is not synchronized
+//!    and reads the file's number of milliseconds off (e.g. `-3600000`: an hour behind, as a Pi
+//!    that booted without network); once it is removed, the clock is right again.
+//! 2. `/run/systemd/timesync/synchronized` exists: systemd-timesyncd has synchronized it.
+//! 3. The kernel's NTP state through `adjtimex(2)`: synchronized unless it reports
 //!    `TIME_ERROR` or `STA_UNSYNC` (chrony and ntpd keep it up to date).
+//!
+//! [`Restamp`] turns readings taken before the clock was synchronized into readings stamped
+//! with the right time, once it is (pure: the times are passed in).
 
-/// The tests' seam; see the module doc.
-pub const SEAM: &str = "NIGHTLIGHT_CLOCK_SYNCED";
+use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Whether the wall clock is known to be synchronized.
-pub fn synchronized() -> bool {
-    match std::env::var(SEAM).as_deref() {
-        Ok("1") => return true,
-        Ok("0") => return false,
+use crate::payload::Telemetry;
+
+/// The whole-run seam.
+pub const SYNCED: &str = "NIGHTLIGHT_CLOCK_SYNCED";
+/// The seam that simulates a clock that is off until NTP answers.
+pub const SEAM: &str = "NIGHTLIGHT_CLOCK_SEAM";
+
+/// The wall clock in Unix ms, and whether it is known to be synchronized.
+pub fn now() -> (u64, bool) {
+    let (offset, synced) = state();
+    (real_ms().saturating_add_signed(offset), synced)
+}
+
+fn real_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What to add to the real clock (the seam's offset), and whether it is synchronized.
+fn state() -> (i64, bool) {
+    if let Some(path) = std::env::var_os(SEAM) {
+        return match std::fs::read_to_string(&path) {
+            Ok(off) => (off.trim().parse::<i64>().unwrap_or(0), false),
+            Err(_) => (0, true),
+        };
+    }
+    match std::env::var(SYNCED).as_deref() {
+        Ok("1") => return (0, true),
+        Ok("0") => return (0, false),
         _ => {}
     }
-    std::path::Path::new("/run/systemd/timesync/synchronized").exists() || kernel_synchronized()
+    (0, std::path::Path::new("/run/systemd/timesync/synchronized").exists() || kernel_synchronized())
+}
+
+/// [`now`] for a loop that reads it often: the clock's state is looked at again at most once a
+/// second, and never again once synchronized (two syscalls per reading saved).
+#[derive(Debug, Default)]
+pub struct Reader {
+    checked: Option<(std::time::Instant, i64, bool)>,
+}
+
+impl Reader {
+    pub fn now(&mut self) -> (u64, bool) {
+        let fresh = match self.checked {
+            Some((_, offset, true)) => (offset, true),
+            Some((at, offset, synced)) if at.elapsed() < std::time::Duration::from_secs(1) => (offset, synced),
+            _ => {
+                let (offset, synced) = state();
+                self.checked = Some((std::time::Instant::now(), offset, synced));
+                (offset, synced)
+            }
+        };
+        (real_ms().saturating_add_signed(fresh.0), fresh.1)
+    }
+}
+
+/// CLOCK_MONOTONIC in ms: it runs at the same rate whatever the wall clock does.
+pub fn monotonic_ms() -> u64 {
+    crate::led::monotonic_ns() / 1_000_000
 }
 
 fn kernel_synchronized() -> bool {
@@ -28,4 +82,104 @@ fn kernel_synchronized() -> bool {
     let mut tx: libc::timex = unsafe { std::mem::zeroed() };
     let state = unsafe { libc::adjtimex(&mut tx) };
     state >= 0 && state != libc::TIME_ERROR && tx.status & libc::STA_UNSYNC == 0
+}
+
+/// Re-stamps this run's readings taken before the clock was synchronized.
+///
+/// Rules:
+/// - While the clock is not synchronized, readings are marked (`ts_ok: false`) and the offset
+///   of the wall clock from the monotonic clock is kept (the monotonic clock is not changed by
+///   NTP).
+/// - When it is, the offset's change is the error of every marked reading of this run: a
+///   marked reading still queued is sent with its `ts` corrected and unmarked.
+/// - Readings of an earlier run (a restart, maybe another boot: the monotonic clock starts
+///   again) cannot be corrected and are sent marked.
+/// - Once synchronized, the clock stays so for this run (a flapping NTP state does not mark
+///   readings again).
+#[derive(Debug, Clone)]
+pub struct Restamp {
+    run: u64,
+    /// Wall minus monotonic while not synchronized.
+    unsynced_offset: Option<i64>,
+    /// What to add to this run's marked readings; known once synchronized.
+    shift: Option<i64>,
+    synced: bool,
+}
+
+impl Restamp {
+    pub fn new(run: u64) -> Self {
+        Restamp { run, unsynced_offset: None, shift: None, synced: false }
+    }
+
+    /// Whether to look at the clock's state again (not once it was synchronized).
+    pub fn watching(&self) -> bool {
+        !self.synced
+    }
+
+    /// A reading taken at `wall_ms` (by a clock `synced` or not) and `mono_ms`: whether its
+    /// `ts` is known to be right.
+    pub fn observe(&mut self, wall_ms: u64, mono_ms: u64, synced: bool) -> bool {
+        let offset = wall_ms as i64 - mono_ms as i64;
+        if self.synced || synced {
+            if !self.synced {
+                self.synced = true;
+                self.shift = self.unsynced_offset.map(|before| offset - before);
+            }
+            return true;
+        }
+        self.unsynced_offset.get_or_insert(offset);
+        false
+    }
+
+    /// `rec` as it should be sent.
+    pub fn apply(&self, mut rec: Telemetry) -> Telemetry {
+        if let (false, true, Some(shift)) = (rec.ts_ok, rec.run == self.run, self.shift) {
+            rec.ts = rec.ts.saturating_add_signed(shift);
+            rec.ts_ok = true;
+        }
+        rec
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(run: u64, ts: u64, ts_ok: bool) -> Telemetry {
+        Telemetry { light: 1, ts, seq: 1, run, lux: None, ts_ok }
+    }
+
+    const HOUR: u64 = 3_600_000;
+
+    #[test]
+    fn readings_before_the_sync_are_marked_and_corrected_by_the_clock_jump() {
+        let mut r = Restamp::new(7);
+        // The Pi booted at its last saved time, an hour behind; monotonic 1000 ms.
+        assert!(!r.observe(10 * HOUR, 1_000, false));
+        assert!(!r.observe(10 * HOUR + 5_000, 6_000, false));
+        let queued = reading(7, 10 * HOUR + 5_000, false);
+        assert_eq!(r.apply(queued), queued, "not synchronized yet: sent marked");
+        // NTP answers: the clock jumps an hour ahead.
+        assert!(r.observe(11 * HOUR + 10_000, 11_000, true));
+        assert_eq!(r.apply(queued), reading(7, 11 * HOUR + 5_000, true));
+    }
+
+    #[test]
+    fn an_earlier_runs_readings_stay_marked() {
+        let mut r = Restamp::new(8);
+        r.observe(10 * HOUR, 1_000, false);
+        r.observe(11 * HOUR, 1_000, true);
+        let old = reading(7, 10 * HOUR, false);
+        assert_eq!(r.apply(old), old);
+    }
+
+    #[test]
+    fn a_clock_synchronized_from_the_start_marks_nothing_and_changes_nothing() {
+        let mut r = Restamp::new(7);
+        assert!(r.observe(10 * HOUR, 1_000, true));
+        assert!(!r.watching());
+        assert!(r.observe(10 * HOUR + 1, 1_001, false), "it stays synchronized");
+        let rec = reading(7, 10 * HOUR, true);
+        assert_eq!(r.apply(rec), rec);
+    }
 }

@@ -16,7 +16,7 @@ use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rumqttc::{AsyncClient, ConnectionError, Event, Incoming, Outgoing, Publish, QoS, SubscribeReasonCode};
@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
 
+use crate::clock;
 use crate::config::{Config, SensorKind};
 use crate::homeassistant::{self, Health};
 use crate::led::power_on::KeptLed;
@@ -124,6 +125,7 @@ pub async fn run_with(
     let notifier = Notifier::new(format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port));
     notifier.ready();
     let cfg_local = (cfg.led.local_after_s, cfg.server.threshold, cfg.server.hysteresis);
+    let run = queue.run();
     let mut device = Device {
         backoff: Backoff::new(
             Duration::from_millis(cfg.mqtt.reconnect_min_ms),
@@ -151,19 +153,30 @@ pub async fn run_with(
         notifier,
         local: LocalRule::new(cfg_local.0, cfg_local.1, cfg_local.2, Instant::now()),
         live: remote::Live { kept, refusal: None, interval },
+        restamp: clock::Restamp::new(run),
     };
     let result = device.run(readings_rx, shutdown).await;
     sampler.abort();
     result
 }
 
+/// When a reading was taken: the wall clock, the monotonic clock, and whether the wall clock
+/// was known to be synchronized.
+#[derive(Debug, Clone, Copy)]
+struct Stamp {
+    ts: u64,
+    mono_ms: u64,
+    synced: bool,
+}
+
 /// Reads the sensor every `interval` and hands readings to the device loop.
 async fn sample(
     mut sensor: Box<dyn Sensor>,
     mut interval: watch::Receiver<Duration>,
-    readings_tx: mpsc::Sender<(Reading, u64)>,
+    readings_tx: mpsc::Sender<(Reading, Stamp)>,
     counters: Arc<Counters>,
 ) {
+    let mut clock = clock::Reader::default();
     let every = |d: Duration| {
         let mut tick = tokio::time::interval(d);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -184,7 +197,8 @@ async fn sample(
                 continue;
             }
         }
-        let ts = unix_ms();
+        let (ts, synced) = clock.now();
+        let stamp = Stamp { ts, mono_ms: clock::monotonic_ms(), synced };
         let res = if sensor.blocks() {
             // Panics abort the process, so the blocking task always hands the sensor back.
             let (s, r) = tokio::task::spawn_blocking(move || {
@@ -204,7 +218,7 @@ async fn sample(
                     info!(failed_reads, "sensor recovered");
                     failed_reads = 0;
                 }
-                if readings_tx.send((reading, ts)).await.is_err() {
+                if readings_tx.send((reading, stamp)).await.is_err() {
                     return;
                 }
             }
@@ -218,10 +232,6 @@ async fn sample(
             }
         }
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 struct Device {
@@ -259,12 +269,14 @@ struct Device {
     local: LocalRule,
     /// Live configuration: what was set, the last refusal, the sampler's interval.
     live: remote::Live,
+    /// Readings taken before the clock was synchronized: marked, then re-stamped.
+    restamp: clock::Restamp,
 }
 
 impl Device {
     async fn run(
         &mut self,
-        mut readings_rx: mpsc::Receiver<(Reading, u64)>,
+        mut readings_rx: mpsc::Receiver<(Reading, Stamp)>,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
@@ -289,7 +301,9 @@ impl Device {
                         self.poller.start();
                     }
                 }
-                Some((reading, ts)) = readings_rx.recv() => {
+                Some((reading, stamp)) = readings_rx.recv() => {
+                    let ts = stamp.ts;
+                    let ts_ok = self.restamp.observe(ts, stamp.mono_ms, stamp.synced);
                     let first = self.led.reading(reading.light).is_some();
                     let step = self.local.reading(reading.light, ts, self.led.is_on(), Instant::now());
                     if let Some(on) = step.switch {
@@ -302,7 +316,7 @@ impl Device {
                     if first || step.switch.is_some() || step.mode_changed {
                         self.publish_state();
                     }
-                    self.queue.push(Instant::now(), reading.light, ts, reading.lux);
+                    self.queue.push_stamped(Instant::now(), reading.light, ts, ts_ok, reading.lux);
                     self.pump();
                 }
                 _ = sleep_until(self.reconnect_at.unwrap_or_else(far_future)), if self.reconnect_at.is_some() => {
@@ -496,7 +510,8 @@ impl Device {
             return;
         }
         if p.topic == self.topics.commands {
-            let now_ms = crate::clock::synchronized().then(unix_ms);
+            let (wall, synced) = clock::now();
+            let now_ms = synced.then_some(wall);
             let max_age_s = self.cfg.led.command_max_age_s;
             match payload::parse_command(&p.payload) {
                 Ok(cmd) => match payload::check_fresh(&cmd, p.retain, now_ms, max_age_s) {
@@ -538,7 +553,8 @@ impl Device {
         }
         while self.queue.in_flight() < WINDOW {
             let Some(rec) = self.queue.peek_unsent() else { break };
-            if self.client.try_publish(self.topics.telemetry.clone(), self.qos, false, rec.to_json()).is_err() {
+            let json = self.restamp.apply(rec).to_json();
+            if self.client.try_publish(self.topics.telemetry.clone(), self.qos, false, json).is_err() {
                 break; // the request channel is full; PUBACKs will make room
             }
             self.queue.mark_sent();

@@ -58,6 +58,18 @@ pub struct Telemetry {
     /// Lux, from lux-capable chips only.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub lux: Option<f32>,
+    /// False when `ts` came from a clock not known to be synchronized (sent as
+    /// `"ts_ok": false`; absent means true).
+    #[serde(skip_serializing_if = "is_true", default = "yes")]
+    pub ts_ok: bool,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Telemetry {
@@ -222,7 +234,7 @@ mod tests {
 
     #[test]
     fn telemetry_has_contract_fields() {
-        let t = Telemetry { light: 412, ts: 1_763_776_000_123, seq: 1042, run: 7, lux: None };
+        let t = Telemetry { light: 412, ts: 1_763_776_000_123, seq: 1042, run: 7, lux: None, ts_ok: true };
         let v: serde_json::Value = serde_json::from_slice(&t.to_json()).unwrap();
         assert_eq!(v, serde_json::json!({"light": 412, "ts": 1_763_776_000_123u64, "seq": 1042, "run": 7}));
         let t = Telemetry { lux: Some(12.5), ..t };

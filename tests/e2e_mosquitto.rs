@@ -62,7 +62,9 @@ fn commands_switch_the_led_and_update_the_retained_state() {
     let stamps: Vec<u64> = lines.iter().map(|l| l.split(' ').nth(2).unwrap().parse().unwrap()).collect();
     assert!(stamps[0] < stamps[1], "monotonic stamps: {lines:?}");
 
-    // A late subscriber sees the retained state.
+    // A late subscriber sees the retained state (once the broker has it: the LED's line comes
+    // before the state is on the wire).
+    obs.wait_on(&dev.topic("state"), 5 * S, |m| m.last().is_some_and(|m| m.json()["led_on"] == false));
     let late = Observer::new(broker.port, &dev.topic("state"));
     let st = late.wait_on(&dev.topic("state"), 5 * S, |m| !m.is_empty());
     assert!(st[0].retain);
@@ -444,4 +446,51 @@ fn live_configuration_changes_the_interval_at_once_is_kept_across_a_restart_and_
     std::thread::sleep(2 * S);
     let got = late.on(&dev.topic("telemetry")).len() - before;
     assert!((7..=13).contains(&got), "still every 200 ms after a restart: {got} in 2 s");
+}
+
+#[test]
+fn readings_taken_before_the_clock_is_synchronized_are_marked_and_the_queued_ones_re_stamped() {
+    let mut broker = Mosquitto::start("persistence true");
+    let dev = DeviceDir::new(broker.port, 100, "");
+    let obs = Observer::persistent(broker.port, &dev.topic("telemetry"));
+    // A Pi that booted without network: its clock an hour behind, not synchronized.
+    let seam = dev.dir.path().join("clock-unsynced");
+    std::fs::write(&seam, "-3600000").unwrap();
+    let _d = Daemon::spawn(
+        &["run", "--config", dev.config().to_str().unwrap()],
+        &[("NIGHTLIGHT_CLOCK_SEAM", seam.to_str().unwrap())],
+    );
+    let topic = dev.topic("telemetry");
+    let live = obs.wait_on(&topic, 10 * S, |m| m.len() >= 3);
+    let hour_ago = now_ms() - 3_600_000;
+    for m in &live {
+        assert_eq!(m.json()["ts_ok"], false, "marked: {}", m.text());
+        assert!(m.json()["ts"].as_u64().unwrap().abs_diff(hour_ago) < 10_000, "the clock's own (wrong) time");
+    }
+
+    // Offline, readings queue with the wrong time; then NTP answers; then the broker is back.
+    broker.stop();
+    let outage = now_ms();
+    std::thread::sleep(S);
+    let synced_at = now_ms();
+    std::fs::remove_file(&seam).unwrap();
+    std::thread::sleep(1500 * Duration::from_millis(1));
+    broker.restart();
+    obs.wait_on(&topic, 15 * S, |m| m.iter().any(|m| m.json()["ts"].as_u64().unwrap() > now_ms() - 1_000));
+    let runs = obs.runs(&topic);
+    assert_eq!(runs.len(), 1);
+    assert_contiguous(runs.values().next().unwrap());
+    let mut restamped = 0;
+    for v in obs.on(&topic).iter().map(|m| m.json()) {
+        let ts = v["ts"].as_u64().unwrap();
+        if v["ts_ok"] == false {
+            assert!(ts < outage - 3_590_000, "a marked reading carries the clock's own time: {v}");
+        } else {
+            assert!(v.get("ts_ok").is_none(), "{v}");
+            assert!(ts + 5_000 > outage, "an unmarked reading has the right time: {v}");
+            // Taken while the clock was an hour off, queued, and sent with the right time.
+            restamped += usize::from(ts + 500 > outage && ts < synced_at);
+        }
+    }
+    assert!(restamped >= 5, "the readings queued before the sync were re-stamped: {restamped}");
 }

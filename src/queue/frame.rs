@@ -8,7 +8,7 @@
 //! | 0..8 | `seq` u64 |
 //! | 8..16 | `ts` u64, Unix ms |
 //! | 16..18 | `light` u16 |
-//! | 18 | flags: bit 0 `lux` follows, bit 7 set in this format (version 2) |
+//! | 18 | flags: bit 0 `lux` follows, bit 1 `ts` from a clock not known to be synchronized, bit 7 set in this format (version 2) |
 //! | 19..27 | `run` u64 |
 //! | 27..31 | `lux` f32, only with flag bit 0 |
 //!
@@ -19,6 +19,7 @@ use crate::payload::Telemetry;
 
 pub const HEAD: usize = 5;
 const FLAG_LUX: u8 = 1;
+const FLAG_TS_UNSYNCED: u8 = 2;
 const FLAG_V2: u8 = 0x80;
 const V1_BODY: usize = 19;
 const V1_BODY_LUX: usize = 23;
@@ -40,7 +41,7 @@ pub fn encode(rec: &Telemetry, out: &mut Vec<u8>) {
     body[0..8].copy_from_slice(&rec.seq.to_le_bytes());
     body[8..16].copy_from_slice(&rec.ts.to_le_bytes());
     body[16..18].copy_from_slice(&rec.light.to_le_bytes());
-    body[18] = FLAG_V2;
+    body[18] = FLAG_V2 | if rec.ts_ok { 0 } else { FLAG_TS_UNSYNCED };
     body[19..27].copy_from_slice(&rec.run.to_le_bytes());
     let n = match rec.lux {
         Some(lux) => {
@@ -78,7 +79,8 @@ pub fn decode(buf: &[u8]) -> Decoded {
     if crc != crc32fast::hash(body) {
         return Decoded::Bad;
     }
-    let flags = body[18];
+    let ts_ok = body[18] & FLAG_TS_UNSYNCED == 0;
+    let flags = body[18] & !FLAG_TS_UNSYNCED;
     let word = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().expect("8 bytes"));
     let f32_at = |at: usize| f32::from_le_bytes(body[at..at + 4].try_into().expect("4 bytes"));
     let (run, lux) = match (flags, n) {
@@ -94,6 +96,7 @@ pub fn decode(buf: &[u8]) -> Decoded {
         light: u16::from_le_bytes(body[16..18].try_into().expect("2 bytes")),
         run,
         lux,
+        ts_ok,
     };
     Decoded::Frame(rec, HEAD + n)
 }
@@ -103,12 +106,13 @@ mod tests {
     use super::*;
 
     fn rec(seq: u64, lux: Option<f32>) -> Telemetry {
-        Telemetry { light: 999, ts: 1_763_776_000_123, seq, run: 7, lux }
+        Telemetry { light: 999, ts: 1_763_776_000_123, seq, run: 7, lux, ts_ok: true }
     }
 
     #[test]
     fn a_frame_round_trips_with_and_without_lux() {
-        for r in [rec(42, None), rec(43, Some(3.5))] {
+        let unsynced = Telemetry { ts_ok: false, ..rec(44, Some(1.0)) };
+        for r in [rec(42, None), rec(43, Some(3.5)), unsynced, Telemetry { ts_ok: false, ..rec(45, None) }] {
             let mut buf = vec![];
             encode(&r, &mut buf);
             assert_eq!(buf.len(), len(&r));
@@ -145,7 +149,7 @@ mod tests {
         let mut frame = vec![body.len() as u8];
         frame.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
         frame.extend_from_slice(&body);
-        let want = Telemetry { seq: 5, ts: 6, light: 300, run: 0, lux: None };
+        let want = Telemetry { seq: 5, ts: 6, light: 300, run: 0, lux: None, ts_ok: true };
         assert_eq!(decode(&frame), Decoded::Frame(want, 24));
     }
 }

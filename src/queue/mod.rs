@@ -389,6 +389,11 @@ impl<S: Storage> DiskQueue<S> {
 
     /// Takes ownership of a reading taken at `now` (wall clock `ts`) and gives it the next `seq`.
     pub fn push(&mut self, now: Instant, light: u16, ts: u64, lux: Option<f32>) -> u64 {
+        self.push_stamped(now, light, ts, true, lux)
+    }
+
+    /// As [`DiskQueue::push`], saying whether `ts` came from a clock known to be synchronized.
+    pub fn push_stamped(&mut self, now: Instant, light: u16, ts: u64, ts_ok: bool, lux: Option<f32>) -> u64 {
         self.link.now = now;
         if self.seqs.next >= self.seqs.reserved
             && !self.faults.write.waiting(now)
@@ -398,7 +403,7 @@ impl<S: Storage> DiskQueue<S> {
         }
         let seq = self.seqs.next;
         self.seqs.next += 1;
-        let rec = Telemetry { light, ts, seq, run: self.seqs.run, lux };
+        let rec = Telemetry { light, ts, seq, run: self.seqs.run, lux, ts_ok };
         if !self.link.online && self.mem.0.is_empty() && !self.faults.write.waiting(now) {
             let mut buf = Vec::with_capacity(frame::MAX_LEN);
             frame::encode(&rec, &mut buf);
