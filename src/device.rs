@@ -148,10 +148,10 @@ pub async fn run_with(
         by_pkid: HashMap::new(),
         purge: false,
         last_failure: None,
-        started: Instant::now(),
+        started: now(),
         discovery_cleared: false,
         notifier,
-        local: LocalRule::new(cfg_local.0, cfg_local.1, cfg_local.2, Instant::now()),
+        local: LocalRule::new(cfg_local.0, cfg_local.1, cfg_local.2, now()),
         live: remote::Live { kept, refusal: None, interval },
         restamp: clock::Restamp::new(run),
     };
@@ -305,7 +305,7 @@ impl Device {
                     let ts = stamp.ts;
                     let ts_ok = self.restamp.observe(ts, stamp.mono_ms, stamp.synced);
                     let first = self.led.reading(reading.light).is_some();
-                    let step = self.local.reading(reading.light, ts, self.led.is_on(), Instant::now());
+                    let step = self.local.reading(reading.light, ts, self.led.is_on(), now());
                     if let Some(on) = step.switch {
                         info!(led_on = on, light = reading.light, "local rule: switching the LED");
                         self.led.set(on);
@@ -316,7 +316,7 @@ impl Device {
                     if first || step.switch.is_some() || step.mode_changed {
                         self.publish_state();
                     }
-                    self.queue.push_stamped(Instant::now(), reading.light, ts, ts_ok, reading.lux);
+                    self.queue.push_stamped(now(), reading.light, ts, ts_ok, reading.lux);
                     self.pump();
                 }
                 _ = sleep_until(self.reconnect_at.unwrap_or_else(far_future)), if self.reconnect_at.is_some() => {
@@ -324,7 +324,7 @@ impl Device {
                     self.poller.start();
                 }
                 _ = sleep_until(queue_at.unwrap_or_else(far_future)), if queue_at.is_some() => {
-                    self.queue.tick(Instant::now());
+                    self.queue.tick(now());
                     self.pump(); // a backlog read that failed is retried now
                 }
                 _ = health.tick() => {
@@ -380,7 +380,7 @@ impl Device {
     }
 
     fn on_connected(&mut self, session_present: bool) {
-        self.connected = Some(Instant::now());
+        self.connected = Some(now());
         self.queue.connected();
         self.last_failure = None;
         if self.purge {
@@ -399,7 +399,7 @@ impl Device {
             }
         }
         self.publish_other(&self.topics.status.clone(), ONLINE.as_bytes().to_vec(), true);
-        self.local.link(true, Instant::now());
+        self.local.link(true, now());
         self.publish_state();
         self.publish_config();
         self.publish_discovery();
@@ -425,7 +425,7 @@ impl Device {
         let q = self.queue.stats();
         let c = &self.counters;
         let h = Health {
-            uptime_s: self.started.elapsed().as_secs(),
+            uptime_s: now().duration_since(self.started).as_secs(),
             queue_readings: q.readings,
             queue_bytes: q.bytes,
             dropped: q.dropped,
@@ -461,12 +461,12 @@ impl Device {
     }
 
     fn on_disconnected(&mut self, e: &ConnectionError) {
-        self.local.link(false, Instant::now());
+        self.local.link(false, now());
         let reason = link::describe_for(e, &self.cfg.mqtt.host);
         match self.connected.take() {
             Some(since) => {
                 self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
-                if since.elapsed() >= STABLE_CONNECTION {
+                if now().duration_since(since) >= STABLE_CONNECTION {
                     self.backoff.reset();
                 }
                 warn!(reason = %reason, backlog = self.queue.stats().readings, "disconnected");
@@ -493,13 +493,13 @@ impl Device {
         }
         self.sent.clear();
         self.by_pkid.clear();
-        self.queue.disconnected(Instant::now());
+        self.queue.disconnected(now());
         self.reconnect_at = Some(tokio::time::Instant::now() + self.backoff.next_delay());
     }
 
     fn on_message(&mut self, p: &Publish) {
         if local::is_controller_status(&p.topic) {
-            if self.local.controller_status(&p.topic, &p.payload, Instant::now()) {
+            if self.local.controller_status(&p.topic, &p.payload, now()) {
                 info!(mode = self.local.mode().as_str(), controller = %p.topic, "mode changed");
                 self.publish_state();
             }
@@ -647,7 +647,7 @@ impl Device {
                 self.poller.start();
             }
         }
-        let closed = self.queue.close(Instant::now());
+        let closed = self.queue.close(now());
         let st = self.queue.stats();
         match closed {
             Ok(()) => {
@@ -660,6 +660,12 @@ impl Device {
             }
         }
     }
+}
+
+/// The device's clock: tokio's, so a test with paused time drives the queue's deadlines, the
+/// local rule and the backoff alike (outside tests it is the monotonic clock).
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 fn far_future() -> tokio::time::Instant {

@@ -7,8 +7,6 @@ use std::time::Duration;
 
 use common::*;
 
-const S: Duration = Duration::from_secs(1);
-
 /// Renders a Home Assistant value template the way HA does: `value_json` is the parsed payload.
 fn render(template: &str, payload: &str) -> String {
     let env = minijinja::Environment::new();

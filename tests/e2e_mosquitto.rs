@@ -6,17 +6,13 @@ use std::time::Duration;
 
 use common::*;
 
-const S: Duration = Duration::from_secs(1);
-
 fn led_lines(d: &Daemon) -> Vec<String> {
     d.stdout().into_iter().filter(|l| l.starts_with("led ")).collect()
 }
 
 #[test]
 fn telemetry_has_contract_fields_and_cadence() {
-    let broker = Mosquitto::start("");
-    let dev = DeviceDir::new(broker.port, 200, "");
-    let obs = Observer::new(broker.port, "#");
+    let Rig { broker: _broker, dev, obs } = Rig::new(200);
     let d = dev.spawn();
     let msgs = obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= 6);
     let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
@@ -42,9 +38,7 @@ fn telemetry_has_contract_fields_and_cadence() {
 
 #[test]
 fn commands_switch_the_led_and_update_the_retained_state() {
-    let broker = Mosquitto::start("");
-    let dev = DeviceDir::new(broker.port, 1000, "");
-    let obs = Observer::new(broker.port, "#");
+    let Rig { broker, dev, obs } = Rig::new(1000);
     let d = dev.spawn();
     obs.wait_on(&dev.topic("status"), 10 * S, |m| m.iter().any(|m| m.text() == "online"));
     obs.wait_on(&dev.topic("state"), 5 * S, |m| m.iter().any(|m| m.json()["led_on"] == false));
@@ -149,9 +143,7 @@ fn device_starts_while_the_broker_is_down_and_connects_when_it_comes() {
 
 #[test]
 fn hostile_commands_change_nothing_and_the_device_goes_on() {
-    let broker = Mosquitto::start("");
-    let dev = DeviceDir::new(broker.port, 100, "");
-    let obs = Observer::new(broker.port, "#");
+    let Rig { broker: _broker, dev, obs } = Rig::new(100);
     let d = dev.spawn();
     obs.wait_on(&dev.topic("state"), 10 * S, |m| !m.is_empty());
     let deep = format!("{{\"led_on\": true, \"x\": {}1{}}}", "[".repeat(5000), "]".repeat(5000));
@@ -182,9 +174,7 @@ fn hostile_commands_change_nothing_and_the_device_goes_on() {
 
 #[test]
 fn commands_sent_while_the_device_was_away_arrive_when_it_returns() {
-    let broker = Mosquitto::start("");
-    let dev = DeviceDir::new(broker.port, 1000, "");
-    let obs = Observer::new(broker.port, "#");
+    let Rig { broker: _broker, dev, obs } = Rig::new(1000);
     let mut d = dev.spawn();
     obs.wait_on(&dev.topic("status"), 10 * S, |m| m.iter().any(|m| m.text() == "online"));
     d.stop_with(libc::SIGTERM, 5 * S);
@@ -197,9 +187,7 @@ fn commands_sent_while_the_device_was_away_arrive_when_it_returns() {
 
 #[test]
 fn an_oversized_message_held_by_the_broker_does_not_trap_the_device() {
-    let broker = Mosquitto::start("");
-    let dev = DeviceDir::new(broker.port, 100, "");
-    let obs = Observer::new(broker.port, "#");
+    let Rig { broker: _broker, dev, obs } = Rig::new(100);
     let mut d = dev.spawn();
     obs.wait_on(&dev.topic("status"), 10 * S, |m| m.iter().any(|m| m.text() == "online"));
     d.stop_with(libc::SIGTERM, 5 * S);
@@ -219,9 +207,7 @@ fn an_oversized_message_held_by_the_broker_does_not_trap_the_device() {
 
 #[test]
 fn simulated_light_can_be_set_and_made_to_fail_at_run_time() {
-    let broker = Mosquitto::start("");
-    let dev = DeviceDir::new(broker.port, 100, "");
-    let obs = Observer::new(broker.port, "#");
+    let Rig { broker: _broker, dev, obs } = Rig::new(100);
     let d = dev.spawn();
     obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| !m.is_empty());
     obs.publish(&dev.topic("virtual/light"), "777", false);
@@ -318,9 +304,7 @@ fn sigint_stops_it_even_when_started_with_sigint_ignored_like_a_background_job()
 
 #[test]
 fn the_led_comes_back_as_it_was_before_any_network_unless_power_on_says_otherwise() {
-    let broker = Mosquitto::start("");
-    let dev = DeviceDir::new(broker.port, 200, "");
-    let obs = Observer::new(broker.port, "#");
+    let Rig { broker, dev, obs } = Rig::new(200);
     let mut d = dev.spawn();
     obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| !m.is_empty());
     obs.publish(&dev.topic("commands"), r#"{"led_on": true}"#, false);
@@ -371,9 +355,7 @@ fn wait_count(d: &Daemon, needle: &str, n: usize) {
 
 #[test]
 fn retained_and_hour_old_commands_change_nothing_but_a_fresh_one_does() {
-    let broker = Mosquitto::start("");
-    let dev = DeviceDir::new(broker.port, 200, "");
-    let obs = Observer::new(broker.port, "#");
+    let Rig { broker: _broker, dev, obs } = Rig::new(200);
     // Left on the command topic, retained, from some earlier day: it must not switch the LED at
     // every start ("ghost switching").
     obs.publish(&dev.topic("commands"), r#"{"led_on": true}"#, true);
@@ -409,9 +391,7 @@ fn retained_and_hour_old_commands_change_nothing_but_a_fresh_one_does() {
 
 #[test]
 fn live_configuration_changes_the_interval_at_once_is_kept_across_a_restart_and_refuses_the_broker() {
-    let broker = Mosquitto::start("");
-    let dev = DeviceDir::new(broker.port, 1000, "");
-    let obs = Observer::new(broker.port, "#");
+    let Rig { broker, dev, obs } = Rig::new(1000);
     let mut d = dev.spawn();
     let report = |obs: &Observer, done: &dyn Fn(&serde_json::Value) -> bool| {
         obs.wait_on(&dev.topic("config"), 10 * S, |m| m.last().is_some_and(|m| done(&m.json())))

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use nightlight::DiskQueue;
 
-const S: Duration = Duration::from_secs(1);
 /// One reading's frame on disk (`src/queue/frame.rs`): 5 bytes of header, a 27-byte body.
 const FRAME: u64 = 32;
 

@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use common::*;
 
-const S: Duration = Duration::from_secs(1);
-
 /// A broker with a plain listener (for the observer) and a TLS listener (for the device).
 fn tls_broker(pki: &Pki, server: &str, require_cert: bool) -> (Mosquitto, u16) {
     let tls_port = free_port();

@@ -7,8 +7,6 @@ use std::time::Duration;
 
 use common::*;
 
-const S: Duration = Duration::from_secs(1);
-
 fn server(port: u16, extra_env: &[(&str, &str)]) -> Daemon {
     let port = port.to_string();
     let mut env = vec![
@@ -32,9 +30,7 @@ fn commands(obs: &Observer, topic: &str) -> Vec<bool> {
 
 #[test]
 fn dark_turns_the_led_on_bright_off_and_the_band_changes_nothing() {
-    let broker = Mosquitto::start("");
-    let dev = DeviceDir::new(broker.port, 100, "");
-    let obs = Observer::new(broker.port, "#");
+    let Rig { broker, dev, obs } = Rig::new(100);
     let _srv = server(broker.port, &[]);
     // Bright at first: no command.
     let d = Daemon::spawn(
@@ -64,9 +60,7 @@ fn dark_turns_the_led_on_bright_off_and_the_band_changes_nothing() {
 
 #[test]
 fn a_device_that_restarts_in_the_wrong_state_is_corrected() {
-    let broker = Mosquitto::start("");
-    let dev = DeviceDir::new(broker.port, 100, "");
-    let obs = Observer::new(broker.port, "#");
+    let Rig { broker, dev, obs } = Rig::new(100);
     let _srv = server(broker.port, &[]);
     let mut d = dev.spawn();
     d.wait_stdout_lines(1, 10 * S); // dark: on

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{Client, Event, Incoming, MqttOptions, QoS};
 
+/// One second: the unit of the end-to-end tests' time-outs.
+pub const S: Duration = Duration::from_secs(1);
+
 /// Where Debian puts the broker (not on a normal user's PATH).
 const MOSQUITTO_PATHS: [&str; 3] = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "mosquitto"];
 
@@ -289,6 +292,23 @@ impl DeviceDir {
 
     pub fn spawn(&self) -> Daemon {
         Daemon::spawn(&["run", "--config", self.config().to_str().unwrap()], &[])
+    }
+}
+
+/// The usual end-to-end set-up: a fresh mosquitto, a virtual device's directory for it
+/// (reading every `interval_ms`), and an observer of everything on the broker.
+pub struct Rig {
+    pub broker: Mosquitto,
+    pub dev: DeviceDir,
+    pub obs: Observer,
+}
+
+impl Rig {
+    pub fn new(interval_ms: u64) -> Self {
+        let broker = Mosquitto::start("");
+        let dev = DeviceDir::new(broker.port, interval_ms, "");
+        let obs = Observer::new(broker.port, "#");
+        Rig { broker, dev, obs }
     }
 }
 
