@@ -160,3 +160,44 @@ async fn after_an_outage_the_device_connects_within_its_backoff_bound_and_delive
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "in order, none missing: {seqs:?}");
     stop(tx, task).await;
 }
+
+/// Bytes in the queue's segment files.
+fn on_disk(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum()
+}
+
+#[tokio::test(start_paused = true)]
+async fn online_a_reading_the_broker_does_not_acknowledge_within_spill_ms_goes_to_disk_and_not_before() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A broker that accepts the connection and never acknowledges a publish.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await; // CONNECT
+        s.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap(); // CONNACK, accepted
+        while let Ok(n @ 1..) = s.read(&mut buf).await {
+            let _ = n; // subscriptions and publishes, never answered
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), port, 500);
+    cfg.queue.spill_ms = 2000;
+    let (tx, _, task) = start(cfg);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The first reading came before the CONNACK (offline: written at once); the one at 1 s did
+    // not touch the disk.
+    let before = on_disk(dir.path());
+    assert!(before <= 32, "online, within spill_ms: nothing more touches the disk ({before} bytes)");
+    // At 6 s the readings of 1 s to 4 s are past their 2 s.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let after = on_disk(dir.path());
+    assert!(after >= before + 2 * 32, "unacknowledged past spill_ms: written ({before} -> {after} bytes)");
+    stop(tx, task).await;
+}
