@@ -154,6 +154,7 @@ pub async fn run_with(
         local: LocalRule::new(cfg_local.0, cfg_local.1, cfg_local.2, now()),
         live: remote::Live { kept, refusal: None, interval },
         restamp: clock::Restamp::new(run),
+        ha_due: None,
     };
     let result = device.run(readings_rx, shutdown).await;
     sampler.abort();
@@ -271,6 +272,8 @@ struct Device {
     live: remote::Live,
     /// Readings taken before the clock was synchronized: marked, then re-stamped.
     restamp: clock::Restamp,
+    /// Home Assistant came online: discovery and state go out at this moment.
+    ha_due: Option<tokio::time::Instant>,
 }
 
 impl Device {
@@ -326,6 +329,11 @@ impl Device {
                 _ = sleep_until(queue_at.unwrap_or_else(far_future)), if queue_at.is_some() => {
                     self.queue.tick(now());
                     self.pump(); // a backlog read that failed is retried now
+                }
+                _ = sleep_until(self.ha_due.unwrap_or_else(far_future)), if self.ha_due.is_some() => {
+                    self.ha_due = None;
+                    self.publish_discovery();
+                    self.publish_state();
                 }
                 _ = health.tick() => {
                     if self.connected.is_some() {
@@ -406,15 +414,33 @@ impl Device {
         self.publish_health();
     }
 
-    /// Home Assistant discovery on every connect; when disabled, empty retained configs once,
-    /// which removes the entities.
+    /// Home Assistant discovery (module doc of [`homeassistant`]): the device message on every
+    /// connect and after Home Assistant's birth, the migration from per-entity configs once;
+    /// when disabled, every message emptied once.
     fn publish_discovery(&mut self) {
+        let dir = self.cfg.queue.dir.clone();
+        let migrated = Path::new(&dir).join("ha-migrated");
         if self.cfg.homeassistant.enabled {
-            for d in homeassistant::discovery(&self.cfg) {
-                self.publish_other(&d.topic, d.payload.to_string().into_bytes(), true);
+            let fresh = !migrated.exists();
+            if fresh {
+                for topic in homeassistant::legacy_topics(&self.cfg) {
+                    self.publish_other(&topic, homeassistant::MIGRATE.as_bytes().to_vec(), true);
+                }
+            }
+            let d = homeassistant::device_discovery(&self.cfg);
+            self.publish_other(&d.topic, d.payload.to_string().into_bytes(), true);
+            if fresh {
+                for topic in homeassistant::legacy_topics(&self.cfg) {
+                    self.publish_other(&topic, Vec::new(), true);
+                }
+                if let Err(e) = crate::statefile::write_atomic(Path::new(&dir), "ha-migrated", b"1\n") {
+                    warn!(error = %e, "cannot note the discovery migration; it runs again at the next connect");
+                }
             }
         } else if !self.discovery_cleared {
-            for topic in homeassistant::all_topics(&self.cfg) {
+            let mut topics = homeassistant::legacy_topics(&self.cfg);
+            topics.push(homeassistant::device_discovery(&self.cfg).topic);
+            for topic in topics {
                 self.publish_other(&topic, Vec::new(), true);
             }
             self.discovery_cleared = true;
@@ -505,6 +531,15 @@ impl Device {
             }
             return;
         }
+        if self.cfg.homeassistant.enabled && p.topic == homeassistant::ha_status_topic(&self.cfg) {
+            if p.payload.as_ref() == homeassistant::HA_ONLINE && self.ha_due.is_none() {
+                // A fleet must not answer in one burst.
+                let delay = Duration::from_millis(fastrand::u64(500..=5000));
+                info!(in_ms = delay.as_millis() as u64, "Home Assistant is online: discovery follows");
+                self.ha_due = Some(tokio::time::Instant::now() + delay);
+            }
+            return;
+        }
         if p.topic == self.topics.config_set {
             self.on_config_set(&p.payload);
             return;
@@ -563,12 +598,16 @@ impl Device {
     }
 
     /// What the device subscribes to, in this order: its commands, the controllers' statuses
-    /// (the local rule), its live configuration and, when simulated, its light.
+    /// (the local rule), its live configuration, when simulated its light, and Home Assistant's
+    /// status when discovery is on.
     fn subscriptions(&self) -> Vec<String> {
         let mut topics =
             vec![self.topics.commands.clone(), local::CONTROLLERS.to_owned(), self.topics.config_set.clone()];
         if self.simulated_topic {
             topics.push(self.topics.virtual_light.clone());
+        }
+        if self.cfg.homeassistant.enabled {
+            topics.push(homeassistant::ha_status_topic(&self.cfg));
         }
         topics
     }

@@ -14,49 +14,17 @@ fn render(template: &str, payload: &str) -> String {
     env.render_str(template, minijinja::context! { value_json => value, value => payload }).unwrap()
 }
 
-#[test]
-fn discovery_makes_a_light_ha_can_switch_and_read_back() {
-    let broker = Mosquitto::start("");
-    let dev = DeviceDir::new(broker.port, 500, "");
-    let d = dev.spawn();
-    obs_online(&broker, &dev);
-    let late = Observer::new(broker.port, "homeassistant/#");
-    let configs = late.wait_on_prefix("homeassistant/", 5 * S, 5);
-    let light =
-        configs.iter().find(|m| m.topic == format!("homeassistant/light/{}/led/config", dev.id)).expect("light");
-    assert!(light.retain, "discovery configs are retained");
-    let p = light.json();
-    for key in
-        ["command_topic", "state_topic", "unique_id", "device", "availability_topic", "payload_on", "payload_off"]
-    {
-        assert!(!p[key].is_null(), "light config lacks {key}: {p}");
-    }
-    assert_eq!(p["command_topic"], dev.topic("commands"));
-    assert_eq!(p["state_topic"], dev.topic("state"));
-    assert_eq!(p["availability_topic"], dev.topic("status"));
-    assert_eq!(p["device"]["sw_version"], env!("CARGO_PKG_VERSION"));
-    let tpl = p["state_value_template"].as_str().unwrap();
-    // HA compares the rendered state with payload_on / payload_off.
-    assert_eq!(render(tpl, r#"{"led_on":true}"#), p["payload_on"].as_str().unwrap());
-    assert_eq!(render(tpl, r#"{"led_on":false}"#), p["payload_off"].as_str().unwrap());
-    // HA sends payload_on unchanged: the device obeys it.
-    let obs = Observer::new(broker.port, "#");
-    obs.publish(p["command_topic"].as_str().unwrap(), p["payload_on"].as_str().unwrap(), false);
-    assert!(d.wait_stdout_lines(1, 5 * S)[0].starts_with("led on"));
-    let state = obs.wait_on(&dev.topic("state"), 5 * S, |m| m.last().is_some_and(|m| m.json()["led_on"] == true));
-    assert_eq!(render(tpl, &state.last().unwrap().text()), p["payload_on"].as_str().unwrap());
+/// Renders a command template the way HA does: `value` is the entity's new value.
+fn render_command(template: &str, value: impl serde::Serialize) -> String {
+    let env = minijinja::Environment::new();
+    env.render_str(template, minijinja::context! { value => minijinja::Value::from_serialize(&value) }).unwrap()
+}
 
-    let level = configs
-        .iter()
-        .find(|m| m.topic.ends_with("/light/config") && m.topic.contains("/sensor/"))
-        .expect("light level sensor");
-    let lp = level.json();
-    assert_eq!(lp["state_topic"], dev.topic("telemetry"));
-    assert!(lp["device_class"].is_null(), "a 0-1000 ratio is not illuminance: {lp}");
-    assert_eq!(render(lp["value_template"].as_str().unwrap(), r#"{"light":412,"ts":1,"seq":2}"#), "412");
-    assert!(!configs.iter().any(|m| m.topic.contains("/lux/")), "no lux sensor for a sensor without lux");
-    let diag = configs.iter().find(|m| m.json()["entity_category"] == "diagnostic").expect("a diagnostic sensor");
-    assert_eq!(diag.json()["state_topic"], dev.topic("health"));
+/// What a late subscriber finds retained under the discovery prefix: (topic, payload).
+fn retained_discovery(broker: &Mosquitto) -> Vec<(String, String)> {
+    let late = Observer::new(broker.port, "homeassistant/#");
+    std::thread::sleep(Duration::from_millis(700));
+    late.all().into_iter().filter(|m| m.retain && !m.text().is_empty()).map(|m| (m.topic.clone(), m.text())).collect()
 }
 
 fn obs_online(broker: &Mosquitto, dev: &DeviceDir) {
@@ -65,23 +33,122 @@ fn obs_online(broker: &Mosquitto, dev: &DeviceDir) {
 }
 
 #[test]
-fn disabling_discovery_removes_the_entities() {
+fn one_device_message_makes_a_light_ha_can_switch_and_an_interval_number_that_sets_the_rate() {
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 500, "");
+    let d = dev.spawn();
+    obs_online(&broker, &dev);
+    let held = retained_discovery(&broker);
+    assert_eq!(held.len(), 1, "exactly one discovery message, no per-entity ones: {held:?}");
+    assert_eq!(held[0].0, format!("homeassistant/device/{}/config", dev.id));
+    let p: serde_json::Value = serde_json::from_str(&held[0].1).unwrap();
+    assert_eq!(p["dev"]["sw"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(p["avty_t"], dev.topic("status"));
+    let led = &p["cmps"]["led"];
+    let tpl = led["state_value_template"].as_str().unwrap();
+    // HA compares the rendered state with payload_on / payload_off, and sends them unchanged.
+    assert_eq!(render(tpl, r#"{"led_on":true,"mode":"remote"}"#), led["payload_on"].as_str().unwrap());
+    assert_eq!(render(tpl, r#"{"led_on":false,"mode":"remote"}"#), led["payload_off"].as_str().unwrap());
+    let obs = Observer::new(broker.port, "#");
+    obs.publish(led["command_topic"].as_str().unwrap(), led["payload_on"].as_str().unwrap(), false);
+    assert!(d.wait_stdout_lines(1, 5 * S)[0].starts_with("led on"));
+    let state = obs.wait_on(&dev.topic("state"), 5 * S, |m| m.last().is_some_and(|m| m.json()["led_on"] == true));
+    assert_eq!(render(tpl, &state.last().unwrap().text()), led["payload_on"].as_str().unwrap());
+    assert_eq!(render(p["cmps"]["mode"]["value_template"].as_str().unwrap(), &state.last().unwrap().text()), "remote");
+    let level = &p["cmps"]["light"];
+    assert!(level["device_class"].is_null(), "a 0-1000 ratio is not illuminance");
+    assert_eq!(render(level["value_template"].as_str().unwrap(), r#"{"light":412,"ts":1,"seq":2}"#), "412");
+
+    // The "Reading interval" number set to 2: its command template, written where it says,
+    // gives one reading every 2 s, and its state template reads 2 back.
+    let n = &p["cmps"]["interval"];
+    let command = render_command(n["command_template"].as_str().unwrap(), 2);
+    obs.publish(n["command_topic"].as_str().unwrap(), command, false);
+    let cfg = obs
+        .wait_on(&dev.topic("config"), 5 * S, |m| m.last().is_some_and(|m| m.json()["sensor"]["interval_ms"] == 2000));
+    assert_eq!(render(n["value_template"].as_str().unwrap(), &cfg.last().unwrap().text()), "2.0");
+    let before = obs.on(&dev.topic("telemetry")).len();
+    obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= before + 3);
+    let ts: Vec<u64> =
+        obs.on(&dev.topic("telemetry"))[before..].iter().map(|m| m.json()["ts"].as_u64().unwrap()).collect();
+    for w in ts.windows(2).skip(1) {
+        assert!((1900..=2100).contains(&(w[1] - w[0])), "one reading every 2 s: {ts:?}");
+    }
+    // The select and the threshold write what `nightlight check` accepts.
+    let sel = &p["cmps"]["power_on"];
+    obs.publish(
+        sel["command_topic"].as_str().unwrap(),
+        render_command(sel["command_template"].as_str().unwrap(), "auto"),
+        false,
+    );
+    let th = &p["cmps"]["threshold"];
+    obs.publish(
+        th["command_topic"].as_str().unwrap(),
+        render_command(th["command_template"].as_str().unwrap(), 250.0),
+        false,
+    );
+    obs.wait_on(&dev.topic("config"), 5 * S, |m| {
+        m.last().is_some_and(|m| m.json()["led"]["power_on"] == "auto" && m.json()["server"]["threshold"] == 250)
+    });
+}
+
+#[test]
+fn an_installation_of_the_per_entity_release_migrates_and_keeps_nothing_behind() {
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 500, "");
+    // What an earlier release left retained.
+    let old = Observer::new(broker.port, "homeassistant/#");
+    for object in ["light/{id}/led", "sensor/{id}/light", "sensor/{id}/queue"] {
+        let topic = format!("homeassistant/{}/config", object.replace("{id}", &dev.id));
+        old.publish(&topic, format!(r#"{{"unique_id": "{}_x", "object_id": "x"}}"#, dev.id), true);
+    }
+    old.wait_on_prefix("homeassistant/", 5 * S, 3);
+    let _d = dev.spawn();
+    obs_online(&broker, &dev);
+    // Home Assistant's documented step first, on each old topic, then the new message.
+    let led_topic = format!("homeassistant/light/{}/led/config", dev.id);
+    let seen = old.wait_on(&led_topic, 5 * S, |m| m.iter().any(|m| m.text().is_empty()));
+    let texts: Vec<String> = seen.iter().map(|m| m.text()).collect();
+    let migrate = texts.iter().position(|t| t.contains("migrate_discovery")).expect("the migrate_discovery step");
+    assert!(migrate < texts.len() - 1 && texts.last().unwrap().is_empty(), "migrate, then cleared: {texts:?}");
+    let held = retained_discovery(&broker);
+    assert_eq!(held.len(), 1, "only the device message remains: {held:?}");
+    assert!(held[0].0.ends_with(&format!("/device/{}/config", dev.id)));
+}
+
+#[test]
+fn home_assistants_birth_brings_the_discovery_back_after_it_was_lost() {
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 500, "");
+    let d = dev.spawn();
+    obs_online(&broker, &dev);
+    let topic = format!("homeassistant/device/{}/config", dev.id);
+    let obs = Observer::new(broker.port, "#");
+    obs.wait_on(&topic, 5 * S, |m| !m.is_empty());
+    obs.publish(&topic, "", true); // lost: a broker without persistence restarted, say
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(retained_discovery(&broker).is_empty());
+    obs.publish("homeassistant/status", "online", false);
+    d.wait_stderr("Home Assistant is online", 5 * S);
+    obs.wait_on(&topic, 8 * S, |m| m.last().is_some_and(|m| !m.text().is_empty()));
+    assert_eq!(retained_discovery(&broker).len(), 1, "back, and retained");
+}
+
+#[test]
+fn disabling_discovery_removes_the_device() {
     let broker = Mosquitto::start("");
     let dev = DeviceDir::new(broker.port, 1000, "");
     let mut d = dev.spawn();
     obs_online(&broker, &dev);
-    let o = Observer::new(broker.port, "homeassistant/#");
-    o.wait_on_prefix("homeassistant/", 5 * S, 5);
+    assert_eq!(retained_discovery(&broker).len(), 1);
     d.stop_with(libc::SIGTERM, 5 * S);
     let d = Daemon::spawn(
         &["run", "--config", dev.config().to_str().unwrap()],
         &[("NIGHTLIGHT__HOMEASSISTANT__ENABLED", "false")],
     );
-    o.wait_on_prefix("homeassistant/", 5 * S, 10); // the empty configs arrive
+    obs_online(&broker, &dev);
     std::thread::sleep(Duration::from_millis(300));
-    let late = Observer::new(broker.port, "homeassistant/#");
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(late.all().is_empty(), "retained configs left behind: {:?}", late.all());
+    assert!(retained_discovery(&broker).is_empty(), "retained configs left behind");
     drop(d);
 }
 

@@ -260,7 +260,7 @@ fn under_the_readme_acl_device_and_controller_do_their_job_and_a_device_cannot_s
     assert!(d.wait_stdout_lines(1, 10 * S)[0].starts_with("led on"), "the controller's command arrived");
     obs.wait_on("porch/state", 5 * S, |m| m.iter().any(|m| m.json()["led_on"] == true));
     obs.wait_on("porch/health", 5 * S, |m| !m.is_empty());
-    obs.wait_on_prefix("homeassistant/light/porch/", 5 * S, 1);
+    obs.wait_on("homeassistant/device/porch/config", 5 * S, |m| !m.is_empty());
 
     // The porch's credentials with the garage's id: the broker drops everything it publishes.
     let spoof = device_dir(&mqtt);
