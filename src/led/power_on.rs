@@ -96,10 +96,14 @@ impl KeptLed {
         this
     }
 
-    /// Switches the LED and keeps its state. Returns whether that was a change.
+    /// Keeps the state, then switches the LED. Returns whether that was a change.
+    ///
+    /// The state is kept first: a power cut between the two starts the LED as it was told to be,
+    /// and once the LED shows a state (the virtual LED's line), that state is on disk.
     pub fn set(&mut self, on: bool) -> bool {
+        let kept = self.memory.record(on);
         let changed = self.led.set(on);
-        match self.memory.record(self.led.is_on()) {
+        match kept {
             Ok(()) if self.failing => {
                 self.failing = false;
                 info!("the LED's state is kept again");
