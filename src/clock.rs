@@ -27,10 +27,11 @@ pub const SEAM: &str = "NIGHTLIGHT_CLOCK_SEAM";
 /// The wall clock in Unix ms, and whether it is known to be synchronized.
 pub fn now() -> (u64, bool) {
     let (offset, synced) = state();
-    (real_ms().saturating_add_signed(offset), synced)
+    (unix_ms().saturating_add_signed(offset), synced)
 }
 
-fn real_ms() -> u64 {
+/// The real wall clock in Unix ms, seams aside (0 before 1970).
+pub fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
@@ -68,7 +69,7 @@ impl Reader {
                 (offset, synced)
             }
         };
-        (real_ms().saturating_add_signed(fresh.0), fresh.1)
+        (unix_ms().saturating_add_signed(fresh.0), fresh.1)
     }
 }
 
@@ -109,11 +110,6 @@ pub struct Restamp {
 impl Restamp {
     pub fn new(run: u64) -> Self {
         Restamp { run, unsynced_offset: None, shift: None, synced: false }
-    }
-
-    /// Whether to look at the clock's state again (not once it was synchronized).
-    pub fn watching(&self) -> bool {
-        !self.synced
     }
 
     /// A reading taken at `wall_ms` (by a clock `synced` or not) and `mono_ms`: whether its
@@ -177,7 +173,6 @@ mod tests {
     fn a_clock_synchronized_from_the_start_marks_nothing_and_changes_nothing() {
         let mut r = Restamp::new(7);
         assert!(r.observe(10 * HOUR, 1_000, true));
-        assert!(!r.watching());
         assert!(r.observe(10 * HOUR + 1, 1_001, false), "it stays synchronized");
         let rec = reading(7, 10 * HOUR, true);
         assert_eq!(r.apply(rec), rec);

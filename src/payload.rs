@@ -86,17 +86,6 @@ pub struct LedState {
     pub led_on: bool,
 }
 
-impl LedState {
-    /// The JSON payload: `{"led_on":true}`.
-    pub fn to_json(self) -> Vec<u8> {
-        if self.led_on {
-            br#"{"led_on":true}"#.to_vec()
-        } else {
-            br#"{"led_on":false}"#.to_vec()
-        }
-    }
-}
-
 /// A command on `<id>/commands`: `{"led_on": bool}`, and `"ts"` (Unix ms, when it was sent) if
 /// the sender stamps it (the controller does).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -273,8 +262,7 @@ mod tests {
     #[test]
     fn state_payload_round_trips() {
         for on in [true, false] {
-            let s = LedState { led_on: on };
-            assert_eq!(parse_state(&s.to_json()), Ok(s));
+            assert_eq!(parse_state(&state_json(on, "remote")), Ok(LedState { led_on: on }));
             let c = Command { led_on: on, ts: Some(1_764_590_000_000) };
             assert_eq!(parse_command(&c.to_json()), Ok(c));
         }

@@ -133,7 +133,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
                             topic,
                             QoS::AtLeastOnce,
                             false,
-                            payload::Command { led_on: on, ts: Some(unix_ms()) }.to_json(),
+                            payload::Command { led_on: on, ts: Some(crate::clock::unix_ms()) }.to_json(),
                         )
                         .await
                     {
@@ -156,9 +156,4 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     poller.abort();
     info!("controller stopped");
     Ok(())
-}
-
-/// When a command is sent, for its `ts` (Unix ms; 0 if the clock is before 1970).
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 use serde::Serialize;
@@ -175,7 +175,7 @@ fn learn(s: &mut Seen, topic: &str, payload: &[u8]) -> Option<String> {
         "telemetry" => {
             let light = v["light"].as_u64().map(|l| l.min(1000) as u16)?;
             s.light = Some(light);
-            s.add_reading(v["ts"].as_u64().unwrap_or_else(unix_ms), light);
+            s.add_reading(v["ts"].as_u64().unwrap_or_else(crate::clock::unix_ms), light);
             Some(format!("telemetry light={light} seq={}", v["seq"]))
         }
         "state" => {
@@ -188,7 +188,7 @@ fn learn(s: &mut Seen, topic: &str, payload: &[u8]) -> Option<String> {
             if s.recent.len() == RECENT_COMMANDS {
                 s.recent.pop_front();
             }
-            s.recent.push_back(SentCommand { ts: unix_ms(), led_on });
+            s.recent.push_back(SentCommand { ts: crate::clock::unix_ms(), led_on });
             Some(format!("command led_on={led_on}"))
         }
         "status" => {
@@ -197,10 +197,6 @@ fn learn(s: &mut Seen, topic: &str, payload: &[u8]) -> Option<String> {
         }
         _ => None,
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// One terminal line: the light as a bar with the threshold marked, the LED as a lamp.

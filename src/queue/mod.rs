@@ -60,7 +60,7 @@ pub mod window;
 use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
@@ -243,10 +243,6 @@ struct Link {
     spill_after: Duration,
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 impl DiskQueue<OsStorage> {
     /// Opens (or creates) the queue in `dir` on the real filesystem, recovering whatever a
     /// previous run left.
@@ -254,7 +250,7 @@ impl DiskQueue<OsStorage> {
     /// # Errors
     /// The directory cannot be created or read, or another process holds it.
     pub fn open(dir: &Path, max_bytes: u64, spill_after: Duration) -> Result<Self, QueueError> {
-        Self::open_in(OsStorage, dir, max_bytes, spill_after, Instant::now(), unix_ms())
+        Self::open_in(OsStorage, dir, max_bytes, spill_after, Instant::now(), crate::clock::unix_ms())
     }
 }
 
