@@ -155,18 +155,28 @@ pub enum CommandError {
 /// # Errors
 /// Oversized, non-UTF-8, malformed or too deeply nested JSON, or no boolean `led_on`.
 pub fn parse_command(payload: &[u8]) -> Result<Command, CommandError> {
-    if payload.len() > MAX_COMMAND_BYTES {
-        return Err(CommandError::TooLarge(payload.len()));
-    }
-    let text = std::str::from_utf8(payload).map_err(|_| CommandError::NotUtf8)?;
+    let text = bounded_text(payload)?;
     // serde would also accept `[true]` for a struct; the contract says an object.
     if !text.trim_start().starts_with('{') {
         return Err(CommandError::Invalid("not a JSON object".into()));
     }
+    serde_json::from_str::<Command>(text).map_err(|e| CommandError::Invalid(e.to_string()))
+}
+
+/// The checks every message to the device passes before JSON parsing (commands, live
+/// configuration): at most [`MAX_COMMAND_BYTES`], UTF-8, nested at most [`MAX_COMMAND_DEPTH`].
+///
+/// # Errors
+/// Which of those it fails.
+pub fn bounded_text(payload: &[u8]) -> Result<&str, CommandError> {
+    if payload.len() > MAX_COMMAND_BYTES {
+        return Err(CommandError::TooLarge(payload.len()));
+    }
+    let text = std::str::from_utf8(payload).map_err(|_| CommandError::NotUtf8)?;
     if nesting_depth(text) > MAX_COMMAND_DEPTH {
         return Err(CommandError::Invalid(format!("nested deeper than {MAX_COMMAND_DEPTH} levels")));
     }
-    serde_json::from_str::<Command>(text).map_err(|e| CommandError::Invalid(e.to_string()))
+    Ok(text)
 }
 
 /// Decodes a reported state (`<id>/state`), with the rules of [`parse_command`].
@@ -181,7 +191,7 @@ pub fn parse_state(payload: &[u8]) -> Result<LedState, CommandError> {
 pub const MAX_COMMAND_DEPTH: usize = 8;
 
 /// The deepest nesting of `{` and `[` outside strings (serde ignores unknown fields of any depth).
-pub fn nesting_depth(text: &str) -> usize {
+fn nesting_depth(text: &str) -> usize {
     let (mut depth, mut max, mut in_str, mut escaped) = (0usize, 0usize, false, false);
     for b in text.bytes() {
         match (in_str, b) {

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Map, Value};
 
 use crate::config::Config;
-use crate::payload::{self, CommandError};
+use crate::payload;
 
 /// The keys `<id>/config/set` may change.
 pub const SETTABLE: [&str; 6] = [
@@ -156,14 +156,7 @@ pub fn report(cfg: &Config, refusal: Option<&Refusal>) -> Vec<u8> {
 }
 
 fn parse_object(payload: &[u8]) -> Result<Map<String, Value>, Refusal> {
-    let as_refusal = |e: CommandError| refuse("(message)", e.to_string());
-    if payload.len() > payload::MAX_COMMAND_BYTES {
-        return Err(as_refusal(CommandError::TooLarge(payload.len())));
-    }
-    let text = std::str::from_utf8(payload).map_err(|_| as_refusal(CommandError::NotUtf8))?;
-    if payload::nesting_depth(text) > payload::MAX_COMMAND_DEPTH {
-        return Err(refuse("(message)", "nested too deeply"));
-    }
+    let text = payload::bounded_text(payload).map_err(|e| refuse("(message)", e.to_string()))?;
     match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err(refuse("(message)", "not a JSON object shaped like device.toml")),
