@@ -21,6 +21,16 @@ fn tls_broker(pki: &Pki, server: &str, require_cert: bool) -> (Mosquitto, u16) {
     (m, tls_port)
 }
 
+/// The `[mqtt.tls]` lines for mutual TLS: the CA, `<cert>.pem` and `<key>.key` from `pki`.
+fn client_cert(pki: &Pki, cert: &str, key: &str) -> String {
+    format!(
+        "ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+        pki.path("ca.pem"),
+        pki.path(&format!("{cert}.pem")),
+        pki.path(&format!("{key}.key"))
+    )
+}
+
 fn device_with(dir: &DeviceDir, env: &[(&str, &str)]) -> Daemon {
     Daemon::spawn(&["run", "--config", dir.config().to_str().unwrap()], env)
 }
@@ -91,16 +101,7 @@ fn mutual_tls_works_with_a_client_certificate_and_is_refused_without_one() {
     pki.issue("ca", "client", "DNS:client", true); // an RSA key, the ECDSA one is the server's
     let (broker, tls_port) = tls_broker(&pki, "server", true);
     let obs = Observer::new(broker.port, "#");
-    let with_cert = device_dir(&tls_toml(
-        tls_port,
-        "127.0.0.1",
-        &format!(
-            "ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
-            pki.path("ca.pem"),
-            pki.path("client.pem"),
-            pki.path("client.key")
-        ),
-    ));
+    let with_cert = device_dir(&tls_toml(tls_port, "127.0.0.1", &client_cert(&pki, "client", "client")));
     let _a = device_with(&with_cert, &[]);
     obs.wait_on(&with_cert.topic("telemetry"), 10 * S, |m| m.len() >= 3);
 
@@ -119,16 +120,7 @@ fn mutual_tls_works_with_a_client_certificate_made_by_the_mosquitto_tls_recipe()
     assert!(version.starts_with("Version: 1"), "the recipe makes a v1 certificate here: {version}");
     let (broker, tls_port) = tls_broker(&pki, "server", true);
     let obs = Observer::new(broker.port, "#");
-    let dev = device_dir(&tls_toml(
-        tls_port,
-        "127.0.0.1",
-        &format!(
-            "ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
-            pki.path("ca.pem"),
-            pki.path("client.pem"),
-            pki.path("client.key")
-        ),
-    ));
+    let dev = device_dir(&tls_toml(tls_port, "127.0.0.1", &client_cert(&pki, "client", "client")));
     let d = device_with(&dev, &[]);
     obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= 3);
     assert!(!d.stderr().contains("WARN"), "{}", d.stderr());
@@ -139,16 +131,7 @@ fn a_key_of_another_certificate_is_a_configuration_error_naming_the_key_file() {
     let pki = Pki::new("ca");
     pki.issue("ca", "client", "DNS:client", true);
     pki.issue("ca", "other", "DNS:other", true);
-    let dev = device_dir(&tls_toml(
-        1,
-        "127.0.0.1",
-        &format!(
-            "ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
-            pki.path("ca.pem"),
-            pki.path("client.pem"),
-            pki.path("other.key")
-        ),
-    ));
+    let dev = device_dir(&tls_toml(1, "127.0.0.1", &client_cert(&pki, "client", "other")));
     let (code, _, err) = run_to_end(&["check", "--config", dev.config().to_str().unwrap()], &[]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("mqtt.tls.key_file") && err.contains("is not the key of the certificate"), "{err}");

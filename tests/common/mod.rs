@@ -499,24 +499,30 @@ impl Pki {
         args.extend_from_slice(&["-keyout", &key, "-out", &csr]);
         self.openssl(&args);
         std::fs::write(self.dir.path().join(format!("{name}.ext")), format!("subjectAltName={san}\n")).unwrap();
-        let (ca_pem, ca_key, ext) = (format!("{ca}.pem"), format!("{ca}.key"), format!("{name}.ext"));
-        self.openssl(&[
+        self.sign(ca, &csr, &pem, &["-extfile", &format!("{name}.ext")]);
+    }
+
+    /// `openssl x509 -req -in CSR -CA <ca>.pem -CAkey <ca>.key -CAcreateserial -out PEM -days 30`,
+    /// then `extra` (nothing: the `mosquitto-tls(7)` recipe as written).
+    fn sign(&self, ca: &str, csr: &str, pem: &str, extra: &[&str]) {
+        let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+        let mut args = vec![
             "x509",
             "-req",
             "-in",
-            &csr,
+            csr,
             "-CA",
             &ca_pem,
             "-CAkey",
             &ca_key,
             "-CAcreateserial",
+            "-out",
+            pem,
             "-days",
             "30",
-            "-extfile",
-            &ext,
-            "-out",
-            &pem,
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        self.openssl(&args);
     }
 
     /// `<name>.pem` / `<name>.key` made exactly as `mosquitto-tls(7)` says (an RSA key, a CSR,
@@ -526,22 +532,7 @@ impl Pki {
         let (key, csr, pem) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"));
         self.openssl(&["genrsa", "-out", &key, "2048"]);
         self.openssl(&["req", "-out", &csr, "-key", &key, "-new", "-subj", &format!("/CN={name}")]);
-        let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
-        self.openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &ca_pem,
-            "-CAkey",
-            &ca_key,
-            "-CAcreateserial",
-            "-out",
-            &pem,
-            "-days",
-            "30",
-        ]);
+        self.sign(ca, &csr, &pem, &[]);
         let out = Command::new("openssl")
             .args(["x509", "-noout", "-text", "-in", &pem])
             .current_dir(self.dir.path())
