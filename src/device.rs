@@ -92,12 +92,12 @@ pub async fn run_with(
     led: Box<dyn Led>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let queue_dir = Path::new(&cfg.queue.dir).to_owned();
-    let queue_dir = queue_dir.as_path();
-    let queue = DiskQueue::open(queue_dir, cfg.queue.max_bytes, Duration::from_millis(cfg.queue.spill_ms))
+    // Owned: `cfg` is replaced below by the one with the live settings applied.
+    let queue_dir = std::path::PathBuf::from(&cfg.queue.dir);
+    let queue = DiskQueue::open(&queue_dir, cfg.queue.max_bytes, Duration::from_millis(cfg.queue.spill_ms))
         .with_context(|| format!("cannot open the offline queue (queue.dir = {})", queue_dir.display()))?;
     // What was set live before (kept in the state directory) wins over the file and the env.
-    let kept = match remote::Overrides::load(queue_dir) {
+    let kept = match remote::Overrides::load(&queue_dir) {
         Ok(kept) => kept,
         Err(e) => {
             warn!(error = %e, "ignored the kept live configuration");
@@ -112,7 +112,7 @@ pub async fn run_with(
         }
     };
     // Before any network: the LED as `led.power_on` says.
-    let led = KeptLed::start(led, cfg.led.power_on, cfg.server.threshold, queue_dir);
+    let led = KeptLed::start(led, cfg.led.power_on, cfg.server.threshold, &queue_dir);
     let topics = Topics::new(&cfg.id);
     let (client, eventloop) = link::connect_options(&cfg, &topics)?;
     let counters = Arc::new(Counters::default());
