@@ -10,6 +10,7 @@ use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::prelude::*;
 
 use crate::config::{self, Config, Loaded};
+use crate::link::Security;
 
 /// Exit status for bad usage or a bad configuration (systemd: `RestartPreventExitStatus=2`).
 pub const EXIT_CONFIG: u8 = 2;
@@ -71,11 +72,20 @@ pub fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // The password and TLS files, read once: a bad one is a configuration error too.
+    let security = match Security::load(&loaded.config.mqtt) {
+        Ok(s) => s,
+        Err(e) => {
+            let e = config::ConfigError::Invalid { key: e.key, origin: loaded.origin_of(e.key), reason: e.reason };
+            eprintln!("nightlight: configuration error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => check(&loaded),
-        Command::Run => run(loaded),
-        Command::Status { json } => status(&loaded.config, json),
-        Command::Server => serve(|shutdown| crate::server::run(loaded.config, shutdown)),
+        Command::Run => run(loaded, security),
+        Command::Status { json } => status(&loaded.config, &security, json),
+        Command::Server => serve(|shutdown| crate::server::run(loaded.config, security, shutdown)),
         #[cfg(feature = "virtual")]
         Command::Demo { .. } => unreachable!("handled before the configuration is loaded"),
     }
@@ -98,15 +108,16 @@ fn is_loopback(host: &str) -> bool {
     host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-fn status(cfg: &Config, json: bool) -> ExitCode {
+fn status(cfg: &Config, security: &Security, json: bool) -> ExitCode {
     let broker = format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port);
-    let snap = match runtime().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(crate::status::fetch(cfg))) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("nightlight: {e:#}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
+    let snap =
+        match runtime().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(crate::status::fetch(cfg, security))) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("nightlight: {e:#}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        };
     if json {
         // A struct of strings, numbers and options always serializes.
         println!("{}", serde_json::to_string_pretty(&snap).expect("snapshot serializes"));
@@ -124,9 +135,9 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build()
 }
 
-fn run(loaded: Loaded) -> ExitCode {
+fn run(loaded: Loaded, security: Security) -> ExitCode {
     tracing::info!(config = %loaded.source, "configuration loaded");
-    serve(|shutdown| crate::device::run(loaded.config, shutdown))
+    serve(|shutdown| crate::device::run(loaded.config, security, shutdown))
 }
 
 /// Runs a long-lived command until SIGINT or SIGTERM; maps its outcome to an exit code.

@@ -51,6 +51,8 @@ pub struct MqttConfig {
     pub port: u16,
     /// Empty means "use `id`".
     pub client_id: String,
+    /// MQTT 5 (the default) or 3.1.1 for brokers that speak nothing newer.
+    pub protocol: Protocol,
     pub keep_alive_s: u64,
     pub clean_session: bool,
     pub qos: u8,
@@ -62,6 +64,15 @@ pub struct MqttConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
     pub tls: TlsConfig,
+}
+
+/// The MQTT protocol version (`mqtt.protocol`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Protocol {
+    #[serde(rename = "5")]
+    V5,
+    #[serde(rename = "3.1.1")]
+    V311,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -209,6 +220,7 @@ impl Default for MqttConfig {
             host: "localhost".into(),
             port: 1883,
             client_id: String::new(),
+            protocol: Protocol::V5,
             keep_alive_s: 30,
             clean_session: false,
             qos: 1,
@@ -277,6 +289,41 @@ impl std::fmt::Display for Source {
 pub struct Loaded {
     pub config: Config,
     pub source: Source,
+    origins: Origins,
+}
+
+impl Loaded {
+    /// Where `key`'s value came from ("in FILE", "from environment variable VAR", "built-in
+    /// default"), for errors found after loading (the password and TLS files).
+    pub fn origin_of(&self, key: &str) -> String {
+        self.origins.of(key, &self.source)
+    }
+}
+
+/// What is needed to say where a key's value came from.
+#[derive(Debug, Clone, Default)]
+struct Origins {
+    file_table: toml::Table,
+    env_vars: Vec<String>,
+}
+
+impl Origins {
+    fn of(&self, key: &str, source: &Source) -> String {
+        let var = format!("NIGHTLIGHT__{}", key.replace('.', "__").to_uppercase());
+        if self.env_vars.contains(&var) {
+            return format!("from environment variable {var}");
+        }
+        let mut node = Some(&self.file_table);
+        let mut parts = key.split('.').peekable();
+        while let (Some(table), Some(part)) = (node, parts.next()) {
+            match table.get(part) {
+                Some(_) if parts.peek().is_none() => return format!("in {source}"),
+                Some(toml::Value::Table(t)) => node = Some(t),
+                _ => node = None,
+            }
+        }
+        "built-in default".to_owned()
+    }
 }
 
 /// Picks the file: `--config`, else `$NIGHTLIGHT_CONFIG`, else the first default path that exists.
@@ -323,22 +370,8 @@ impl Config {
                 .source(Some(env_map.clone())),
         );
         let merged = builder.build().map_err(|e| ConfigError::Parse(e.to_string()))?;
-        let origin_of = |key: &str| -> String {
-            let var = format!("NIGHTLIGHT__{}", key.replace('.', "__").to_uppercase());
-            if env_map.contains_key(&var) {
-                return format!("from environment variable {var}");
-            }
-            let mut node = Some(&file_table);
-            let mut parts = key.split('.').peekable();
-            while let (Some(table), Some(part)) = (node, parts.next()) {
-                match table.get(part) {
-                    Some(_) if parts.peek().is_none() => return format!("in {source}"),
-                    Some(toml::Value::Table(t)) => node = Some(t),
-                    _ => node = None,
-                }
-            }
-            "built-in default".to_owned()
-        };
+        let origins = Origins { file_table, env_vars: env_map.keys().cloned().collect() };
+        let origin_of = |key: &str| origins.of(key, source);
         let config: Config = merged.try_deserialize().map_err(|e| {
             let msg = e.to_string();
             // Say where the offending value came from: config only knows the key. For an unknown
@@ -356,7 +389,7 @@ impl Config {
             }
         })?;
         config.validate(&origin_of)?;
-        Ok(Loaded { config, source: source.clone() })
+        Ok(Loaded { config, source: source.clone(), origins })
     }
 
     /// Checks ranges and combinations with every value from `origin` (e.g. a live change).
@@ -398,14 +431,7 @@ impl Config {
                 format!("{} is below mqtt.reconnect_min_ms ({})", m.reconnect_max_ms, m.reconnect_min_ms),
             ));
         }
-        if m.tls.enabled {
-            if let Err(e) = crate::tls::client_config(&m.tls) {
-                return Err(ConfigError::Invalid { key: e.key, origin: origin_of(e.key), reason: e.to_string() });
-            }
-        }
-        if !m.password_file.is_empty() && !Path::new(&m.password_file).is_file() {
-            return Err(bad("mqtt.password_file", format!("cannot read {}", m.password_file)));
-        }
+        // The password file and the TLS files are read by the link ([`crate::link::Security`]).
         let s = &self.sensor;
         if !(10..=86_400_000).contains(&s.interval_ms) {
             return Err(bad("sensor.interval_ms", format!("{} is not in 10-86400000", s.interval_ms)));
@@ -467,22 +493,6 @@ impl Config {
         } else {
             &self.mqtt.client_id
         }
-    }
-
-    /// Reads the broker password from `mqtt.password` (environment) or `mqtt.password_file`.
-    ///
-    /// # Errors
-    /// The password file cannot be read.
-    pub fn password(&self) -> Result<Option<String>, ConfigError> {
-        if let Some(p) = &self.mqtt.password {
-            return Ok(Some(p.clone()));
-        }
-        if self.mqtt.password_file.is_empty() {
-            return Ok(None);
-        }
-        let path = PathBuf::from(&self.mqtt.password_file);
-        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::Unreadable { path, source: e })?;
-        Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()))
     }
 
     /// The effective configuration as TOML, with every secret replaced by [`REDACTED`].
@@ -584,10 +594,14 @@ mod tests {
         assert!(e.contains("/nonexistent/x.toml"), "{e}");
     }
 
+    fn password(c: &Config) -> Option<String> {
+        crate::link::Security::load(&c.mqtt).unwrap().login.map(|(_, p)| p)
+    }
+
     #[test]
     fn password_from_env_is_redacted_in_check_output() {
         let c = load_str("[mqtt]\nusername = \"dev\"\n", &[("NIGHTLIGHT__MQTT__PASSWORD", "hunter2")]).unwrap();
-        assert_eq!(c.password().unwrap().as_deref(), Some("hunter2"));
+        assert_eq!(password(&c).as_deref(), Some("hunter2"));
         let shown = c.to_redacted_toml();
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains(REDACTED));
@@ -597,8 +611,8 @@ mod tests {
     fn password_file_trailing_newline_is_ignored() {
         let mut pw = tempfile::NamedTempFile::new().unwrap();
         pw.write_all(b"s3cret\n").unwrap();
-        let c = load_str(&format!("[mqtt]\npassword_file = {:?}\n", pw.path()), &[]).unwrap();
-        assert_eq!(c.password().unwrap().as_deref(), Some("s3cret"));
+        let c = load_str(&format!("[mqtt]\nusername = \"dev\"\npassword_file = {:?}\n", pw.path()), &[]).unwrap();
+        assert_eq!(password(&c).as_deref(), Some("s3cret"));
         assert!(!c.to_redacted_toml().contains("s3cret"));
     }
 

@@ -108,6 +108,7 @@ pub fn device_discovery(cfg: &Config) -> Discovery {
         ("queue", "Queued readings", "queue_readings", None),
         ("dropped", "Dropped readings", "dropped", None),
         ("reconnects", "Reconnects", "reconnects", None),
+        ("denied", "Refused readings", "denied", None),
         ("uptime", "Uptime", "uptime_s", Some("s")),
     ] {
         let mut extra = json!({
@@ -230,6 +231,9 @@ pub struct Health {
     pub sensor_errors: u64,
     pub rejected_commands: u64,
     pub reconnects: u64,
+    /// Readings the broker refused (MQTT 5 PUBACK reason codes); each stays queued.
+    #[serde(default)]
+    pub denied: u64,
     /// The last connection or sensor error, if any.
     pub last_error: Option<String>,
     /// Who switches the LED: `remote` (a controller's commands) or `local` (the local rule).
@@ -277,6 +281,7 @@ mod tests {
             "queue",
             "dropped",
             "reconnects",
+            "denied",
             "uptime",
             "mode",
             "interval",

@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use anyhow::{anyhow, bail};
-use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use anyhow::bail;
 use serde::Serialize;
 
 use crate::config::Config;
 use crate::homeassistant::Health;
+use crate::link::{self, Event, Poller, Security, Spec};
 use crate::payload::{self, LedState, Topics};
 
 /// How long to wait for retained messages after the subscription is acknowledged.
@@ -30,48 +30,47 @@ pub struct Snapshot {
 ///
 /// # Errors
 /// The broker cannot be reached or refuses the connection (the message names it).
-pub async fn fetch(cfg: &Config) -> anyhow::Result<Snapshot> {
+pub async fn fetch(cfg: &Config, security: &Security) -> anyhow::Result<Snapshot> {
     let topics = Topics::new(&cfg.id);
     let broker = format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port);
-    let host = &cfg.mqtt.host;
-    let mut opts =
-        MqttOptions::new(format!("{}-status-{:08x}", cfg.id, fastrand::u32(..)), &cfg.mqtt.host, cfg.mqtt.port);
-    opts.set_clean_session(true).set_keep_alive(Duration::from_secs(10));
-    crate::link::apply_security(&mut opts, cfg)?;
-    let (client, mut eventloop) = AsyncClient::new(opts, 10);
+    let spec = Spec {
+        client_id: format!("{}-status-{:08x}", cfg.id, fastrand::u32(..)),
+        clean: true,
+        will: None,
+        keep_alive: Duration::from_secs(10),
+        channel: 10,
+    };
+    let (client, eventloop) = link::build(&cfg.mqtt, security, &spec);
+    let mut poller = Poller::new(eventloop);
     let mut snap = Snapshot { id: cfg.id.clone(), ..Snapshot::default() };
     let mut deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
-    loop {
-        let ev = match tokio::time::timeout_at(deadline, eventloop.poll()).await {
-            Err(_) => break,
-            Ok(Err(e)) => bail!("cannot read from the broker at {broker}: {}", crate::link::describe_for(&e, host)),
-            Ok(Ok(ev)) => ev,
-        };
-        match ev {
-            Event::Incoming(Incoming::ConnAck(_)) => {
-                for t in [&topics.status, &topics.state, &topics.health] {
-                    client.subscribe(t.clone(), QoS::AtLeastOnce).await.map_err(|e| anyhow!("subscribe: {e}"))?;
+    'read: loop {
+        poller.start();
+        let Ok(events) = tokio::time::timeout_at(deadline, poller.next()).await else { break };
+        for ev in events {
+            match ev {
+                Err(e) => bail!("cannot read from the broker at {broker}: {}", e.describe(&cfg.mqtt.host)),
+                Ok(Event::Connected { .. }) => {
+                    client.subscribe(&[topics.status.clone(), topics.state.clone(), topics.health.clone()])?;
                 }
-            }
-            Event::Incoming(Incoming::SubAck(_)) => {
-                deadline = tokio::time::Instant::now() + RETAINED_GRACE;
-            }
-            Event::Incoming(Incoming::Publish(p)) => {
-                if p.topic == topics.status {
-                    snap.status = Some(String::from_utf8_lossy(&p.payload).into_owned());
-                } else if p.topic == topics.state {
-                    snap.state = payload::parse_state(&p.payload).ok();
-                } else if p.topic == topics.health {
-                    snap.health = serde_json::from_slice(&p.payload).ok();
+                Ok(Event::Subscribed { .. }) => deadline = tokio::time::Instant::now() + RETAINED_GRACE,
+                Ok(Event::Message(m)) => {
+                    if m.topic == topics.status {
+                        snap.status = Some(String::from_utf8_lossy(&m.payload).into_owned());
+                    } else if m.topic == topics.state {
+                        snap.state = payload::parse_state(&m.payload).ok();
+                    } else if m.topic == topics.health {
+                        snap.health = serde_json::from_slice(&m.payload).ok();
+                    }
+                    if snap.status.is_some() && snap.state.is_some() && snap.health.is_some() {
+                        break 'read;
+                    }
                 }
-                if snap.status.is_some() && snap.state.is_some() && snap.health.is_some() {
-                    break;
-                }
+                Ok(_) => {}
             }
-            _ => {}
         }
     }
-    let _ = client.try_disconnect();
+    poller.close(&client, Duration::from_millis(300)).await;
     Ok(snap)
 }
 
@@ -100,6 +99,7 @@ pub fn render(snap: &Snapshot, broker: &str) -> String {
         out += &line("sensor errors", h.sensor_errors.to_string());
         out += &line("rejected cmds", h.rejected_commands.to_string());
         out += &line("reconnects", h.reconnects.to_string());
+        out += &line("denied", format!("{} readings refused by the broker (its ACL?)", h.denied));
         out += &line("mode", h.mode.clone());
         out += &line("last error", h.last_error.clone().unwrap_or_else(|| "none".into()));
     } else {
@@ -137,6 +137,7 @@ mod tests {
                 sensor_errors: 2,
                 rejected_commands: 1,
                 reconnects: 3,
+                denied: 0,
                 last_error: None,
                 mode: "local".into(),
             }),

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nightlight::config::{Config, LedKind, Pattern, PowerOn, SensorKind};
+use nightlight::config::{Config, LedKind, Pattern, PowerOn, Protocol, SensorKind};
 use nightlight::led::simulated::SimulatedLed;
 use nightlight::sensor::simulated::SimulatedSensor;
 use tokio::sync::watch;
@@ -41,6 +41,8 @@ fn config(dir: &std::path::Path, port: u16, light: u16) -> Config {
     let mut cfg = Config { id: "loop".into(), ..Config::default() };
     cfg.mqtt.host = "127.0.0.1".into();
     cfg.mqtt.port = port;
+    // The embedded broker and the hand-made one below speak 3.1.1.
+    cfg.mqtt.protocol = Protocol::V311;
     cfg.sensor.kind = SensorKind::Virtual;
     cfg.sensor.interval_ms = 1000;
     cfg.sensor.simulated.pattern = Pattern::Constant;
@@ -63,10 +65,16 @@ fn start(cfg: Config) -> (watch::Sender<bool>, Lines, tokio::task::JoinHandle<an
     let sensor = SimulatedSensor::new(&cfg.sensor.simulated);
     let control = sensor.control();
     let led = SimulatedLed::new(lines.clone());
-    let task =
-        tokio::spawn(nightlight::device::run_with(cfg, Box::new(sensor), Some(control), Box::new(led), async move {
+    let task = tokio::spawn(nightlight::device::run_with(
+        cfg,
+        Default::default(),
+        Box::new(sensor),
+        Some(control),
+        Box::new(led),
+        async move {
             let _ = stopped.wait_for(|s| *s).await;
-        }));
+        },
+    ));
     (stop, lines, task)
 }
 

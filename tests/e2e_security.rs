@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -147,38 +146,6 @@ fn a_version_1_broker_certificate_is_refused_saying_so_and_how_to_make_one_that_
     let d = device_with(&dev, &[]);
     d.wait_stderr("X.509 version 1 certificate", 10 * S);
     assert!(d.stderr().contains("-extfile <(printf 'subjectAltName=IP:127.0.0.1')"), "{}", d.stderr());
-}
-
-fn password_broker(acl: Option<&str>) -> (Mosquitto, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("passwd");
-    for (i, (user, pass)) in [
-        ("porch", "porch-pass-1"),
-        ("controller", "ctl-pass-2"),
-        ("observer", "obs-pass-3"),
-        ("garage", "garage-pass-4"),
-    ]
-    .iter()
-    .enumerate()
-    {
-        let mut cmd = std::process::Command::new(mosquitto_passwd());
-        if i == 0 {
-            cmd.arg("-c");
-        }
-        assert!(cmd.args(["-b", pw.to_str().unwrap(), user, pass]).status().unwrap().success());
-    }
-    let acl_line = acl.map(|a| format!("acl_file {a}\n")).unwrap_or_default();
-    let m = Mosquitto::start_with(|port, _| {
-        format!("listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\n{acl_line}", pw.display())
-    });
-    (m, dir)
-}
-
-fn mosquitto_passwd() -> &'static str {
-    ["/usr/bin/mosquitto_passwd", "/usr/sbin/mosquitto_passwd"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("mosquitto_passwd")
 }
 
 #[test]

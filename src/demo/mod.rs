@@ -16,8 +16,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::broker::Broker;
-use crate::config::{Config, LedKind, Pattern, SensorKind};
+use crate::config::{Config, LedKind, Pattern, Protocol, SensorKind};
 use crate::led::simulated::SimulatedLed;
+use crate::link::Security;
 use crate::sensor::simulated::SimulatedSensor;
 
 /// The demo device's id and its day: a 12 s day, so dusk (LED on) and dawn (LED off) come
@@ -57,6 +58,8 @@ pub async fn run(port: u16, web_port: u16, shutdown: impl Future<Output = ()>) -
     let mut cfg = Config { id: DEMO_ID.into(), ..Config::default() };
     cfg.mqtt.host = "127.0.0.1".into();
     cfg.mqtt.port = device_addr.port();
+    // The embedded broker speaks 3.1.1 (rumqttc's codec); so do the demo's own clients.
+    cfg.mqtt.protocol = Protocol::V311;
     // Back soon after the network is: the queue drains while a person watches.
     cfg.mqtt.reconnect_min_ms = 250;
     cfg.mqtt.reconnect_max_ms = 2000;
@@ -79,6 +82,7 @@ pub async fn run(port: u16, web_port: u16, shutdown: impl Future<Output = ()>) -
     let led = SimulatedLed::new(std::io::sink());
     let device = tokio::spawn(crate::device::run_with(
         cfg.clone(),
+        Security::default(),
         Box::new(sensor),
         Some(control.clone()),
         Box::new(led),
@@ -86,7 +90,8 @@ pub async fn run(port: u16, web_port: u16, shutdown: impl Future<Output = ()>) -
     ));
     let mut server_cfg = cfg.clone();
     server_cfg.mqtt.port = port;
-    let controller = tokio::spawn(crate::server::run(server_cfg, stopped(stop_rx.clone())));
+    let controller =
+        tokio::spawn(crate::server::run(server_cfg.clone(), Security::default(), stopped(stop_rx.clone())));
     let board = Arc::new(view::Board::default());
     let app = Arc::new(web::App {
         id: DEMO_ID.into(),
@@ -105,7 +110,7 @@ pub async fn run(port: u16, web_port: u16, shutdown: impl Future<Output = ()>) -
     let local = view::Local { control, network };
     let threshold = cfg.server.threshold;
     let view = tokio::spawn(async move {
-        view::run(port, DEMO_ID, threshold, &board, local, stopped(stop_rx.clone())).await;
+        view::run(&server_cfg.mqtt, DEMO_ID, threshold, &board, local, stopped(stop_rx.clone())).await;
     });
 
     shutdown.await;

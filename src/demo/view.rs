@@ -10,7 +10,8 @@ use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use crate::config::MqttConfig;
+use crate::link::{self, Event, Poller, Security, Spec};
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -111,16 +112,31 @@ pub struct Local {
 
 /// Watches the broker and keeps `board`; on a terminal it also draws a live line, otherwise
 /// prints plain lines.
-pub async fn run(port: u16, id: &str, threshold: u16, board: &Board, local: Local, shutdown: impl Future<Output = ()>) {
-    let mut opts = MqttOptions::new(format!("demo-view-{:08x}", fastrand::u32(..)), "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(10));
-    let (client, mut eventloop) = AsyncClient::new(opts, 10);
+pub async fn run(
+    mqtt: &MqttConfig,
+    id: &str,
+    threshold: u16,
+    board: &Board,
+    local: Local,
+    shutdown: impl Future<Output = ()>,
+) {
+    let spec = Spec {
+        client_id: format!("demo-view-{:08x}", fastrand::u32(..)),
+        clean: true,
+        will: None,
+        keep_alive: Duration::from_secs(10),
+        channel: 10,
+    };
+    let (client, eventloop) = link::build(mqtt, &Security::default(), &spec);
+    let mut poller = Poller::new(eventloop);
+    poller.start();
+    let mut retry_at: Option<tokio::time::Instant> = None;
     let tty = std::io::stdout().is_terminal();
     let mut out = std::io::stdout();
     let mut tick = tokio::time::interval(TICK);
     tokio::pin!(shutdown);
     loop {
-        let line = tokio::select! {
+        let lines = tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => {
                 board.update(|s| {
@@ -133,33 +149,45 @@ pub async fn run(port: u16, id: &str, threshold: u16, board: &Board, local: Loca
                     (s.queue, s.network, s.light_override) = (queue, network, level);
                     changed
                 });
-                None
+                Vec::new()
             }
-            ev = eventloop.poll() => match ev {
-                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                    let _ = client.subscribe(format!("{id}/#"), QoS::AtMostOnce).await;
-                    None
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
+                retry_at = None;
+                poller.start();
+                Vec::new()
+            }
+            events = poller.next(), if poller.is_running() => {
+                let mut lines = Vec::new();
+                for ev in events {
+                    match ev {
+                        Ok(Event::Connected { .. }) => {
+                            let _ = client.subscribe(&[format!("{id}/#")]);
+                        }
+                        Ok(Event::Message(m)) => {
+                            let topic = m.topic.rsplit('/').next().unwrap_or_default().to_owned();
+                            board.update(|s| {
+                                let l = learn(s, &topic, &m.payload);
+                                let changed = l.is_some();
+                                lines.extend(l);
+                                changed
+                            });
+                        }
+                        Ok(_) => {}
+                        Err(_) => retry_at = Some(tokio::time::Instant::now() + Duration::from_millis(200)),
+                    }
                 }
-                Ok(Event::Incoming(Incoming::Publish(p))) => {
-                    let topic = p.topic.rsplit('/').next().unwrap_or_default().to_owned();
-                    let mut line = None;
-                    board.update(|s| {
-                        line = learn(s, &topic, &p.payload);
-                        line.is_some()
-                    });
-                    line
+                if retry_at.is_none() {
+                    poller.start();
                 }
-                Ok(_) => None,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    None
-                }
-            },
+                lines
+            }
         };
         if tty {
             let _ = write!(out, "\r{}\x1b[K", board.read(|s| live_line(s, threshold)));
-        } else if let Some(l) = line {
-            let _ = writeln!(out, "{l}");
+        } else {
+            for l in lines {
+                let _ = writeln!(out, "{l}");
+            }
         }
         let _ = out.flush();
     }

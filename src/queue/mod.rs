@@ -516,13 +516,19 @@ impl<S: Storage> DiskQueue<S> {
     pub fn disconnected(&mut self, now: Instant) {
         self.link.now = now;
         self.link.online = false;
+        self.resend();
+        if !self.faults.write.waiting(now) {
+            self.spill(self.mem.0.len(), now);
+        }
+    }
+
+    /// Whatever is in flight will be sent again, oldest first (the broker refused a reading);
+    /// what was acknowledged meanwhile is not.
+    pub fn resend(&mut self) {
         self.window.rewind();
         self.send.peeked = None;
         self.mem.1 = 0;
         self.send.next = self.segments.front();
-        if !self.faults.write.waiting(now) {
-            self.spill(self.mem.0.len(), now);
-        }
     }
 
     /// When [`tick`](Self::tick) should next run, if anything is waiting.

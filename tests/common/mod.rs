@@ -103,6 +103,11 @@ impl Mosquitto {
         self.spawn();
     }
 
+    /// The broker's process id (to send it SIGHUP: reload the config, ACL and passwords).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
     }
@@ -554,4 +559,46 @@ pub fn assert_contiguous(seqs: &[u64]) {
     for w in seqs.windows(2) {
         assert_eq!(w[1], w[0] + 1, "gap or reorder in seq: {seqs:?}");
     }
+}
+
+/// A broker with passwords (porch, controller, observer, garage; see the source) and, if given,
+/// an ACL file.
+pub fn password_broker(acl: Option<&str>) -> (Mosquitto, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("passwd");
+    for (i, (user, pass)) in [
+        ("porch", "porch-pass-1"),
+        ("controller", "ctl-pass-2"),
+        ("observer", "obs-pass-3"),
+        ("garage", "garage-pass-4"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut cmd = std::process::Command::new(mosquitto_passwd());
+        if i == 0 {
+            cmd.arg("-c");
+        }
+        assert!(cmd.args(["-b", pw.to_str().unwrap(), user, pass]).status().unwrap().success());
+    }
+    let acl_line = acl.map(|a| format!("acl_file {a}\n")).unwrap_or_default();
+    let m = Mosquitto::start_with(|port, _| {
+        format!("listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\n{acl_line}", pw.display())
+    });
+    (m, dir)
+}
+
+pub fn mosquitto_passwd() -> &'static str {
+    ["/usr/bin/mosquitto_passwd", "/usr/sbin/mosquitto_passwd"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("mosquitto_passwd")
+}
+
+/// The README's ACL (`docs/mosquitto.acl`) plus `extra`, written to a temporary file.
+pub fn readme_acl(extra: &str) -> tempfile::NamedTempFile {
+    let acl = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/mosquitto.acl");
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), format!("{}\n{extra}\n", std::fs::read_to_string(acl).unwrap())).unwrap();
+    f
 }

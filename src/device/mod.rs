@@ -11,7 +11,9 @@
 //! reading is published only after every older one, and a connection error rewinds the queue
 //! before anything else is sent.
 
-use std::collections::{HashMap, VecDeque};
+mod denial;
+
+use std::collections::HashSet;
 use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +21,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rumqttc::{AsyncClient, ConnectionError, Event, Incoming, Outgoing, Publish, QoS, SubscribeReasonCode};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
@@ -29,13 +30,14 @@ use crate::config::{Config, SensorKind};
 use crate::homeassistant::{self, Health};
 use crate::led::power_on::KeptLed;
 use crate::led::{self, Led};
-use crate::link::{self, Backoff, Poller};
+use crate::link::{self, Backoff, Client, Event, InFlight, LinkError, Message, Poller, Qos, Security, Sent, Spec};
 use crate::local::{self, LocalRule};
 use crate::payload::{self, Topics, OFFLINE, ONLINE};
 use crate::queue::DiskQueue;
 use crate::remote;
 use crate::sensor::{self, Reading, Sensor, SimulatedControl};
 use crate::systemd::Notifier;
+use denial::{Denial, Settle};
 
 /// Telemetry publishes in flight at once while a backlog drains.
 pub const WINDOW: usize = 64;
@@ -64,21 +66,14 @@ impl Counters {
 /// How often `<id>/health` is published while connected (and on every connect).
 pub const HEALTH_EVERY: Duration = Duration::from_secs(60);
 
-/// What a publish handed to rumqttc was, so its packet id can be mapped back.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Sent {
-    Telemetry(u64),
-    Other,
-}
-
 /// Runs the device until `shutdown` completes; returns after a clean stop.
 ///
 /// # Errors
 /// The queue directory, the sensor or the LED cannot be opened.
-pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(cfg: Config, security: Security, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let (sensor, simulated) = sensor::open(&cfg)?;
     let led = led::open(&cfg)?;
-    run_with(cfg, sensor, simulated, led, shutdown).await
+    run_with(cfg, security, sensor, simulated, led, shutdown).await
 }
 
 /// As [`run`], with the sensor and LED given (the demo gives a silent virtual LED).
@@ -87,6 +82,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
 /// The queue directory cannot be opened.
 pub async fn run_with(
     cfg: Config,
+    security: Security,
     sensor: Box<dyn Sensor>,
     simulated: Option<SimulatedControl>,
     led: Box<dyn Led>,
@@ -114,7 +110,9 @@ pub async fn run_with(
     // Before any network: the LED as `led.power_on` says.
     let led = KeptLed::start(led, cfg.led.power_on, cfg.server.threshold, &queue_dir);
     let topics = Topics::new(&cfg.id);
-    let (client, eventloop) = link::connect_options(&cfg, &topics)?;
+    let mut spec = Spec::new(&cfg.mqtt, cfg.client_id().to_owned(), cfg.mqtt.clean_session);
+    spec.will = Some((topics.status.clone(), OFFLINE.as_bytes().to_vec()));
+    let (client, eventloop) = link::build(&cfg.mqtt, &security, &spec);
     let counters = Arc::new(Counters::default());
     let (readings_tx, readings_rx) = mpsc::channel(64);
     let (interval, interval_rx) = watch::channel(Duration::from_millis(cfg.sensor.interval_ms));
@@ -126,12 +124,10 @@ pub async fn run_with(
     notifier.ready();
     let cfg_local = (cfg.led.local_after_s, cfg.server.threshold, cfg.server.hysteresis);
     let run = queue.run();
+    let backoff = (Duration::from_millis(cfg.mqtt.reconnect_min_ms), Duration::from_millis(cfg.mqtt.reconnect_max_ms));
     let mut device = Device {
-        backoff: Backoff::new(
-            Duration::from_millis(cfg.mqtt.reconnect_min_ms),
-            Duration::from_millis(cfg.mqtt.reconnect_max_ms),
-        ),
-        qos: if cfg.mqtt.qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce },
+        backoff: Backoff::new(backoff.0, backoff.1),
+        qos: if cfg.mqtt.qos == 0 { Qos::AtMostOnce } else { Qos::AtLeastOnce },
         simulated_topic: cfg.sensor.kind == SensorKind::Virtual,
         clean_session: cfg.mqtt.clean_session,
         cfg,
@@ -144,9 +140,11 @@ pub async fn run_with(
         counters,
         connected: None,
         reconnect_at: Some(tokio::time::Instant::now()),
-        sent: VecDeque::new(),
-        by_pkid: HashMap::new(),
-        purge: false,
+        inflight: InFlight::default(),
+        oversize: None,
+        denial: Denial::new(backoff.0, backoff.1),
+        stopping: false,
+        refused_topics: HashSet::new(),
         last_failure: None,
         started: now(),
         discovery_cleared: false,
@@ -241,23 +239,28 @@ struct Device {
     queue: DiskQueue,
     led: KeptLed,
     simulated: Option<SimulatedControl>,
-    client: AsyncClient,
+    client: Client,
     poller: Poller,
     counters: Arc<Counters>,
     backoff: Backoff,
-    qos: QoS,
+    qos: Qos,
     clean_session: bool,
     simulated_topic: bool,
     /// When the current connection was acknowledged; `None` while disconnected.
     connected: Option<Instant>,
     /// When to try connecting again, while disconnected and not polling.
     reconnect_at: Option<tokio::time::Instant>,
-    /// Publishes handed to rumqttc, in order, waiting for their packet id.
-    sent: VecDeque<Sent>,
-    /// QoS 1 publishes on the wire, waiting for PUBACK.
-    by_pkid: HashMap<u16, Sent>,
-    /// The broker holds a message too large to receive: the next connection discards the session.
-    purge: bool,
+    /// Which publish each packet id is.
+    inflight: InFlight,
+    /// MQTT 3.1.1: a message larger than the limit ended the connection; the next one reads it
+    /// with this limit, to reject it (module doc of [`link`]).
+    oversize: Option<usize>,
+    /// Readings the broker refused: held, rewound, retried.
+    denial: Denial,
+    /// A clean stop is under way: nothing more is sent.
+    stopping: bool,
+    /// Topics whose messages the broker refused (logged once each).
+    refused_topics: HashSet<String>,
     /// The last connection failure, so a retry that fails the same way is not logged again.
     last_failure: Option<String>,
     /// For `uptime_s` in health.
@@ -291,6 +294,7 @@ impl Device {
         health.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             let queue_at = self.queue.next_deadline().map(tokio::time::Instant::from_std);
+            let denied_at = self.denial.deadline().map(tokio::time::Instant::from_std);
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
@@ -330,6 +334,10 @@ impl Device {
                     self.queue.tick(now());
                     self.pump(); // a backlog read that failed is retried now
                 }
+                _ = sleep_until(denied_at.unwrap_or_else(far_future)), if denied_at.is_some() => {
+                    self.denial.retry(now());
+                    self.pump(); // the refused readings, again
+                }
                 _ = sleep_until(self.ha_due.unwrap_or_else(far_future)), if self.ha_due.is_some() => {
                     self.ha_due = None;
                     self.publish_discovery();
@@ -346,54 +354,74 @@ impl Device {
         self.stop().await
     }
 
-    fn on_events(&mut self, events: Vec<Result<Event, ConnectionError>>) {
+    fn on_events(&mut self, events: Vec<Result<Event, LinkError>>) {
         for ev in events {
-            match ev {
-                Ok(Event::Incoming(Incoming::ConnAck(ack))) => self.on_connected(ack.session_present),
-                Ok(Event::Incoming(Incoming::PubAck(ack))) => {
-                    if let Some(Sent::Telemetry(seq)) = self.by_pkid.remove(&ack.pkid) {
-                        self.queue.ack(seq);
-                        self.notifier.delivered();
-                    }
-                }
-                Ok(Event::Incoming(Incoming::Publish(p))) => self.on_message(&p),
-                Ok(Event::Incoming(Incoming::SubAck(ack))) => {
-                    let refused: Vec<String> = ack
-                        .return_codes
-                        .iter()
-                        .zip(self.subscriptions())
-                        .filter(|(c, _)| matches!(c, SubscribeReasonCode::Failure))
-                        .map(|(_, t)| t)
-                        .collect();
-                    if !refused.is_empty() {
-                        warn!(topics = ?refused, "the broker refused subscriptions (check its ACL): \
-                            nothing arrives on these");
-                    }
-                }
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => match self.sent.pop_front() {
-                    Some(Sent::Telemetry(seq)) if pkid == 0 => {
-                        self.queue.ack(seq);
-                        self.notifier.delivered();
-                    }
-                    Some(what) if pkid != 0 => {
-                        self.by_pkid.insert(pkid, what);
-                    }
-                    _ => {}
-                },
-                Ok(_) => {}
-                Err(e) => self.on_disconnected(&e),
-            }
+            self.on_event(ev);
         }
         self.pump();
+    }
+
+    fn on_event(&mut self, ev: Result<Event, LinkError>) {
+        match ev {
+            Ok(Event::Connected { session_present }) => self.on_connected(session_present),
+            Ok(Event::Answered { pkid, refused }) => {
+                let what = self.inflight.answered(pkid);
+                self.on_answered(what, refused);
+            }
+            Ok(Event::Written { pkid }) => {
+                let done = self.inflight.written(pkid);
+                self.on_answered(done, None);
+            }
+            Ok(Event::Message(m)) => self.on_message(&m),
+            Ok(Event::Subscribed { refused }) => {
+                let refused: Vec<String> =
+                    refused.iter().zip(self.subscriptions()).filter(|(r, _)| **r).map(|(_, t)| t).collect();
+                if !refused.is_empty() {
+                    warn!(topics = ?refused, "the broker refused subscriptions (check its ACL): nothing arrives on these");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => self.on_disconnected(&e),
+        }
+    }
+
+    /// The broker answered a publish (or a QoS 0 one was written): delivered, or refused.
+    fn on_answered(&mut self, what: Option<Sent>, refused: Option<String>) {
+        match (what, refused) {
+            (Some(Sent::Telemetry(seq)), None) => {
+                self.queue.ack(seq);
+                self.notifier.delivered();
+                if self.denial.accepted() {
+                    info!(topic = %self.topics.telemetry, "the broker takes readings again");
+                }
+            }
+            (Some(Sent::Telemetry(seq)), Some(reason)) if self.denial.refused() => {
+                warn!(topic = %self.topics.telemetry, seq, reason = %reason, denied_total = self.denial.count(),
+                    "the broker refused a reading (check its ACL): it stays queued and is sent again with backoff");
+                self.publish_health(); // so `denied` shows now, not at the next minute
+            }
+            (Some(Sent::Other(topic)), Some(reason)) if self.refused_topics.insert(topic.clone()) => {
+                warn!(topic = %topic, reason = %reason, "the broker refused a message (check its ACL)");
+            }
+            _ => {}
+        }
+        if self.denial.settle(self.inflight.telemetry_pending(), now()) == Settle::Rewind {
+            self.queue.resend();
+        }
     }
 
     fn on_connected(&mut self, session_present: bool) {
         self.connected = Some(now());
         self.queue.connected();
         self.last_failure = None;
-        if self.purge {
-            self.finish_purge();
-            return;
+        if let Some(limit) = self.oversize.take() {
+            // This connection reads up to `limit` to reject the oversized message; the next one
+            // is as configured again.
+            info!(limit, "reconnected to the same session to read the oversized message and reject it");
+            if let Some(el) = self.poller.eventloop() {
+                el.set_max_incoming(link::MAX_INCOMING_BYTES);
+                el.set_clean(self.clean_session);
+            }
         }
         info!(broker = %format!("{}:{}", self.cfg.mqtt.host, self.cfg.mqtt.port), session_present,
             backlog = self.queue.stats().readings, "connected");
@@ -401,8 +429,7 @@ impl Device {
         // A session the broker kept still has our subscriptions; re-subscribing would make it
         // deliver retained messages again.
         if !session_present {
-            let topics = self.subscriptions().into_iter().map(|t| rumqttc::SubscribeFilter::new(t, QoS::AtLeastOnce));
-            if let Err(e) = self.client.try_subscribe_many(topics) {
+            if let Err(e) = self.client.subscribe(&self.subscriptions()) {
                 warn!(error = %e, "cannot subscribe to commands");
             }
         }
@@ -460,6 +487,7 @@ impl Device {
             sensor_errors: c.sensor_errors.load(Ordering::Relaxed),
             rejected_commands: c.rejected_commands.load(Ordering::Relaxed),
             reconnects: c.reconnects.load(Ordering::Relaxed),
+            denied: self.denial.count(),
             last_error: c.last_error.lock().expect("lock").clone(),
             mode: self.local.mode().as_str().into(),
         };
@@ -468,27 +496,9 @@ impl Device {
         self.publish_other(&self.topics.health.clone(), payload, true);
     }
 
-    /// The connection that discarded a poisoned session is up: clear any retained message on our
-    /// command topics (it may be the oversized one), then reconnect with the configured session.
-    fn finish_purge(&mut self) {
-        let mut topics = vec![self.topics.commands.clone()];
-        if self.simulated_topic {
-            topics.push(self.topics.virtual_light.clone());
-        }
-        for t in topics {
-            self.publish_other(&t, Vec::new(), true);
-        }
-        self.purge = false;
-        if let Some(el) = self.poller.eventloop() {
-            el.mqtt_options.set_clean_session(self.clean_session);
-        }
-        let _ = self.client.try_disconnect();
-        info!("discarded the broker session that held the oversized message; reconnecting");
-    }
-
-    fn on_disconnected(&mut self, e: &ConnectionError) {
+    fn on_disconnected(&mut self, e: &LinkError) {
         self.local.link(false, now());
-        let reason = link::describe_for(e, &self.cfg.mqtt.host);
+        let reason = e.describe(&self.cfg.mqtt.host);
         match self.connected.take() {
             Some(since) => {
                 self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -507,23 +517,40 @@ impl Device {
         }
         self.counters.set_last_error(format!("mqtt: {reason}"));
         self.last_failure = Some(reason);
-        if let Some(size) = link::is_oversized_incoming(e) {
-            warn!(bytes = size, limit = link::MAX_INCOMING_BYTES,
-                "the broker sent a message larger than the incoming limit; discarding the broker session to get past it");
-            self.counters.rejected_commands.fetch_add(1, Ordering::Relaxed);
-            self.purge = true;
-        }
         self.poller.forget_unsent();
-        if let Some(el) = self.poller.eventloop() {
-            el.mqtt_options.set_clean_session(self.purge || self.clean_session);
+        let mut delay = self.backoff.next_delay();
+        if let (Some(size), Some(el)) = (e.oversized(), self.poller.eventloop()) {
+            if size <= link::MAX_RECOVERY_BYTES {
+                // Back at once to the same session, reading up to this size: the broker sends
+                // the message again (or, retained, at the subscription) and the command handler
+                // rejects it. Commands sent meanwhile wait in the session.
+                warn!(
+                    bytes = size,
+                    limit = link::MAX_INCOMING_BYTES,
+                    "the broker sent a message larger than the limit; reading it once to reject it"
+                );
+                self.oversize = Some(size + 64);
+                el.set_max_incoming(size + 64);
+                el.set_clean(false);
+                delay = Duration::ZERO;
+            } else {
+                let n = self.counters.rejected_commands.fetch_add(1, Ordering::Relaxed) + 1;
+                warn!(
+                    bytes = size,
+                    limit = link::MAX_RECOVERY_BYTES,
+                    rejected_total = n,
+                    "the broker sent a message too large even to reject; starting a new session without it"
+                );
+                el.set_clean(true);
+            }
         }
-        self.sent.clear();
-        self.by_pkid.clear();
+        self.inflight.clear();
+        self.denial.disconnected();
         self.queue.disconnected(now());
-        self.reconnect_at = Some(tokio::time::Instant::now() + self.backoff.next_delay());
+        self.reconnect_at = Some(tokio::time::Instant::now() + delay);
     }
 
-    fn on_message(&mut self, p: &Publish) {
+    fn on_message(&mut self, p: &Message) {
         if local::is_controller_status(&p.topic) {
             if self.local.controller_status(&p.topic, &p.payload, now()) {
                 info!(mode = self.local.mode().as_str(), controller = %p.topic, "mode changed");
@@ -583,17 +610,17 @@ impl Device {
         if let Some(sim) = &self.simulated {
             sim.set_queued(self.queue.stats().readings); // for the demo's page
         }
-        if self.connected.is_none() || self.purge {
+        if self.connected.is_none() || self.stopping || self.denial.holds() {
             return;
         }
         while self.queue.in_flight() < WINDOW {
             let Some(rec) = self.queue.peek_unsent() else { break };
             let json = self.restamp.apply(rec).to_json();
-            if self.client.try_publish(self.topics.telemetry.clone(), self.qos, false, json).is_err() {
+            if self.client.publish(&self.topics.telemetry, self.qos, false, json).is_err() {
                 break; // the request channel is full; PUBACKs will make room
             }
             self.queue.mark_sent();
-            self.sent.push_back(Sent::Telemetry(rec.seq));
+            self.inflight.handed(Sent::Telemetry(rec.seq));
         }
     }
 
@@ -658,8 +685,8 @@ impl Device {
     }
 
     fn publish_other(&mut self, topic: &str, payload: Vec<u8>, retain: bool) {
-        match self.client.try_publish(topic, QoS::AtLeastOnce, retain, payload) {
-            Ok(()) => self.sent.push_back(Sent::Other),
+        match self.client.publish(topic, Qos::AtLeastOnce, retain, payload) {
+            Ok(()) => self.inflight.handed(Sent::Other(topic.to_owned())),
             Err(e) => warn!(topic, error = %e, "cannot publish"),
         }
     }
@@ -672,18 +699,10 @@ impl Device {
         info!("stopping");
         if self.connected.is_some() {
             self.publish_other(&self.topics.status.clone(), OFFLINE.as_bytes().to_vec(), true);
-            let _ = self.client.try_disconnect();
-            let deadline = tokio::time::Instant::now() + STOP_GRACE;
-            self.poller.start();
-            // Poll until rumqttc has written the DISCONNECT (after the status), or time is up.
-            'wait: while let Ok(events) = tokio::time::timeout_at(deadline, self.poller.next()).await {
-                for ev in &events {
-                    if matches!(ev, Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_)) {
-                        break 'wait;
-                    }
-                }
-                self.on_events(events);
-                self.poller.start();
+            self.stopping = true;
+            // Acknowledgements that arrive before the DISCONNECT is written still count.
+            for ev in self.poller.close(&self.client, STOP_GRACE).await {
+                self.on_event(ev);
             }
         }
         let closed = self.queue.close(now());

@@ -1,0 +1,335 @@
+//! One client for every role, under MQTT 5 or 3.1.1: the options a role asks for
+//! ([`Spec`]), the client handle ([`Client`]) and the event loop ([`EventLoop`]), each one type
+//! whichever protocol rumqttc speaks underneath, and rumqttc's events translated into
+//! [`Event`].
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5 as p5;
+use rumqttc::v5::mqttbytes::QoS as QoS5;
+use rumqttc::{NetworkOptions, Outgoing, QoS as QoS4, TlsConfiguration, Transport};
+
+use super::{LinkError, RequestError, Security, MAX_INCOMING_BYTES, MAX_OUTGOING_BYTES};
+use crate::config::{MqttConfig, Protocol};
+
+/// rumqttc's limit of unacknowledged QoS 1 publishes.
+pub const MAX_INFLIGHT: u16 = 100;
+
+/// What a role asks of its connection.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub client_id: String,
+    /// Start without the session the broker may hold (and, under MQTT 5, keep none after).
+    pub clean: bool,
+    /// A retained QoS 1 message the broker publishes if this client vanishes.
+    pub will: Option<(String, Vec<u8>)>,
+    pub keep_alive: Duration,
+    /// Capacity of the channel between the handle and the event loop.
+    pub channel: usize,
+}
+
+impl Spec {
+    /// The long-lived roles' spec (device and controller) from `[mqtt]`.
+    pub fn new(mqtt: &MqttConfig, client_id: String, clean: bool) -> Spec {
+        Spec { client_id, clean, will: None, keep_alive: Duration::from_secs(mqtt.keep_alive_s), channel: 256 }
+    }
+}
+
+/// How long a broker keeps a persistent session after the connection ends (MQTT 5; under 3.1.1
+/// the broker decides): a day covers any outage the stale-command rule would not make moot.
+pub const SESSION_EXPIRY_S: u32 = 86_400;
+
+/// Quality of service of a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos {
+    AtMostOnce,
+    AtLeastOnce,
+}
+
+/// A message the broker delivered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    /// Sent from the broker's retained store (a subscription's first message), not live.
+    pub retain: bool,
+}
+
+/// What the event loop reports, the same under both protocols.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// CONNACK: the connection is up.
+    Connected {
+        session_present: bool,
+    },
+    Message(Message),
+    /// PUBACK for the publish written as `pkid`; `refused` is the broker's reason code when it
+    /// did not take it (MQTT 5; under 3.1.1 a broker cannot say so).
+    Answered {
+        pkid: u16,
+        refused: Option<String>,
+    },
+    /// SUBACK: for each filter of the SUBSCRIBE, whether it was refused.
+    Subscribed {
+        refused: Vec<bool>,
+    },
+    /// A publish was written to the socket as `pkid` (0 for QoS 0).
+    Written {
+        pkid: u16,
+    },
+    /// Our DISCONNECT was written.
+    DisconnectWritten,
+    Other,
+}
+
+/// The client handle: cheap to clone, never blocks.
+#[derive(Clone)]
+pub enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+/// rumqttc's event loop of either protocol.
+pub enum EventLoop {
+    V4(Box<rumqttc::EventLoop>),
+    V5(Box<rumqttc::v5::EventLoop>),
+}
+
+/// Builds the client and its event loop for `spec` from `[mqtt]` and the loaded security.
+pub fn build(mqtt: &MqttConfig, security: &Security, spec: &Spec) -> (Client, EventLoop) {
+    let transport = security.tls.clone().map(|tls| Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    match mqtt.protocol {
+        Protocol::V311 => {
+            let mut o = rumqttc::MqttOptions::new(&spec.client_id, &mqtt.host, mqtt.port);
+            o.set_keep_alive(spec.keep_alive)
+                .set_clean_session(spec.clean)
+                .set_max_packet_size(MAX_INCOMING_BYTES, MAX_OUTGOING_BYTES)
+                .set_inflight(MAX_INFLIGHT);
+            if let Some((topic, payload)) = &spec.will {
+                o.set_last_will(rumqttc::LastWill::new(topic, payload.clone(), QoS4::AtLeastOnce, true));
+            }
+            if let Some((u, p)) = &security.login {
+                o.set_credentials(u, p);
+            }
+            if let Some(t) = transport {
+                o.set_transport(t);
+            }
+            let (client, mut el) = rumqttc::AsyncClient::new(o, spec.channel);
+            el.set_network_options(network_options());
+            (Client::V4(client), EventLoop::V4(Box::new(el)))
+        }
+        Protocol::V5 => {
+            let mut o = rumqttc::v5::MqttOptions::new(&spec.client_id, &mqtt.host, mqtt.port);
+            o.set_keep_alive(spec.keep_alive)
+                .set_clean_start(spec.clean)
+                // The broker drops what we could not read (Maximum Packet Size), instead of
+                // sending it and losing the connection.
+                .set_max_packet_size(Some(MAX_INCOMING_BYTES as u32))
+                .set_outgoing_inflight_upper_limit(MAX_INFLIGHT)
+                .set_network_options(network_options());
+            // Under MQTT 5 a session ends with the connection unless it has an expiry.
+            o.set_session_expiry_interval((!spec.clean).then_some(SESSION_EXPIRY_S));
+            if let Some((topic, payload)) = &spec.will {
+                o.set_last_will(p5::LastWill::new(topic, payload.clone(), QoS5::AtLeastOnce, true, None));
+            }
+            if let Some((u, p)) = &security.login {
+                o.set_credentials(u, p);
+            }
+            if let Some(t) = transport {
+                o.set_transport(t);
+            }
+            let (client, el) = rumqttc::v5::AsyncClient::new(o, spec.channel);
+            (Client::V5(client), EventLoop::V5(Box::new(el)))
+        }
+    }
+}
+
+/// Socket options for every client.
+fn network_options() -> NetworkOptions {
+    let mut net = NetworkOptions::new();
+    // Without TCP_NODELAY a publish right after a QoS 1 ack waits ~40 ms behind Nagle.
+    net.set_tcp_nodelay(true);
+    net.set_connection_timeout(5);
+    net
+}
+
+fn request_error(e: impl std::fmt::Display) -> RequestError {
+    RequestError::new(e)
+}
+
+impl Client {
+    /// Hands a publish to the event loop; fails when its channel is full.
+    ///
+    /// # Errors
+    /// The channel is full or the event loop is gone.
+    pub fn publish(&self, topic: &str, qos: Qos, retain: bool, payload: Vec<u8>) -> Result<(), RequestError> {
+        self.publish_expiring(topic, qos, retain, payload, None)
+    }
+
+    /// As [`publish`](Self::publish); under MQTT 5 the broker discards the message if it cannot
+    /// deliver it within `expiry_s` (3.1.1 has no such thing).
+    ///
+    /// # Errors
+    /// The channel is full or the event loop is gone.
+    pub fn publish_expiring(
+        &self,
+        topic: &str,
+        qos: Qos,
+        retain: bool,
+        payload: Vec<u8>,
+        expiry_s: Option<u32>,
+    ) -> Result<(), RequestError> {
+        match self {
+            Client::V4(c) => {
+                let qos = if qos == Qos::AtMostOnce { QoS4::AtMostOnce } else { QoS4::AtLeastOnce };
+                c.try_publish(topic, qos, retain, payload).map_err(request_error)
+            }
+            Client::V5(c) => {
+                let qos = if qos == Qos::AtMostOnce { QoS5::AtMostOnce } else { QoS5::AtLeastOnce };
+                match expiry_s {
+                    None => c.try_publish(topic, qos, retain, payload),
+                    Some(s) => {
+                        let props = p5::PublishProperties { message_expiry_interval: Some(s), ..Default::default() };
+                        c.try_publish_with_properties(topic, qos, retain, payload, props)
+                    }
+                }
+                .map_err(request_error)
+            }
+        }
+    }
+
+    /// Subscribes to `filters` with QoS 1, in one SUBSCRIBE.
+    ///
+    /// # Errors
+    /// The channel is full or the event loop is gone.
+    pub fn subscribe(&self, filters: &[String]) -> Result<(), RequestError> {
+        match self {
+            Client::V4(c) => c
+                .try_subscribe_many(filters.iter().map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS4::AtLeastOnce)))
+                .map_err(request_error),
+            Client::V5(c) => c
+                .try_subscribe_many(filters.iter().map(|f| p5::Filter::new(f.clone(), QoS5::AtLeastOnce)))
+                .map_err(request_error),
+        }
+    }
+
+    /// Asks the event loop to send DISCONNECT after what it was handed before.
+    pub fn disconnect(&self) {
+        let _ = match self {
+            Client::V4(c) => c.try_disconnect().map_err(request_error),
+            Client::V5(c) => c.try_disconnect().map_err(request_error),
+        };
+    }
+}
+
+impl EventLoop {
+    /// The next event; connects first if there is no connection. Not cancel-safe: see
+    /// [`super::Poller`].
+    ///
+    /// # Errors
+    /// The connection failed or ended.
+    pub async fn poll(&mut self) -> Result<Event, LinkError> {
+        match self {
+            EventLoop::V4(el) => Ok(translate_v4(el.poll().await?)),
+            EventLoop::V5(el) => Ok(translate_v5(el.poll().await?)),
+        }
+    }
+
+    /// Whether rumqttc holds events already read (polling again returns at once).
+    pub fn has_buffered_events(&self) -> bool {
+        match self {
+            EventLoop::V4(el) => !el.state.events.is_empty(),
+            EventLoop::V5(el) => !el.state.events.is_empty(),
+        }
+    }
+
+    /// Forgets everything rumqttc would replay or still send.
+    pub fn forget_unsent(&mut self) {
+        match self {
+            EventLoop::V4(el) => {
+                el.clean();
+                el.pending.clear();
+                // `MqttState::clean` leaves a publish parked by an out-of-order PUBACK; while it
+                // is set the event loop takes no new requests, so a new connection sends nothing.
+                el.state.collision = None;
+            }
+            EventLoop::V5(el) => {
+                el.clean();
+                el.pending.clear();
+                el.state.collision = None;
+            }
+        }
+    }
+
+    /// How the next connection starts: with the session the broker holds, or a new one.
+    pub fn set_clean(&mut self, clean: bool) {
+        match self {
+            EventLoop::V4(el) => {
+                el.mqtt_options.set_clean_session(clean);
+            }
+            EventLoop::V5(el) => {
+                el.options.set_clean_start(clean);
+                el.options.set_session_expiry_interval((!clean).then_some(SESSION_EXPIRY_S));
+            }
+        }
+    }
+
+    /// The largest message the next connection reads (MQTT 5: and tells the broker).
+    pub fn set_max_incoming(&mut self, bytes: usize) {
+        match self {
+            EventLoop::V4(el) => {
+                el.mqtt_options.set_max_packet_size(bytes, MAX_OUTGOING_BYTES);
+            }
+            EventLoop::V5(el) => {
+                el.options.set_max_packet_size(Some(bytes.min(u32::MAX as usize) as u32));
+            }
+        }
+    }
+
+    /// The protocol this loop speaks.
+    pub fn protocol(&self) -> Protocol {
+        match self {
+            EventLoop::V4(_) => Protocol::V311,
+            EventLoop::V5(_) => Protocol::V5,
+        }
+    }
+}
+
+fn translate_v4(ev: rumqttc::Event) -> Event {
+    use rumqttc::{Event as E, Incoming as I, SubscribeReasonCode as R};
+    match ev {
+        E::Incoming(I::ConnAck(a)) => Event::Connected { session_present: a.session_present },
+        E::Incoming(I::Publish(p)) => Event::Message(Message { topic: p.topic, payload: p.payload, retain: p.retain }),
+        E::Incoming(I::PubAck(a)) => Event::Answered { pkid: a.pkid, refused: None },
+        E::Incoming(I::SubAck(a)) => {
+            Event::Subscribed { refused: a.return_codes.iter().map(|c| matches!(c, R::Failure)).collect() }
+        }
+        E::Outgoing(Outgoing::Publish(pkid)) => Event::Written { pkid },
+        E::Outgoing(Outgoing::Disconnect) => Event::DisconnectWritten,
+        _ => Event::Other,
+    }
+}
+
+fn translate_v5(ev: rumqttc::v5::Event) -> Event {
+    use p5::{PubAckReason as A, SubscribeReasonCode as R};
+    use rumqttc::v5::{Event as E, Incoming as I};
+    match ev {
+        E::Incoming(I::ConnAck(a)) => Event::Connected { session_present: a.session_present },
+        E::Incoming(I::Publish(p)) => Event::Message(Message {
+            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+            payload: p.payload,
+            retain: p.retain,
+        }),
+        E::Incoming(I::PubAck(a)) => Event::Answered {
+            pkid: a.pkid,
+            refused: (!matches!(a.reason, A::Success | A::NoMatchingSubscribers)).then(|| format!("{:?}", a.reason)),
+        },
+        E::Incoming(I::SubAck(a)) => {
+            Event::Subscribed { refused: a.return_codes.iter().map(|c| !matches!(c, R::Success(_))).collect() }
+        }
+        E::Outgoing(Outgoing::Publish(pkid)) => Event::Written { pkid },
+        E::Outgoing(Outgoing::Disconnect) => Event::DisconnectWritten,
+        _ => Event::Other,
+    }
+}

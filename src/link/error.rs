@@ -1,0 +1,111 @@
+//! Why a connection failed or ended, under either protocol, in words a person can act on.
+
+use rumqttc::mqttbytes::Error as V4Bytes;
+use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as V5Code;
+use rumqttc::v5::mqttbytes::Error as V5Bytes;
+use rumqttc::v5::StateError as V5State;
+use rumqttc::{ConnectReturnCode as V4Code, StateError as V4State};
+
+/// A connection that failed or ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error(transparent)]
+    V4(Box<rumqttc::ConnectionError>),
+    #[error(transparent)]
+    V5(Box<rumqttc::v5::ConnectionError>),
+}
+
+impl From<rumqttc::ConnectionError> for LinkError {
+    fn from(e: rumqttc::ConnectionError) -> Self {
+        LinkError::V4(Box::new(e))
+    }
+}
+
+impl From<rumqttc::v5::ConnectionError> for LinkError {
+    fn from(e: rumqttc::v5::ConnectionError) -> Self {
+        LinkError::V5(Box::new(e))
+    }
+}
+
+/// A request the client could not take: its channel is full, or the event loop is gone.
+#[derive(Debug, thiserror::Error)]
+#[error("the MQTT client cannot take the request: {0}")]
+pub struct RequestError(String);
+
+impl RequestError {
+    pub(crate) fn new(e: impl std::fmt::Display) -> Self {
+        RequestError(e.to_string())
+    }
+}
+
+impl LinkError {
+    /// A short, human description; `host` for TLS name errors.
+    pub fn describe(&self, host: &str) -> String {
+        if let Some(why) = crate::tls::explain(self, host) {
+            return why;
+        }
+        let refused = |what: &str| format!("the broker refused the connection: {what}");
+        match self {
+            LinkError::V4(e) => {
+                use rumqttc::ConnectionError as C;
+                match &**e {
+                    C::Io(io) | C::MqttState(V4State::Io(io)) => io.to_string(),
+                    C::ConnectionRefused(V4Code::BadUserNamePassword) => bad_login(),
+                    C::ConnectionRefused(V4Code::NotAuthorized) => not_authorized(),
+                    C::ConnectionRefused(code) => refused(&format!("{code:?}")),
+                    C::NetworkTimeout => "timed out connecting".into(),
+                    C::MqttState(V4State::ConnectionAborted) => "connection closed by the broker".into(),
+                    C::MqttState(V4State::AwaitPingResp) => "broker stopped answering pings".into(),
+                    other => other.to_string(),
+                }
+            }
+            LinkError::V5(e) => {
+                use rumqttc::v5::ConnectionError as C;
+                match &**e {
+                    C::Io(io) | C::MqttState(V5State::Io(io)) => io.to_string(),
+                    C::ConnectionRefused(V5Code::BadUserNamePassword) => bad_login(),
+                    C::ConnectionRefused(V5Code::NotAuthorized) => not_authorized(),
+                    C::ConnectionRefused(V5Code::UnsupportedProtocolVersion | V5Code::RefusedProtocolVersion) => {
+                        "the broker does not speak MQTT 5: set mqtt.protocol = \"3.1.1\"".into()
+                    }
+                    C::ConnectionRefused(code) => refused(&format!("{code:?}")),
+                    C::Timeout(_) => "timed out connecting".into(),
+                    C::MqttState(V5State::ConnectionAborted) => "connection closed by the broker".into(),
+                    C::MqttState(V5State::AwaitPingResp) => "broker stopped answering pings".into(),
+                    C::MqttState(V5State::ServerDisconnect { reason_code, reason_string }) => match reason_string {
+                        Some(s) => format!("the broker ended the connection: {reason_code:?} ({s})"),
+                        None => format!("the broker ended the connection: {reason_code:?}"),
+                    },
+                    other => other.to_string(),
+                }
+            }
+        }
+    }
+
+    /// The size of an incoming message larger than the client's limit, if that ended the
+    /// connection.
+    pub fn oversized(&self) -> Option<usize> {
+        match self {
+            LinkError::V4(e) => match &**e {
+                rumqttc::ConnectionError::MqttState(V4State::Deserialization(V4Bytes::PayloadSizeLimitExceeded(n))) => {
+                    Some(*n)
+                }
+                _ => None,
+            },
+            LinkError::V5(e) => match &**e {
+                rumqttc::v5::ConnectionError::MqttState(V5State::Deserialization(
+                    V5Bytes::PayloadSizeLimitExceeded { pkt_size, .. },
+                )) => Some(*pkt_size),
+                _ => None,
+            },
+        }
+    }
+}
+
+fn bad_login() -> String {
+    "the broker refused the username or password (check mqtt.username and the password)".into()
+}
+
+fn not_authorized() -> String {
+    "the broker refused the connection: not authorized (wrong username or password, or not allowed)".into()
+}
