@@ -57,6 +57,11 @@ echo "==> tests"
 # --lib --bins --tests: every unit, driver, property and end-to-end test (no doc-tests: there are none).
 cargo test --features virtual --lib --bins --tests 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
+echo "==> the end-to-end tests again, every client on MQTT 3.1.1 (tests/e2e_mqtt5.rs covers both itself)"
+NIGHTLIGHT__MQTT__PROTOCOL=3.1.1 cargo test --features virtual --no-fail-fast --test cli --test e2e_mosquitto \
+  --test e2e_queue --test e2e_server --test e2e_security --test e2e_homeassistant 2>&1 | tee -a "$log"
+status311=${PIPESTATUS[0]}
+[ "$status" -ne 0 ] || status=$status311
 set -e
 # cargo's "test result:" lines and node's "# pass N" / "# fail N", together.
 awk '/^test result:/ { p += $4; f += $6 } /^# pass / { p += $3 } /^# fail / { f += $3 }

@@ -1,0 +1,119 @@
+//! End to end, against real Mosquitto brokers under the README's ACL: what MQTT 5 buys (and
+//! what the device does under 3.1.1 instead): an oversized command costs no valid command and
+//! no loop, a refused reading is kept until the broker takes it, the session outlives the
+//! connection.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// A device with the id `porch` (its ACL username), logging in with its password, speaking
+/// `protocol`, reading every 200 ms; the local rule off, so only commands switch the LED.
+fn porch(port: u16, protocol: &str) -> DeviceDir {
+    let d = DeviceDir::new(port, 200, "");
+    let pw = write_file(d.dir.path(), "porch.pw", "porch-pass-1\n");
+    let text = std::fs::read_to_string(d.config()).unwrap();
+    let text = text.replacen(&format!("id = \"{}\"", d.id), "id = \"porch\"", 1).replacen(
+        "[mqtt]\n",
+        &format!("[mqtt]\nprotocol = \"{protocol}\"\nusername = \"porch\"\npassword_file = {pw:?}\n"),
+        1,
+    );
+    let text = text.replacen("[led]\n", "[led]\nlocal_after_s = 0\n", 1);
+    std::fs::write(d.config(), text).unwrap();
+    DeviceDir { dir: d.dir, id: "porch".into() }
+}
+
+/// Sends 20 commands 100 ms apart, on and off in turn, and waits for the LED to follow all of
+/// them: the LED lines the device printed since `before`.
+fn twenty_commands(ctl: &Observer, d: &Daemon, before: usize) -> Vec<String> {
+    for i in 0..20 {
+        ctl.publish("porch/commands", format!(r#"{{"led_on": {}}}"#, i % 2 == 0), false);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let lines = d.wait_stdout_lines(before + 20, 10 * S);
+    lines[before..].iter().map(|l| l.split(' ').take(2).collect::<Vec<_>>().join(" ")).collect()
+}
+
+fn on_off(n: usize) -> Vec<String> {
+    (0..n).map(|i| if i % 2 == 0 { "led on".to_owned() } else { "led off".to_owned() }).collect()
+}
+
+#[test]
+fn behind_a_400_kb_command_retained_or_not_20_valid_commands_all_switch_the_led_in_order() {
+    for (protocol, retained) in [("5", false), ("5", true), ("3.1.1", false), ("3.1.1", true)] {
+        let case = format!("MQTT {protocol}, retained {retained}");
+        let acl = readme_acl("user observer\ntopic read #\n");
+        let (broker, _dir) = password_broker(Some(acl.path().to_str().unwrap()));
+        let ctl = Observer::with_login(broker.port, "porch/#", Some(("controller", "ctl-pass-2")));
+        let dev = porch(broker.port, protocol);
+        let big = vec![b'x'; 400 * 1024];
+        if retained {
+            // Waiting on the broker before the device ever subscribes: it comes with the
+            // subscription, at every start with a new session.
+            ctl.publish("porch/commands", big.clone(), true);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let mut d = dev.spawn();
+        d.wait_stderr("connected", 10 * S);
+        if !retained {
+            ctl.publish("porch/commands", big.clone(), false);
+        }
+        let lines = twenty_commands(&ctl, &d, 0);
+        assert_eq!(lines, on_off(20), "{case}: {}", d.stderr());
+        let reconnects = d.stderr().matches("disconnected").count();
+        if protocol == "5" {
+            assert_eq!(reconnects, 0, "{case}: the broker drops it (Maximum Packet Size): {}", d.stderr());
+            assert!(!d.stderr().contains("larger than the limit"), "{case}: {}", d.stderr());
+        } else {
+            assert!(reconnects <= 1, "{case}: one reconnect to read it and reject it: {}", d.stderr());
+            assert!(d.stderr().contains("ignored an invalid command"), "{case}: rejected: {}", d.stderr());
+        }
+
+        // And after a restart, with the session the broker kept.
+        d.stop_with(libc::SIGTERM, 5 * S);
+        let d = dev.spawn();
+        d.wait_stderr("connected", 10 * S);
+        // The last command of the first run was `off`: `led.power_on = last` starts off.
+        let lines = twenty_commands(&ctl, &d, 0);
+        assert_eq!(lines, on_off(20), "{case}, after a restart: {}", d.stderr());
+        assert!(d.stderr().contains("session_present=true"), "{case}: the session outlived the connection");
+        assert_eq!(d.stderr().matches("disconnected").count(), 0, "{case}, after a restart: {}", d.stderr());
+    }
+}
+
+#[test]
+fn a_reading_the_acl_refuses_is_counted_as_denied_kept_and_delivered_once_the_acl_is_fixed() {
+    // The README's ACL without the line that lets a device publish its readings.
+    let acl = readme_acl("user observer\ntopic read #\n");
+    let full = std::fs::read_to_string(acl.path()).unwrap();
+    std::fs::write(acl.path(), full.replace("pattern write %u/telemetry\n", "")).unwrap();
+    let (broker, _dir) = password_broker(Some(acl.path().to_str().unwrap()));
+    let obs = Observer::with_login(broker.port, "porch/#", Some(("observer", "obs-pass-3")));
+    let dev = porch(broker.port, "5");
+    let d = dev.spawn();
+    d.wait_stderr("the broker refused a reading", 10 * S);
+    let health = obs.wait_on("porch/health", 5 * S, |m| m.iter().any(|m| m.json()["denied"].as_u64() > Some(0)));
+    assert!(health.iter().any(|m| m.json()["denied"].as_u64() > Some(0)));
+    // The first refused reading is the run's first: nothing after it may be missing.
+    let stderr = d.stderr();
+    let line = stderr.lines().find(|l| l.contains("the broker refused a reading")).unwrap();
+    let first: u64 = line.split("seq=").nth(1).and_then(|s| s.split(' ').next()).unwrap().parse().unwrap();
+    std::thread::sleep(2 * S);
+    assert!(obs.on("porch/telemetry").is_empty(), "the ACL refuses readings");
+    assert_eq!(d.stderr().matches("the broker refused a reading").count(), 1, "logged once: {}", d.stderr());
+
+    // The operator fixes the ACL and reloads the broker.
+    std::fs::write(acl.path(), full).unwrap();
+    signal(broker.pid(), libc::SIGHUP);
+    let msgs =
+        obs.wait_on("porch/telemetry", 15 * S, |m| m.iter().any(|m| m.json()["seq"].as_u64() > Some(first + 15)));
+    let mut seqs = obs.seqs("porch/telemetry");
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs[0], first, "the first refused reading was delivered: {msgs:?}");
+    assert_contiguous(&seqs);
+    assert!(d.stderr().contains("the broker takes readings again"), "{}", d.stderr());
+    assert_eq!(d.stderr().matches("disconnected").count(), 0, "a refusal is not a connection problem");
+}
