@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::broker::Broker;
-use crate::config::{Config, LedKind, Pattern, Protocol, SensorKind};
+use crate::config::{Config, LedKind, Pattern, SensorKind};
 use crate::led::simulated::SimulatedLed;
 use crate::link::Security;
 use crate::sensor::simulated::SimulatedSensor;
@@ -58,8 +58,6 @@ pub async fn run(port: u16, web_port: u16, shutdown: impl Future<Output = ()>) -
     let mut cfg = Config { id: DEMO_ID.into(), ..Config::default() };
     cfg.mqtt.host = "127.0.0.1".into();
     cfg.mqtt.port = device_addr.port();
-    // The embedded broker speaks 3.1.1 (rumqttc's codec); so do the demo's own clients.
-    cfg.mqtt.protocol = Protocol::V311;
     // Back soon after the network is: the queue drains while a person watches.
     cfg.mqtt.reconnect_min_ms = 250;
     cfg.mqtt.reconnect_max_ms = 2000;

@@ -1,8 +1,10 @@
-//! The demo's embedded MQTT 3.1.1 broker (virtual builds): just enough broker for one laptop.
+//! The demo's embedded MQTT broker, 3.1.1 and 5 (virtual builds): just enough broker for one
+//! laptop.
 //!
 //! `nightlight demo` needs a broker that the device, the controller, the view and any outside
 //! client (`mosquitto_sub -p N -t '#' -v`) can share, without installing one. This is it, on
-//! 127.0.0.1 only, using rumqttc's own packet codec. It does: QoS 0 and 1 (QoS 2 is acknowledged
+//! 127.0.0.1 only, using rumqttc's own packet codecs ([`wire`]: a connection speaks the version of
+//! its CONNECT, so `mosquitto_sub -V 5` and `-V 311` both work). It does: QoS 0 and 1 (QoS 2 is acknowledged
 //! and delivered as QoS 1), `+`/`#` filters, retained messages, last wills, keep-alive,
 //! client-id takeover and `$share/<group>/` subscriptions (one member of a group gets each
 //! message). It does not keep sessions: every CONNACK says `session_present = false`, and messages
@@ -15,18 +17,18 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+mod wire;
+
 use bytes::BytesMut;
-use rumqttc::mqttbytes::{self, matches, valid_filter, valid_topic, QoS};
-use rumqttc::{
-    ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck, SubscribeReasonCode, UnsubAck,
-};
+use rumqttc::mqttbytes::{matches, valid_filter, valid_topic, QoS};
+use rumqttc::{Publish, SubscribeReasonCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tracing::debug;
 
-/// The largest packet accepted: the device's own limit for a command is 256 KiB.
-pub const MAX_PACKET: usize = 1024 * 1024;
+pub use wire::MAX_PACKET;
+use wire::{Connect, In, Out, Version, WireError};
 /// How long a new connection has to send CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -241,7 +243,7 @@ enum ConnectionError {
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error("protocol: {0}")]
-    Protocol(#[from] mqttbytes::Error),
+    Protocol(#[from] WireError),
     #[error("no CONNECT within {CONNECT_TIMEOUT:?}")]
     NoConnect,
     #[error("the first packet was not CONNECT")]
@@ -252,57 +254,82 @@ enum ConnectionError {
     TakenOver,
 }
 
-/// Reads the next packet, buffering partial ones.
-async fn read_packet(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Packet, ConnectionError> {
-    loop {
-        match Packet::read(buf, MAX_PACKET) {
-            Ok(p) => return Ok(p),
-            Err(mqttbytes::Error::InsufficientBytes(_)) => {}
-            Err(e) => return Err(e.into()),
+/// One client's socket, speaking the version of its CONNECT.
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+    out: BytesMut,
+    version: Version,
+}
+
+impl Conn {
+    /// Reads the next packet, buffering partial ones. Cancel-safe: a packet only leaves `buf`
+    /// once it is complete.
+    async fn read(&mut self) -> Result<In, ConnectionError> {
+        loop {
+            match wire::read(self.version, &mut self.buf) {
+                Ok(p) => return Ok(p),
+                Err(WireError::Incomplete) => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.fill().await?;
         }
-        if stream.read_buf(buf).await? == 0 {
+    }
+
+    async fn fill(&mut self) -> Result<(), ConnectionError> {
+        if self.stream.read_buf(&mut self.buf).await? == 0 {
             return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+        Ok(())
+    }
+
+    async fn write(&mut self, packet: Out) -> Result<(), ConnectionError> {
+        wire::write(self.version, &mut self.out, packet)?;
+        self.stream.write_all(&self.out).await?;
+        Ok(())
+    }
+}
+
+/// Reads CONNECT, which says the version.
+async fn read_connect(conn: &mut Conn) -> Result<Connect, ConnectionError> {
+    loop {
+        match wire::read_connect(&mut conn.buf) {
+            Ok((version, In::Connect(c))) => {
+                conn.version = version;
+                return Ok(c);
+            }
+            Ok(_) => return Err(ConnectionError::NotConnect),
+            Err(WireError::Incomplete) => conn.fill().await?,
+            Err(e) => return Err(e.into()),
         }
     }
 }
 
-async fn write_packet(stream: &mut TcpStream, out: &mut BytesMut, packet: &Packet) -> Result<(), ConnectionError> {
-    out.clear();
-    packet.write(out, MAX_PACKET)?;
-    stream.write_all(out).await?;
-    Ok(())
-}
-
 /// One client connection, from CONNECT to its end; publishes the client's will unless it said
 /// DISCONNECT.
-async fn serve(mut stream: TcpStream, router: Arc<Mutex<Router>>) -> Result<(), ConnectionError> {
+async fn serve(stream: TcpStream, router: Arc<Mutex<Router>>) -> Result<(), ConnectionError> {
     let _ = stream.set_nodelay(true);
-    let mut buf = BytesMut::with_capacity(4096);
-    let mut out = BytesMut::with_capacity(4096);
-    let connect = match tokio::time::timeout(CONNECT_TIMEOUT, read_packet(&mut stream, &mut buf)).await {
+    let mut conn =
+        Conn { stream, buf: BytesMut::with_capacity(4096), out: BytesMut::with_capacity(4096), version: Version::V311 };
+    let connect = match tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&mut conn)).await {
         Err(_) => return Err(ConnectionError::NoConnect),
-        Ok(Ok(Packet::Connect(c))) => c,
-        Ok(Ok(_)) => return Err(ConnectionError::NotConnect),
-        Ok(Err(e)) => return Err(e),
+        Ok(c) => c?,
     };
-    let client_id = if connect.client_id.is_empty() && connect.clean_session {
+    let client_id = if connect.client_id.is_empty() && connect.clean {
         format!("auto-{:016x}", fastrand::u64(..))
     } else if connect.client_id.is_empty() {
-        let refuse = Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadClientId, false));
-        return write_packet(&mut stream, &mut out, &refuse).await;
+        return conn.write(Out::ConnAck { accepted: false }).await;
     } else {
         connect.client_id.clone()
     };
     let (outbox, mut inbox) = mpsc::channel(OUTBOX);
-    let conn = lock(&router).connect(&client_id, outbox);
-    debug!(client_id, conn, "client connected");
-    let result = session(&mut stream, &mut buf, &mut out, &router, &client_id, connect.keep_alive, &mut inbox).await;
-    lock(&router).disconnect(&client_id, conn);
+    let id = lock(&router).connect(&client_id, outbox);
+    debug!(client_id, conn = id, version = ?conn.version, "client connected");
+    let result = session(&mut conn, &router, &client_id, connect.keep_alive, &mut inbox).await;
+    lock(&router).disconnect(&client_id, id);
     if result.is_err() {
-        if let Some(will) = connect.last_will {
-            let mut p = Publish::from_bytes(will.topic, will.qos, will.message);
-            p.retain = will.retain;
-            deliver(&router, &p);
+        if let Some(will) = connect.will {
+            deliver(&router, &will);
         }
     }
     result
@@ -310,16 +337,14 @@ async fn serve(mut stream: TcpStream, router: Arc<Mutex<Router>>) -> Result<(), 
 
 /// The packets of a connected client, until DISCONNECT (`Ok`) or a failure.
 async fn session(
-    stream: &mut TcpStream,
-    buf: &mut BytesMut,
-    out: &mut BytesMut,
+    conn: &mut Conn,
     router: &Mutex<Router>,
     client_id: &str,
     keep_alive_s: u16,
     inbox: &mut mpsc::Receiver<Publish>,
 ) -> Result<(), ConnectionError> {
-    write_packet(stream, out, &Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
-    // MQTT 3.1.1: the server may close a connection silent for 1.5 times its keep-alive.
+    conn.write(Out::ConnAck { accepted: true }).await?;
+    // MQTT 3.1.1 and 5: the server may close a connection silent for 1.5 times its keep-alive.
     let grace = if keep_alive_s == 0 {
         Duration::from_secs(86_400 * 365)
     } else {
@@ -330,47 +355,45 @@ async fn session(
     let mut pkid: u16 = 0;
     loop {
         tokio::select! {
-            // Cancel-safe: a packet only leaves `buf` once it is complete.
-            packet = tokio::time::timeout_at(silent_until, read_packet(stream, buf)) => {
+            packet = tokio::time::timeout_at(silent_until, conn.read()) => {
                 silent_until = tokio::time::Instant::now() + grace;
                 let reply = match packet.map_err(|_| ConnectionError::KeepAlive)?? {
-                    Packet::Publish(p) => {
+                    In::Publish(p) => {
                         let reply = match p.qos {
                             QoS::AtMostOnce => None,
-                            QoS::AtLeastOnce => Some(Packet::PubAck(PubAck::new(p.pkid))),
-                            QoS::ExactlyOnce => Some(Packet::PubRec(PubRec::new(p.pkid))),
+                            QoS::AtLeastOnce => Some(Out::PubAck(p.pkid)),
+                            QoS::ExactlyOnce => Some(Out::PubRec(p.pkid)),
                         };
                         if valid_topic(&p.topic) && !p.topic.is_empty() {
                             deliver(router, &p);
                         }
                         reply
                     }
-                    Packet::PubRel(r) => Some(Packet::PubComp(PubComp::new(r.pkid))),
-                    Packet::Subscribe(s) => {
-                        let filters: Vec<(String, QoS)> = s.filters.into_iter().map(|f| (f.path, f.qos)).collect();
+                    In::PubRel(id) => Some(Out::PubComp(id)),
+                    In::Subscribe { pkid: sub, filters } => {
                         let (codes, retained) = lock(router).subscribe(client_id, &filters);
-                        write_packet(stream, out, &Packet::SubAck(SubAck::new(s.pkid, codes))).await?;
+                        conn.write(Out::SubAck { pkid: sub, codes }).await?;
                         for mut p in retained {
                             p.retain = true;
-                            send(stream, out, &mut pkid, p).await?;
+                            send(conn, &mut pkid, p).await?;
                         }
                         None
                     }
-                    Packet::Unsubscribe(u) => {
-                        lock(router).unsubscribe(client_id, &u.topics);
-                        Some(Packet::UnsubAck(UnsubAck::new(u.pkid)))
+                    In::Unsubscribe { pkid: unsub, topics } => {
+                        lock(router).unsubscribe(client_id, &topics);
+                        Some(Out::UnsubAck { pkid: unsub, count: topics.len() })
                     }
-                    Packet::PingReq => Some(Packet::PingResp),
-                    Packet::Disconnect => return Ok(()),
-                    // Acknowledgements of what we sent: nothing is retransmitted on loopback.
-                    _ => None,
+                    In::PingReq => Some(Out::PingResp),
+                    In::Disconnect => return Ok(()),
+                    In::Connect(_) => return Err(ConnectionError::NotConnect),
+                    In::Other => None,
                 };
                 if let Some(reply) = reply {
-                    write_packet(stream, out, &reply).await?;
+                    conn.write(reply).await?;
                 }
             }
             next = inbox.recv() => match next {
-                Some(p) => send(stream, out, &mut pkid, p).await?,
+                Some(p) => send(conn, &mut pkid, p).await?,
                 None => return Err(ConnectionError::TakenOver),
             },
         }
@@ -378,17 +401,12 @@ async fn session(
 }
 
 /// Writes a message to this client, numbering it when it is QoS 1.
-async fn send(
-    stream: &mut TcpStream,
-    out: &mut BytesMut,
-    pkid: &mut u16,
-    mut p: Publish,
-) -> Result<(), ConnectionError> {
+async fn send(conn: &mut Conn, pkid: &mut u16, mut p: Publish) -> Result<(), ConnectionError> {
     if p.qos != QoS::AtMostOnce {
         *pkid = pkid.checked_add(1).unwrap_or(1);
         p.pkid = *pkid;
     }
-    write_packet(stream, out, &Packet::Publish(p)).await
+    conn.write(Out::Publish(p)).await
 }
 
 fn deliver(router: &Mutex<Router>, publish: &Publish) {
