@@ -266,3 +266,46 @@ fn with_no_controller_online_the_device_switches_the_led_itself_until_a_controll
     mode_is(&obs, &dev, "local", true);
     assert_eq!(commands(&obs, &dev.topic("commands")), vec![false], "no controller sent it");
 }
+
+#[test]
+fn the_demo_broker_can_be_watched_with_mosquitto_sub_speaking_mqtt_5_or_3_1_1() {
+    let (_d, port) = demo();
+    let p = port.to_string();
+    for version in ["5", "311"] {
+        // Three readings, and the retained status that comes with the subscription.
+        let out = std::process::Command::new("mosquitto_sub")
+            .args(["-V", version, "-p", &p, "-t", "demo/telemetry", "-t", "demo/status", "-v", "-C", "4", "-W", "10"])
+            .output()
+            .expect("mosquitto_sub runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "-V {version}: {text} {}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.lines().any(|l| l == "demo/status online"), "-V {version}: {text}");
+        assert!(
+            text.lines().filter(|l| l.starts_with("demo/telemetry {\"light\":")).count() >= 3,
+            "-V {version}: {text}"
+        );
+    }
+}
+
+#[test]
+fn under_mqtt_5_every_command_carries_a_message_expiry_of_command_max_age_s() {
+    let broker = Mosquitto::start("");
+    let p = broker.port.to_string();
+    // mosquitto_sub prints the remaining expiry (%E) a broker forwards with the message.
+    let watcher = std::process::Command::new("mosquitto_sub")
+        .args(["-V", "5", "-p", &p, "-t", "+/commands", "-F", "%E %p", "-C", "1", "-W", "10"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub runs");
+    std::thread::sleep(Duration::from_millis(300));
+    let _srv =
+        server(broker.port, &[("NIGHTLIGHT__MQTT__PROTOCOL", "5"), ("NIGHTLIGHT__LED__COMMAND_MAX_AGE_S", "120")]);
+    let obs = Observer::new(broker.port, "#");
+    obs.publish("porch/telemetry", r#"{"light": 10, "seq": 1}"#, false); // dark: a command
+    let out = watcher.wait_with_output().unwrap();
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let (expiry, payload) = line.split_once(' ').unwrap_or_else(|| panic!("no command seen: {line:?}"));
+    let expiry: u32 = expiry.parse().unwrap_or_else(|_| panic!("no expiry on {line:?}"));
+    assert!((100..=120).contains(&expiry), "{line}");
+    assert!(payload.contains(r#""led_on":true"#), "{line}");
+}
