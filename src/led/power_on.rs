@@ -6,9 +6,12 @@
 //!   `auto` waits for the first reading and applies the controller's rule to it: on below
 //!   `server.threshold` (a first reading has no state before it, so the hysteresis band is off).
 //! - The memory is one file, `led`, in the state directory (`queue.dir`), holding `on` or `off`.
-//!   It is written only when the state changes (no SD-card wear per reading), atomically
-//!   ([`crate::statefile`]). A power cut leaves the old state or the new one, never a torn
-//!   file; an unreadable file counts as none kept.
+//!   It is written only when the state changes (no SD-card wear per reading), in place before
+//!   the LED switches (four bytes in one sector: a power cut leaves the old state or the new,
+//!   never a torn file; a crash at any point starts the LED as it was last told to be), and
+//!   synced at once off the device loop (so the disk's wait delays neither the light nor the
+//!   next command; a power cut in the millisecond before the sync may start it as it was
+//!   before). An unreadable file counts as none kept.
 
 use std::fs;
 use std::io;
@@ -40,6 +43,8 @@ pub struct Memory {
     dir: PathBuf,
     /// What the file holds (as far as this process knows).
     kept: Option<bool>,
+    /// The file, open once it was first written.
+    file: Option<fs::File>,
 }
 
 impl Memory {
@@ -50,7 +55,7 @@ impl Memory {
             Ok(s) if s.trim() == "off" => Some(false),
             _ => None,
         };
-        Memory { dir: dir.to_owned(), kept }
+        Memory { dir: dir.to_owned(), kept, file: None }
     }
 
     pub fn kept(&self) -> Option<bool> {
@@ -63,12 +68,43 @@ impl Memory {
     /// The file cannot be written or synced (a full or failing disk); the kept state is then
     /// what it was, and the next call tries again.
     pub fn record(&mut self, on: bool) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
         if self.kept == Some(on) {
             return Ok(());
         }
-        crate::statefile::write_atomic(&self.dir, "led", if on { b"on\n" } else { b"off\n" })?;
+        let file = match self.file.take() {
+            Some(f) => f,
+            None => self.open_file()?,
+        };
+        // Four bytes in place, in one sector: a power cut leaves the old or the new.
+        let written = file.write_all_at(if on { b"on \n" } else { b"off\n" }, 0);
+        let file = self.file.insert(file);
+        written?;
         self.kept = Some(on);
+        // In place for any restart but a power cut now (the page cache outlives the process);
+        // synced off the device loop, so the disk's wait never delays the light or a command.
+        let syncing = file.try_clone()?;
+        let sync = move || {
+            if let Err(e) = syncing.sync_data() {
+                warn!(error = %e, "cannot sync the LED's kept state: a power cut may start it wrong");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(sync)),
+            Err(_) => sync(),
+        }
         Ok(())
+    }
+
+    /// Opens `led` for writing in place; a file made now is made durable (the directory synced).
+    fn open_file(&self) -> io::Result<fs::File> {
+        let path = self.dir.join("led");
+        let existed = path.exists();
+        let file = fs::OpenOptions::new().write(true).create(true).truncate(false).open(&path)?;
+        if !existed {
+            fs::File::open(&self.dir)?.sync_all()?;
+        }
+        Ok(file)
     }
 }
 
@@ -182,7 +218,7 @@ mod tests {
         let mut m = Memory::open(dir.path());
         m.record(true).unwrap();
         let gone = dir.path().join("gone");
-        let mut broken = Memory { dir: gone.clone(), kept: Some(true) };
+        let mut broken = Memory { dir: gone.clone(), kept: Some(true), file: None };
         assert!(broken.record(false).is_err());
         assert_eq!(broken.kept(), Some(true), "nothing was kept, so nothing changed");
         fs::create_dir(&gone).unwrap();
