@@ -55,7 +55,7 @@ web_status=${PIPESTATUS[0]}
 
 echo "==> tests"
 # --lib --bins --tests: every unit, driver, property and end-to-end test (no doc-tests: there are none).
-cargo test --features virtual --lib --bins --tests 2>&1 | tee -a "$log"
+cargo test --features virtual --no-fail-fast --lib --bins --tests 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
 echo "==> the end-to-end tests again, every client on MQTT 3.1.1 (tests/e2e_mqtt5.rs covers both itself)"
 NIGHTLIGHT__MQTT__PROTOCOL=3.1.1 cargo test --features virtual --no-fail-fast --test cli --test e2e_mosquitto \

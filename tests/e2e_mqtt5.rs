@@ -36,6 +36,12 @@ fn twenty_commands(ctl: &Observer, d: &Daemon, before: usize) -> Vec<String> {
     lines[before..].iter().map(|l| l.split(' ').take(2).collect::<Vec<_>>().join(" ")).collect()
 }
 
+/// Waits until the device's subscriptions are in place: it publishes its state after sending
+/// SUBSCRIBE, and the broker handles a connection's packets in order.
+fn subscribed(ctl: &Observer) {
+    ctl.wait_on("porch/state", 10 * S, |m| !m.is_empty());
+}
+
 fn on_off(n: usize) -> Vec<String> {
     (0..n).map(|i| if i % 2 == 0 { "led on".to_owned() } else { "led off".to_owned() }).collect()
 }
@@ -56,7 +62,7 @@ fn behind_a_400_kb_command_retained_or_not_20_valid_commands_all_switch_the_led_
             std::thread::sleep(Duration::from_millis(300));
         }
         let mut d = dev.spawn();
-        d.wait_stderr("connected", 10 * S);
+        subscribed(&ctl);
         if !retained {
             ctl.publish("porch/commands", big.clone(), false);
         }
@@ -73,8 +79,9 @@ fn behind_a_400_kb_command_retained_or_not_20_valid_commands_all_switch_the_led_
 
         // And after a restart, with the session the broker kept.
         d.stop_with(libc::SIGTERM, 5 * S);
+        ctl.clear();
         let d = dev.spawn();
-        d.wait_stderr("connected", 10 * S);
+        subscribed(&ctl);
         // The last command of the first run was `off`: `led.power_on = last` starts off.
         let lines = twenty_commands(&ctl, &d, 0);
         assert_eq!(lines, on_off(20), "{case}, after a restart: {}", d.stderr());

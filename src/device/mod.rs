@@ -2,14 +2,16 @@
 //!
 //! ```text
 //!  sampler task ──readings──▶ ┌──────────── device loop ────────────┐
-//!  (interval, sensor.read)    │ queue.push ─▶ pump ─▶ client.try_publish ──▶ rumqttc
-//!                             │ poller batch ◀──────── events ◀──────────── rumqttc
-//!  shutdown future ─────────▶ │ PubAck ─▶ queue.ack; commands ─▶ led.set ─▶ state
+//!  (interval, sensor.read)    │ queue.push ─▶ pump ─▶ client.publish ──▶ link (rumqttc)
+//!                             │ poller batch ◀──────── events ◀──────────── link
+//!  shutdown future ─────────▶ │ PUBACK ─▶ queue.ack (refused: denial)│
+//!                             │ commands ─▶ led.set ─▶ state        │
 //!                             └─────────────────────────────────────┘
 //! ```
 //! The loop is the only owner of the queue, the LED and the client, so ordering is simple: a
-//! reading is published only after every older one, and a connection error rewinds the queue
-//! before anything else is sent.
+//! reading is published only after every older one, and a connection error (or a reading the
+//! broker refused, [`denial`]) rewinds the queue before anything else is sent. The link
+//! ([`crate::link`]) is the same under MQTT 5 and 3.1.1; what differs is in its module doc.
 
 mod denial;
 
