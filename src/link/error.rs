@@ -41,7 +41,10 @@ impl RequestError {
 impl LinkError {
     /// A short, human description; `host` for TLS name errors.
     pub fn describe(&self, host: &str) -> String {
-        if let Some(why) = crate::tls::explain(self, host) {
+        // A TLS alert can surface inside the MQTT codec's I/O error (TLS 1.3: a refused client
+        // certificate is only learned at the first read after the handshake).
+        let tls = crate::tls::explain(self, host).or_else(|| self.io().and_then(|io| crate::tls::explain(io, host)));
+        if let Some(why) = tls {
             return why;
         }
         let refused = |what: &str| format!("the broker refused the connection: {what}");
@@ -49,7 +52,9 @@ impl LinkError {
             LinkError::V4(e) => {
                 use rumqttc::ConnectionError as C;
                 match &**e {
-                    C::Io(io) | C::MqttState(V4State::Io(io)) => io.to_string(),
+                    C::Io(io)
+                    | C::MqttState(V4State::Io(io))
+                    | C::MqttState(V4State::Deserialization(V4Bytes::Io(io))) => io.to_string(),
                     C::ConnectionRefused(V4Code::BadUserNamePassword) => bad_login(),
                     C::ConnectionRefused(V4Code::NotAuthorized) => not_authorized(),
                     C::ConnectionRefused(code) => refused(&format!("{code:?}")),
@@ -62,7 +67,9 @@ impl LinkError {
             LinkError::V5(e) => {
                 use rumqttc::v5::ConnectionError as C;
                 match &**e {
-                    C::Io(io) | C::MqttState(V5State::Io(io)) => io.to_string(),
+                    C::Io(io)
+                    | C::MqttState(V5State::Io(io))
+                    | C::MqttState(V5State::Deserialization(V5Bytes::Io(io))) => io.to_string(),
                     C::ConnectionRefused(V5Code::BadUserNamePassword) => bad_login(),
                     C::ConnectionRefused(V5Code::NotAuthorized) => not_authorized(),
                     C::ConnectionRefused(V5Code::UnsupportedProtocolVersion | V5Code::RefusedProtocolVersion) => {
@@ -79,6 +86,24 @@ impl LinkError {
                     other => other.to_string(),
                 }
             }
+        }
+    }
+
+    /// The I/O error underneath, wherever rumqttc put it.
+    fn io(&self) -> Option<&std::io::Error> {
+        match self {
+            LinkError::V4(e) => match &**e {
+                rumqttc::ConnectionError::Io(io)
+                | rumqttc::ConnectionError::MqttState(V4State::Io(io))
+                | rumqttc::ConnectionError::MqttState(V4State::Deserialization(V4Bytes::Io(io))) => Some(io),
+                _ => None,
+            },
+            LinkError::V5(e) => match &**e {
+                rumqttc::v5::ConnectionError::Io(io)
+                | rumqttc::v5::ConnectionError::MqttState(V5State::Io(io))
+                | rumqttc::v5::ConnectionError::MqttState(V5State::Deserialization(V5Bytes::Io(io))) => Some(io),
+                _ => None,
+            },
         }
     }
 
@@ -108,4 +133,25 @@ fn bad_login() -> String {
 
 fn not_authorized() -> String {
     "the broker refused the connection: not authorized (wrong username or password, or not allowed)".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tls_alert_inside_the_mqtt_codec_is_explained_like_one_at_the_handshake() {
+        let alert = || {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired),
+            )
+        };
+        let v5: LinkError =
+            rumqttc::v5::ConnectionError::MqttState(V5State::Deserialization(V5Bytes::Io(alert()))).into();
+        let v4: LinkError = rumqttc::ConnectionError::MqttState(V4State::Deserialization(V4Bytes::Io(alert()))).into();
+        for e in [v5, v4] {
+            assert!(e.describe("h").contains("requires a client certificate"), "{}", e.describe("h"));
+        }
+    }
 }
