@@ -47,14 +47,14 @@ impl LinkError {
         if let Some(why) = tls {
             return why;
         }
+        if let Some(io) = self.io() {
+            return io.to_string();
+        }
         let refused = |what: &str| format!("the broker refused the connection: {what}");
         match self {
             LinkError::V4(e) => {
                 use rumqttc::ConnectionError as C;
                 match &**e {
-                    C::Io(io)
-                    | C::MqttState(V4State::Io(io))
-                    | C::MqttState(V4State::Deserialization(V4Bytes::Io(io))) => io.to_string(),
                     C::ConnectionRefused(V4Code::BadUserNamePassword) => bad_login(),
                     C::ConnectionRefused(V4Code::NotAuthorized) => not_authorized(),
                     C::ConnectionRefused(code) => refused(&format!("{code:?}")),
@@ -67,9 +67,6 @@ impl LinkError {
             LinkError::V5(e) => {
                 use rumqttc::v5::ConnectionError as C;
                 match &**e {
-                    C::Io(io)
-                    | C::MqttState(V5State::Io(io))
-                    | C::MqttState(V5State::Deserialization(V5Bytes::Io(io))) => io.to_string(),
                     C::ConnectionRefused(V5Code::BadUserNamePassword) => bad_login(),
                     C::ConnectionRefused(V5Code::NotAuthorized) => not_authorized(),
                     C::ConnectionRefused(V5Code::UnsupportedProtocolVersion | V5Code::RefusedProtocolVersion) => {
