@@ -68,7 +68,6 @@ pub async fn run(cfg: Config, security: Security, shutdown: impl Future<Output =
     let mut controller = Controller::new(cfg.server.threshold, cfg.server.hysteresis);
     let mut last_error: Option<String> = None;
     let mut connected = false;
-    let mut retry_at: Option<tokio::time::Instant> = None;
     info!(broker = %broker, threshold = cfg.server.threshold, hysteresis = cfg.server.hysteresis,
         telemetry = %filter, "controller started");
     tokio::pin!(shutdown);
@@ -76,12 +75,7 @@ pub async fn run(cfg: Config, security: Security, shutdown: impl Future<Output =
     loop {
         let events = tokio::select! {
             _ = &mut shutdown => break,
-            events = poller.next(), if poller.is_running() => events,
-            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
-                retry_at = None;
-                poller.start();
-                continue;
-            }
+            events = poller.next() => events,
         };
         let mut failed = false;
         for ev in events {
@@ -135,7 +129,7 @@ pub async fn run(cfg: Config, security: Security, shutdown: impl Future<Output =
             }
         }
         if failed {
-            retry_at = Some(tokio::time::Instant::now() + backoff.next_delay());
+            poller.start_after(backoff.next_delay());
         } else {
             poller.start();
         }

@@ -130,7 +130,6 @@ pub async fn run(
     let (client, eventloop) = link::build(mqtt, &Security::default(), &spec);
     let mut poller = Poller::new(eventloop);
     poller.start();
-    let mut retry_at: Option<tokio::time::Instant> = None;
     let tty = std::io::stdout().is_terminal();
     let mut out = std::io::stdout();
     let mut tick = tokio::time::interval(TICK);
@@ -151,12 +150,7 @@ pub async fn run(
                 });
                 Vec::new()
             }
-            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
-                retry_at = None;
-                poller.start();
-                Vec::new()
-            }
-            events = poller.next(), if poller.is_running() => {
+            events = poller.next() => {
                 let mut lines = Vec::new();
                 for ev in events {
                     match ev {
@@ -173,12 +167,10 @@ pub async fn run(
                             });
                         }
                         Ok(_) => {}
-                        Err(_) => retry_at = Some(tokio::time::Instant::now() + Duration::from_millis(200)),
+                        Err(_) => poller.start_after(Duration::from_millis(200)),
                     }
                 }
-                if retry_at.is_none() {
-                    poller.start();
-                }
+                poller.start(); // unless a retry is scheduled
                 lines
             }
         };

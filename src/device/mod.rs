@@ -141,7 +141,6 @@ pub async fn run_with(
         poller: Poller::new(eventloop),
         counters,
         connected: None,
-        reconnect_at: Some(tokio::time::Instant::now()),
         inflight: InFlight::default(),
         oversize: None,
         denial: Denial::new(backoff.0, backoff.1),
@@ -250,8 +249,6 @@ struct Device {
     simulated_topic: bool,
     /// When the current connection was acknowledged; `None` while disconnected.
     connected: Option<Instant>,
-    /// When to try connecting again, while disconnected and not polling.
-    reconnect_at: Option<tokio::time::Instant>,
     /// Which publish each packet id is.
     inflight: InFlight,
     /// MQTT 3.1.1: a message larger than the limit ended the connection; the next one reads it
@@ -294,6 +291,7 @@ impl Device {
         feed.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut health = tokio::time::interval_at(tokio::time::Instant::now() + HEALTH_EVERY, HEALTH_EVERY);
         health.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        self.poller.start(); // connect
         loop {
             let queue_at = self.queue.next_deadline().map(tokio::time::Instant::from_std);
             let denied_at = self.denial.deadline().map(tokio::time::Instant::from_std);
@@ -304,11 +302,9 @@ impl Device {
                 _ = feed.tick(), if watchdog.is_some() => {
                     self.notifier.feed_watchdog();
                 }
-                events = self.poller.next(), if self.poller.is_running() => {
+                events = self.poller.next() => {
                     self.on_events(events);
-                    if self.reconnect_at.is_none() {
-                        self.poller.start();
-                    }
+                    self.poller.start(); // unless a reconnect waits its backoff
                 }
                 Some((reading, stamp)) = readings_rx.recv() => {
                     let ts = stamp.ts;
@@ -327,10 +323,6 @@ impl Device {
                     }
                     self.queue.push_stamped(now(), reading.light, ts, ts_ok, reading.lux);
                     self.pump();
-                }
-                _ = sleep_until(self.reconnect_at.unwrap_or_else(far_future)), if self.reconnect_at.is_some() => {
-                    self.reconnect_at = None;
-                    self.poller.start();
                 }
                 _ = sleep_until(queue_at.unwrap_or_else(far_future)), if queue_at.is_some() => {
                     self.queue.tick(now());
@@ -549,7 +541,7 @@ impl Device {
         self.inflight.clear();
         self.denial.disconnected();
         self.queue.disconnected(now());
-        self.reconnect_at = Some(tokio::time::Instant::now() + delay);
+        self.poller.start_after(delay);
     }
 
     fn on_message(&mut self, p: &Message) {

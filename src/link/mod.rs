@@ -59,16 +59,21 @@ type PollOutput = (EventLoop, Vec<Result<Event, LinkError>>);
 pub struct Poller {
     idle: Option<EventLoop>,
     running: Option<JoinHandle<PollOutput>>,
+    /// Polling starts again at this moment (a failed connection's backoff).
+    retry_at: Option<tokio::time::Instant>,
 }
 
 impl Poller {
     /// A poller for `eventloop`, not yet polling.
     pub fn new(eventloop: EventLoop) -> Self {
-        Poller { idle: Some(eventloop), running: None }
+        Poller { idle: Some(eventloop), running: None, retry_at: None }
     }
 
-    /// Starts a poll task if none is running.
+    /// Starts a poll task if none is running and no retry is scheduled.
     pub fn start(&mut self) {
+        if self.retry_at.is_some() {
+            return;
+        }
         if let Some(mut el) = self.idle.take() {
             self.running = Some(tokio::spawn(async move {
                 let mut out = Vec::new();
@@ -84,13 +89,20 @@ impl Poller {
         }
     }
 
-    /// Whether a poll task is running (and [`next`](Self::next) will complete).
-    pub fn is_running(&self) -> bool {
-        self.running.is_some()
+    /// Polls again (connects again) only after `delay`: the backoff after a failed
+    /// connection. The event loop stays idle, and in hand, until then.
+    pub fn start_after(&mut self, delay: Duration) {
+        self.retry_at = Some(tokio::time::Instant::now() + delay);
     }
 
-    /// Waits for the running poll task and returns its events. Cancel-safe.
+    /// Waits for the scheduled start, if any, then for the running poll task, and returns its
+    /// events; with neither, never completes. Cancel-safe.
     pub async fn next(&mut self) -> Vec<Result<Event, LinkError>> {
+        if let Some(at) = self.retry_at {
+            tokio::time::sleep_until(at).await;
+            self.retry_at = None;
+            self.start();
+        }
         let Some(handle) = self.running.as_mut() else {
             return std::future::pending().await;
         };
