@@ -234,6 +234,15 @@ async fn sample(
     }
 }
 
+/// How the connection after an oversized message gets past it.
+#[derive(Debug, Clone, Copy)]
+enum Oversize {
+    /// The same session, reading up to this many bytes: the message is read and rejected.
+    Read(usize),
+    /// A new session without it (too large even to read).
+    Discard,
+}
+
 struct Device {
     cfg: Config,
     topics: Topics,
@@ -251,9 +260,9 @@ struct Device {
     connected: Option<Instant>,
     /// Which publish each packet id is.
     inflight: InFlight,
-    /// MQTT 3.1.1: a message larger than the limit ended the connection; the next one reads it
-    /// with this limit, to reject it (module doc of [`link`]).
-    oversize: Option<usize>,
+    /// MQTT 3.1.1: a message larger than the limit ended the connection; the next connection is
+    /// made to get past it (module doc of [`link`]), the one after it is as configured again.
+    oversize: Option<Oversize>,
     /// Readings the broker refused: held, rewound, retried.
     denial: Denial,
     /// A clean stop is under way: nothing more is sent.
@@ -399,7 +408,8 @@ impl Device {
             }
             _ => {}
         }
-        if self.denial.settle(self.inflight.telemetry_pending(), now()) == Settle::Rewind {
+        // Counting what is in flight only matters while refused readings are held.
+        if self.denial.holds() && self.denial.settle(self.inflight.telemetry_pending(), now()) == Settle::Rewind {
             self.queue.resend();
         }
     }
@@ -408,10 +418,11 @@ impl Device {
         self.connected = Some(now());
         self.queue.connected();
         self.last_failure = None;
-        if let Some(limit) = self.oversize.take() {
-            // This connection reads up to `limit` to reject the oversized message; the next one
-            // is as configured again.
-            info!(limit, "reconnected to the same session to read the oversized message and reject it");
+        if let Some(how) = self.oversize.take() {
+            if let Oversize::Read(limit) = how {
+                info!(limit, "reconnected to the same session to read the oversized message and reject it");
+            }
+            // This connection gets past the message; the next one is as configured again.
             if let Some(el) = self.poller.eventloop() {
                 el.set_max_incoming(link::MAX_INCOMING_BYTES);
                 el.set_clean(self.clean_session);
@@ -523,7 +534,7 @@ impl Device {
                     limit = link::MAX_INCOMING_BYTES,
                     "the broker sent a message larger than the limit; reading it once to reject it"
                 );
-                self.oversize = Some(size + 64);
+                self.oversize = Some(Oversize::Read(size + 64));
                 el.set_max_incoming(size + 64);
                 el.set_clean(false);
                 delay = Duration::ZERO;
@@ -535,6 +546,7 @@ impl Device {
                     rejected_total = n,
                     "the broker sent a message too large even to reject; starting a new session without it"
                 );
+                self.oversize = Some(Oversize::Discard);
                 el.set_clean(true);
             }
         }
