@@ -153,15 +153,11 @@ fn the_right_password_works_a_wrong_one_is_refused_clearly_and_never_printed() {
     let (broker, dir) = password_broker(None);
     let obs = Observer::with_login(broker.port, "#", Some(("observer", "obs-pass-3")));
     let pwfile = write_file(dir.path(), "porch.pw", "porch-pass-1\n");
-    let dev = device_dir(&format!(
+    let mut dev = device_dir(&format!(
         "[mqtt]\nport = {}\nhost = \"127.0.0.1\"\nusername = \"porch\"\npassword_file = {:?}\n",
         broker.port, pwfile
     ));
-    std::fs::write(
-        dev.config(),
-        std::fs::read_to_string(dev.config()).unwrap().replacen(&format!("id = \"{}\"", dev.id), "id = \"porch\"", 1),
-    )
-    .unwrap();
+    dev.set_id("porch");
     let good = device_with(&dev, &[]);
     obs.wait_on("porch/telemetry", 10 * S, |m| m.len() >= 2);
     drop(good);
@@ -201,9 +197,8 @@ fn under_the_readme_acl_device_and_controller_do_their_job_and_a_device_cannot_s
     let pwfile = write_file(dir.path(), "porch.pw", "porch-pass-1");
     let mqtt =
         format!("[mqtt]\nport = {port}\nhost = \"127.0.0.1\"\nusername = \"porch\"\npassword_file = {:?}\n", pwfile);
-    let dev = device_dir(&mqtt);
-    let text = std::fs::read_to_string(dev.config()).unwrap();
-    std::fs::write(dev.config(), text.replacen(&format!("id = \"{}\"", dev.id), "id = \"porch\"", 1)).unwrap();
+    let mut dev = device_dir(&mqtt);
+    dev.set_id("porch");
     let d = device_with(&dev, &[]);
     // The whole job: telemetry, discovery, health, the controller's command (123 is dark), state.
     obs.wait_on("porch/telemetry", 10 * S, |m| m.len() >= 3);
@@ -213,9 +208,8 @@ fn under_the_readme_acl_device_and_controller_do_their_job_and_a_device_cannot_s
     obs.wait_on("homeassistant/device/porch/config", 5 * S, |m| !m.is_empty());
 
     // The porch's credentials with the garage's id: the broker drops everything it publishes.
-    let spoof = device_dir(&mqtt);
-    let text = std::fs::read_to_string(spoof.config()).unwrap();
-    std::fs::write(spoof.config(), text.replacen(&format!("id = \"{}\"", spoof.id), "id = \"garage\"", 1)).unwrap();
+    let mut spoof = device_dir(&mqtt);
+    spoof.set_id("garage");
     let s = device_with(&spoof, &[("NIGHTLIGHT__MQTT__CLIENT_ID", "spoofer")]);
     s.wait_stderr("connected", 10 * S);
     // Mosquitto 2.0 drops denied publishes silently under MQTT 3.1.1 (and acknowledges them):

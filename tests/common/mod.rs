@@ -287,6 +287,14 @@ impl DeviceDir {
         self.dir.path().join("device.toml")
     }
 
+    /// Gives the device the id `id` (an ACL's `%u`, for instance) in place of the random one.
+    pub fn set_id(&mut self, id: &str) {
+        let text = std::fs::read_to_string(self.config()).unwrap();
+        std::fs::write(self.config(), text.replacen(&format!("id = \"{}\"", self.id), &format!("id = \"{id}\""), 1))
+            .unwrap();
+        self.id = id.to_owned();
+    }
+
     pub fn queue(&self) -> PathBuf {
         self.dir.path().join("queue")
     }
