@@ -33,13 +33,7 @@ pub struct Snapshot {
 pub async fn fetch(cfg: &Config, security: &Security) -> anyhow::Result<Snapshot> {
     let topics = Topics::new(&cfg.id);
     let broker = format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port);
-    let spec = Spec {
-        client_id: format!("{}-status-{:08x}", cfg.id, fastrand::u32(..)),
-        clean: true,
-        will: None,
-        keep_alive: Duration::from_secs(10),
-        channel: 10,
-    };
+    let spec = Spec::observer(&format!("{}-status", cfg.id));
     let (client, eventloop) = link::build(&cfg.mqtt, security, &spec);
     let mut poller = Poller::new(eventloop);
     let mut snap = Snapshot { id: cfg.id.clone(), ..Snapshot::default() };

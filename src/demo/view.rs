@@ -120,13 +120,7 @@ pub async fn run(
     local: Local,
     shutdown: impl Future<Output = ()>,
 ) {
-    let spec = Spec {
-        client_id: format!("demo-view-{:08x}", fastrand::u32(..)),
-        clean: true,
-        will: None,
-        keep_alive: Duration::from_secs(10),
-        channel: 10,
-    };
+    let spec = Spec::observer("demo-view");
     let (client, eventloop) = link::build(mqtt, &Security::default(), &spec);
     let mut poller = Poller::new(eventloop);
     poller.start();

@@ -34,6 +34,18 @@ impl Spec {
     pub fn new(mqtt: &MqttConfig, client_id: String, clean: bool) -> Spec {
         Spec { client_id, clean, will: None, keep_alive: Duration::from_secs(mqtt.keep_alive_s), channel: 256 }
     }
+
+    /// A watcher's spec (`nightlight status`, the demo's view): a new session, no will, a
+    /// short keep-alive, a small channel; the client id is `<prefix>-<random>`.
+    pub fn observer(prefix: &str) -> Spec {
+        Spec {
+            client_id: format!("{prefix}-{:08x}", fastrand::u32(..)),
+            clean: true,
+            will: None,
+            keep_alive: Duration::from_secs(10),
+            channel: 10,
+        }
+    }
 }
 
 /// How long a broker keeps a persistent session after the connection ends (MQTT 5; under 3.1.1
