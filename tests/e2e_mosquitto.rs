@@ -482,10 +482,14 @@ fn readings_taken_before_the_clock_is_synchronized_are_marked_and_the_queued_one
 
 #[test]
 fn with_no_broker_the_led_follows_the_simulated_day_on_its_own() {
-    let dev = DeviceDir::new(free_port(), 100, ""); // nothing listens there
+    let dev = DeviceDir::new(free_port(), 300, ""); // nothing listens there
     let config = dev.config();
-    // A 4 s day starting at dusk (400, falling): dark, then light, then dark again.
+    // A 4 s day starting at dusk (400, falling): dark, then light, then dark again. Failed
+    // connections every 20 ms, so the takeover at 1 s is noticed at one of them, between the
+    // readings at 0.9 s and 1.2 s.
     let env = [
+        ("NIGHTLIGHT__MQTT__RECONNECT_MIN_MS", "20"),
+        ("NIGHTLIGHT__MQTT__RECONNECT_MAX_MS", "20"),
         ("NIGHTLIGHT__LED__LOCAL_AFTER_S", "1"),
         ("NIGHTLIGHT__SENSOR__VIRTUAL__PATTERN", "daylight"),
         ("NIGHTLIGHT__SENSOR__VIRTUAL__PERIOD_S", "4"),
@@ -498,5 +502,7 @@ fn with_no_broker_the_led_follows_the_simulated_day_on_its_own() {
         lines[0].starts_with("led on") && lines[1].starts_with("led off") && lines[2].starts_with("led on"),
         "{lines:?}"
     );
-    assert!(d.stderr().contains("mode changed mode=\"local\"") || d.stderr().contains("mode=local"), "{}", d.stderr());
+    let log = d.stderr();
+    let changed = log.find("mode changed mode=\"local\"").unwrap_or_else(|| panic!("the takeover is logged: {log}"));
+    assert!(changed < log.find("local rule: switching").unwrap(), "logged before the first switch: {log}");
 }

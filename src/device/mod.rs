@@ -439,7 +439,9 @@ impl Device {
             }
         }
         self.publish_other(&self.topics.status.clone(), ONLINE.as_bytes().to_vec(), true);
-        self.local.link(true, now());
+        if self.local.link(true, now()) {
+            info!(mode = self.local.mode().as_str(), "mode changed");
+        }
         self.publish_state();
         self.publish_config();
         self.publish_discovery();
@@ -502,7 +504,10 @@ impl Device {
     }
 
     fn on_disconnected(&mut self, e: &LinkError) {
-        self.local.link(false, now());
+        if self.local.link(false, now()) {
+            // Unattended long enough: the local rule takes over (its next reading switches).
+            info!(mode = self.local.mode().as_str(), "mode changed");
+        }
         let reason = e.describe(&self.cfg.mqtt.host);
         match self.connected.take() {
             Some(since) => {
