@@ -150,10 +150,12 @@ vm_broker_stop() {
   # The broker first: it saves the observer's session with whatever it has not acknowledged.
   kill "$vm_broker_pid" 2>/dev/null || true
   wait "$vm_broker_pid" 2>/dev/null || true
-  # Then the observer, which is only reconnecting by now (every message it took is written:
-  # it flushes each line). SIGKILL, because mosquitto_sub 2.0.11 can deadlock in its SIGTERM
-  # handler (it stops the client under a lock the client thread may hold): seen once, and it
-  # hung the power-cut test until CI's time-out.
+  # Then the observer, which is only reconnecting by now: a moment for it to write (it flushes
+  # each line) the last messages it took. SIGKILL, because mosquitto_sub 2.0.11 can deadlock in
+  # its SIGTERM handler when the signal lands while it handles a message (the handler takes a
+  # lock the interrupted code holds): seen once, it hung the power-cut test, and the message it
+  # was handling, already acknowledged, was never written, which the test counted as lost.
+  sleep 0.5
   kill -9 "$vm_observer_pid" 2>/dev/null || true
   wait "$vm_observer_pid" 2>/dev/null || true
 }
