@@ -14,6 +14,7 @@
 //! ([`crate::link`]) is the same under MQTT 5 and 3.1.1; what differs is in its module doc.
 
 mod denial;
+mod sampler;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -40,6 +41,7 @@ use crate::remote;
 use crate::sensor::{self, Reading, Sensor, SimulatedControl};
 use crate::systemd::Notifier;
 use denial::{Denial, Settle};
+use sampler::{sample, Stamp};
 
 /// Telemetry publishes in flight at once while a backlog drains.
 pub const WINDOW: usize = 64;
@@ -158,80 +160,6 @@ pub async fn run_with(
     let result = device.run(readings_rx, shutdown).await;
     sampler.abort();
     result
-}
-
-/// When a reading was taken: the wall clock, the monotonic clock, and whether the wall clock
-/// was known to be synchronized.
-#[derive(Debug, Clone, Copy)]
-struct Stamp {
-    ts: u64,
-    mono_ms: u64,
-    synced: bool,
-}
-
-/// Reads the sensor every `interval` and hands readings to the device loop.
-async fn sample(
-    mut sensor: Box<dyn Sensor>,
-    mut interval: watch::Receiver<Duration>,
-    readings_tx: mpsc::Sender<(Reading, Stamp)>,
-    counters: Arc<Counters>,
-) {
-    let mut clock = clock::Reader::default();
-    let every = |d: Duration| {
-        let mut tick = tokio::time::interval(d);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        tick
-    };
-    let mut tick = every(*interval.borrow_and_update());
-    let mut failed_reads = 0u64;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            changed = interval.changed() => {
-                if changed.is_ok() {
-                    // A live change of sensor.interval_ms: the next reading comes one new interval on.
-                    let d = *interval.borrow_and_update();
-                    tick = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
-                    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-                }
-                continue;
-            }
-        }
-        let (ts, synced) = clock.now();
-        let stamp = Stamp { ts, mono_ms: clock::monotonic_ms(), synced };
-        let res = if sensor.blocks() {
-            // Panics abort the process, so the blocking task always hands the sensor back.
-            let (s, r) = tokio::task::spawn_blocking(move || {
-                let r = sensor.read();
-                (sensor, r)
-            })
-            .await
-            .expect("sensor thread");
-            sensor = s;
-            r
-        } else {
-            sensor.read()
-        };
-        match res {
-            Ok(reading) => {
-                if failed_reads > 0 {
-                    info!(failed_reads, "sensor recovered");
-                    failed_reads = 0;
-                }
-                if readings_tx.send((reading, stamp)).await.is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                counters.sensor_errors.fetch_add(1, Ordering::Relaxed);
-                counters.set_last_error(format!("sensor: {e}"));
-                if failed_reads == 0 {
-                    warn!(error = %e, "sensor read failed; skipping readings until it recovers");
-                }
-                failed_reads += 1;
-            }
-        }
-    }
 }
 
 /// How the connection after an oversized message gets past it.
