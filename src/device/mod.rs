@@ -346,15 +346,10 @@ impl Device {
         self.connected = Some(now());
         self.queue.connected();
         self.last_failure = None;
-        if let Some(how) = self.oversize.take() {
-            if let Oversize::Read(limit) = how {
-                info!(limit, "reconnected to the same session to read the oversized message and reject it");
-            }
-            // This connection gets past the message; the next one is as configured again.
-            if let Some(el) = self.poller.eventloop() {
-                el.set_max_incoming(link::MAX_INCOMING_BYTES);
-                el.set_clean(self.clean_session);
-            }
+        // This connection gets past the message; the next one is as configured again (set
+        // when this one ends, with the event loop in hand).
+        if let Some(Oversize::Read(limit)) = self.oversize.take() {
+            info!(limit, "reconnected to the same session to read the oversized message and reject it");
         }
         info!(broker = %format!("{}:{}", self.cfg.mqtt.host, self.cfg.mqtt.port), session_present,
             backlog = self.queue.stats().readings, "connected");
@@ -457,6 +452,11 @@ impl Device {
         self.last_failure = Some(reason);
         self.poller.forget_unsent();
         let mut delay = self.backoff.next_delay();
+        if let (None, Some(el)) = (self.oversize, self.poller.eventloop()) {
+            // No connection is being made to get past an oversized message: as configured.
+            el.set_max_incoming(link::MAX_INCOMING_BYTES);
+            el.set_clean(self.clean_session);
+        }
         if let (Some(size), Some(el)) = (e.oversized(), self.poller.eventloop()) {
             if size <= link::MAX_RECOVERY_BYTES {
                 // Back at once to the same session, reading up to this size: the broker sends

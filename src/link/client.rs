@@ -95,6 +95,18 @@ pub enum Event {
     Other,
 }
 
+impl Event {
+    /// Whether the owner needs to see this event now. A QoS 1 publish written to the socket
+    /// only tells its packet id, which matters together with its PUBACK (and rumqttc's
+    /// bookkeeping, pings and acknowledgements we send, not at all): such events wait in the
+    /// batch for the next one that counts, so a reading wakes its owner once, for its
+    /// acknowledgement, not also for its write. A QoS 0 publish (packet id 0) is delivered when
+    /// written, so that write counts.
+    pub fn needs_owner(&self) -> bool {
+        !matches!(self, Event::Other) && !matches!(self, Event::Written { pkid } if *pkid != 0)
+    }
+}
+
 /// The client handle: cheap to clone, never blocks.
 #[derive(Clone)]
 pub enum Client {

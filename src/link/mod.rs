@@ -21,11 +21,14 @@
 //!
 //! # Driving the event loop
 //! `EventLoop::poll` is not cancel-safe (a write cut short can be repeated), so it never sits in
-//! a `select!`: [`Poller`] moves the event loop into a short task that polls until rumqttc has
-//! no buffered events, then hands the loop back with the batch. The owner reacts to a batch with
-//! the event loop in hand, so after an error it can drop rumqttc's own replay list: for the
-//! device the durable queue, not rumqttc, decides what is re-sent. [`Poller::close`] is the one
-//! clean stop: DISCONNECT after everything handed before it, then the events until it is written.
+//! a `select!`: [`Poller`] moves the event loop into a task that polls it and hands the events
+//! over in batches (everything rumqttc has buffered), through a channel whose receiving end is
+//! cancel-safe. When the connection fails the task stops and hands the event loop back with the
+//! error, so the owner reacts to a failure with the event loop in hand: it can drop rumqttc's own
+//! replay list (for the device the durable queue, not rumqttc, decides what is re-sent) and choose
+//! how the next connection is made. One task per connection, not per batch: a reading costs no
+//! task spawn. [`Poller::close`] is the one clean stop: DISCONNECT after everything handed before
+//! it, then the events until it is written.
 
 pub mod backoff;
 pub mod client;
@@ -35,6 +38,7 @@ pub mod security;
 
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 pub use backoff::Backoff;
@@ -50,15 +54,25 @@ pub const MAX_OUTGOING_BYTES: usize = 16 * 1024;
 /// The most a 3.1.1 connection raises its limit to read an oversized message and reject it;
 /// anything larger costs the session instead.
 pub const MAX_RECOVERY_BYTES: usize = 16 * 1024 * 1024;
-/// Events taken from rumqttc per poll task.
+/// Events taken from rumqttc per batch.
 const POLL_BATCH: usize = 64;
+/// Batches the poll task may read ahead of its owner.
+const BATCHES_AHEAD: usize = 2;
 
-type PollOutput = (EventLoop, Vec<Result<Event, LinkError>>);
+/// What the poll task hands over: events, and after a failure the event loop itself.
+struct Batch {
+    events: Vec<Result<Event, LinkError>>,
+    /// The connection failed (the last event is its error): polling stopped.
+    handback: Option<EventLoop>,
+}
 
 /// Owns the event loop between polls; see the module docs.
 pub struct Poller {
+    /// In hand: before the first start, and after a failed connection until polling again.
     idle: Option<EventLoop>,
-    running: Option<JoinHandle<PollOutput>>,
+    /// The poll task's batches, while it runs.
+    running: Option<mpsc::Receiver<Batch>>,
+    task: Option<JoinHandle<()>>,
     /// Polling starts again at this moment (a failed connection's backoff).
     retry_at: Option<tokio::time::Instant>,
 }
@@ -66,26 +80,18 @@ pub struct Poller {
 impl Poller {
     /// A poller for `eventloop`, not yet polling.
     pub fn new(eventloop: EventLoop) -> Self {
-        Poller { idle: Some(eventloop), running: None, retry_at: None }
+        Poller { idle: Some(eventloop), running: None, task: None, retry_at: None }
     }
 
-    /// Starts a poll task if none is running and no retry is scheduled.
+    /// Starts polling if the event loop is in hand and no retry is scheduled.
     pub fn start(&mut self) {
         if self.retry_at.is_some() {
             return;
         }
-        if let Some(mut el) = self.idle.take() {
-            self.running = Some(tokio::spawn(async move {
-                let mut out = Vec::new();
-                loop {
-                    let r = el.poll().await;
-                    let failed = r.is_err();
-                    out.push(r);
-                    if failed || !el.has_buffered_events() || out.len() >= POLL_BATCH {
-                        return (el, out);
-                    }
-                }
-            }));
+        if let Some(el) = self.idle.take() {
+            let (tx, rx) = mpsc::channel(BATCHES_AHEAD);
+            self.running = Some(rx);
+            self.task = Some(tokio::spawn(poll_until_failure(el, tx)));
         }
     }
 
@@ -103,17 +109,20 @@ impl Poller {
             self.retry_at = None;
             self.start();
         }
-        let Some(handle) = self.running.as_mut() else {
+        let Some(rx) = self.running.as_mut() else {
             return std::future::pending().await;
         };
-        // Panics abort the process (release profile), so a join error is a cancelled runtime.
-        let (el, events) = handle.await.expect("poll task is never cancelled");
-        self.running = None;
-        self.idle = Some(el);
-        events
+        // Panics abort the process (release profile), so the task always ends with a handback.
+        let batch = rx.recv().await.expect("the poll task hands the event loop back");
+        if let Some(el) = batch.handback {
+            self.running = None;
+            self.task = None;
+            self.idle = Some(el);
+        }
+        batch.events
     }
 
-    /// The event loop, while no poll task is running.
+    /// The event loop, while it is in hand (after a failed connection, before polling again).
     pub fn eventloop(&mut self) -> Option<&mut EventLoop> {
         self.idle.as_mut()
     }
@@ -146,10 +155,55 @@ impl Poller {
     }
 }
 
+impl Drop for Poller {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort(); // the event loop goes with it; nothing is polled after its owner
+        }
+    }
+}
+
+/// The poll task: polls until rumqttc has no buffered events and the batch holds one the owner
+/// needs now ([`Event::needs_owner`]), hands the batch over, and goes on until the connection
+/// fails, when it hands the event loop back with everything since the last batch and the error.
+async fn poll_until_failure(mut el: EventLoop, tx: mpsc::Sender<Batch>) {
+    loop {
+        let mut events = Vec::new();
+        let mut needed = false;
+        loop {
+            let r = el.poll().await;
+            match &r {
+                Err(_) => {
+                    events.push(r);
+                    let _ = tx.send(Batch { events, handback: Some(el) }).await;
+                    return;
+                }
+                Ok(ev) => needed |= ev.needs_owner(),
+            }
+            events.push(r);
+            if (needed && !el.has_buffered_events()) || events.len() >= POLL_BATCH {
+                break;
+            }
+        }
+        if tx.send(Batch { events, handback: None }).await.is_err() {
+            return; // the owner is gone
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{MqttConfig, Protocol};
+
+    #[test]
+    fn a_qos_1_write_waits_for_its_acknowledgement_but_a_qos_0_write_is_delivered_at_once() {
+        assert!(!Event::Written { pkid: 7 }.needs_owner(), "only its PUBACK tells anything");
+        assert!(Event::Answered { pkid: 7, refused: None }.needs_owner());
+        assert!(Event::Written { pkid: 0 }.needs_owner(), "QoS 0: written is delivered");
+        assert!(!Event::Other.needs_owner());
+        assert!(Event::DisconnectWritten.needs_owner(), "a clean stop waits for it");
+    }
 
     #[test]
     fn forgetting_unsent_work_also_clears_a_parked_collision() {
