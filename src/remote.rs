@@ -97,12 +97,11 @@ impl Overrides {
     }
 }
 
-/// The device's side of it: what was set, the last refusal, and the sampler's interval.
+/// The device's side of it: what was set, and the last refusal.
 #[derive(Debug)]
 pub struct Live {
     pub kept: Overrides,
     pub refusal: Option<Refusal>,
-    pub interval: tokio::sync::watch::Sender<std::time::Duration>,
 }
 
 /// Applies one `<id>/config/set` message to the running configuration.

@@ -1,11 +1,11 @@
 //! The device: wires the sensor, the LED, the queue and the MQTT link together.
 //!
 //! ```text
-//!  sampler task ──readings──▶ ┌──────────── device loop ────────────┐
-//!  (interval, sensor.read)    │ queue.push ─▶ pump ─▶ client.publish ──▶ link (rumqttc)
-//!                             │ poller batch ◀──────── events ◀──────────── link
-//!  shutdown future ─────────▶ │ PUBACK ─▶ queue.ack (refused: denial)│
-//!                             │ commands ─▶ led.set ─▶ state        │
+//!  sampler ───readings──────▶ ┌──────────── device loop ────────────┐
+//!  (sampler.rs: a Ticker,     │ queue.push ─▶ pump ─▶ client.publish ──▶ link (rumqttc)
+//!   sensor.read; part of      │ poller batch ◀──────── events ◀──────────── link
+//!   the loop's task)          │ PUBACK ─▶ queue.ack (refused: denial)│
+//!  shutdown future ─────────▶ │ commands ─▶ led.set ─▶ state        │
 //!                             └─────────────────────────────────────┘
 //! ```
 //! The loop is the only owner of the queue, the LED and the client, so ordering is simple: a
@@ -13,6 +13,7 @@
 //! broker refused, [`denial`]) rewinds the queue before anything else is sent. The link
 //! ([`crate::link`]) is the same under MQTT 5 and 3.1.1; what differs is in its module doc.
 
+mod alarm;
 mod denial;
 mod sampler;
 
@@ -24,7 +25,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
 
@@ -40,8 +40,9 @@ use crate::queue::DiskQueue;
 use crate::remote;
 use crate::sensor::{self, Reading, Sensor, SimulatedControl};
 use crate::systemd::Notifier;
+use alarm::{far_future, Alarm};
 use denial::{Denial, Settle};
-use sampler::{sample, Stamp};
+use sampler::Sampler;
 
 /// Telemetry publishes in flight at once while a backlog drains.
 pub const WINDOW: usize = 64;
@@ -50,7 +51,7 @@ const STOP_GRACE: Duration = Duration::from_millis(1200);
 /// A connection that lasted this long resets the reconnect backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(5);
 
-/// Counters shared with the sampler task (and reported in health).
+/// Counters shared with the sampler (and reported in health).
 #[derive(Debug, Default)]
 pub struct Counters {
     pub sensor_errors: AtomicU64,
@@ -118,9 +119,7 @@ pub async fn run_with(
     spec.will = Some((topics.status.clone(), OFFLINE.as_bytes().to_vec()));
     let (client, eventloop) = link::build(&cfg.mqtt, &security, &spec);
     let counters = Arc::new(Counters::default());
-    let (readings_tx, readings_rx) = mpsc::channel(64);
-    let (interval, interval_rx) = watch::channel(Duration::from_millis(cfg.sensor.interval_ms));
-    let sampler = tokio::spawn(sample(sensor, interval_rx, readings_tx, counters.clone()));
+    let sampler = Sampler::new(sensor, Duration::from_millis(cfg.sensor.interval_ms), counters.clone());
     info!(id = %cfg.id, broker = %format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port), queued = queue.stats().readings,
         "nightlight started");
     // Configuration loaded, queue, sensor and LED open: ready as far as systemd is concerned.
@@ -153,13 +152,12 @@ pub async fn run_with(
         discovery_cleared: false,
         notifier,
         local: LocalRule::new(cfg_local.0, cfg_local.1, cfg_local.2, now()),
-        live: remote::Live { kept, refusal: None, interval },
+        live: remote::Live { kept, refusal: None },
+        sampler,
         restamp: clock::Restamp::new(run),
         ha_due: None,
     };
-    let result = device.run(readings_rx, shutdown).await;
-    sampler.abort();
-    result
+    device.run(shutdown).await
 }
 
 /// How the connection after an oversized message gets past it.
@@ -207,8 +205,10 @@ struct Device {
     notifier: Notifier,
     /// Whether a controller or the device itself switches the LED.
     local: LocalRule,
-    /// Live configuration: what was set, the last refusal, the sampler's interval.
+    /// Live configuration: what was set, the last refusal.
     live: remote::Live,
+    /// The sensor, read every `sensor.interval_ms`.
+    sampler: Sampler,
     /// Readings taken before the clock was synchronized: marked, then re-stamped.
     restamp: clock::Restamp,
     /// Home Assistant came online: discovery and state go out at this moment.
@@ -216,11 +216,7 @@ struct Device {
 }
 
 impl Device {
-    async fn run(
-        &mut self,
-        mut readings_rx: mpsc::Receiver<(Reading, Stamp)>,
-        shutdown: impl Future<Output = ()>,
-    ) -> anyhow::Result<()> {
+    async fn run(&mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
         // systemd's watchdog (WatchdogSec=) is fed from this loop, so a hung loop gets restarted.
         let watchdog = self.notifier.watchdog();
@@ -229,8 +225,9 @@ impl Device {
         let mut health = tokio::time::interval_at(tokio::time::Instant::now() + HEALTH_EVERY, HEALTH_EVERY);
         health.set_missed_tick_behavior(MissedTickBehavior::Delay);
         self.poller.start(); // connect
+        let mut queue_alarm = Alarm::default();
         loop {
-            let queue_at = self.queue.next_deadline().map(tokio::time::Instant::from_std);
+            queue_alarm.set(self.queue.next_deadline().map(tokio::time::Instant::from_std));
             let denied_at = self.denial.deadline().map(tokio::time::Instant::from_std);
             tokio::select! {
                 biased;
@@ -239,29 +236,14 @@ impl Device {
                 _ = feed.tick(), if watchdog.is_some() => {
                     self.notifier.feed_watchdog();
                 }
+                // Before the link: ready once an interval, it cannot starve it, and a backlog
+                // draining as fast as the broker acknowledges must not delay a reading.
+                (reading, stamp) = self.sampler.next() => self.on_reading(reading, stamp),
                 events = self.poller.next() => {
                     self.on_events(events);
                     self.poller.start(); // unless a reconnect waits its backoff
                 }
-                Some((reading, stamp)) = readings_rx.recv() => {
-                    let ts = stamp.ts;
-                    let ts_ok = self.restamp.observe(ts, stamp.mono_ms, stamp.synced);
-                    let first = self.led.reading(reading.light).is_some();
-                    let step = self.local.reading(reading.light, ts, self.led.is_on(), now());
-                    if let Some(on) = step.switch {
-                        info!(led_on = on, light = reading.light, "local rule: switching the LED");
-                        self.led.set(on);
-                    }
-                    if step.mode_changed {
-                        info!(mode = self.local.mode().as_str(), "mode changed");
-                    }
-                    if first || step.switch.is_some() || step.mode_changed {
-                        self.publish_state();
-                    }
-                    self.queue.push_stamped(now(), reading.light, ts, ts_ok, reading.lux);
-                    self.pump();
-                }
-                _ = sleep_until(queue_at.unwrap_or_else(far_future)), if queue_at.is_some() => {
+                _ = queue_alarm.ring(), if queue_alarm.is_set() => {
                     self.queue.tick(now());
                     self.pump(); // a backlog read that failed is retried now
                 }
@@ -283,6 +265,26 @@ impl Device {
         }
         self.notifier.stopping();
         self.stop().await
+    }
+
+    /// A reading: the local rule, the state when it changed, then queued and sent.
+    fn on_reading(&mut self, reading: Reading, stamp: sampler::Stamp) {
+        let ts = stamp.ts;
+        let ts_ok = self.restamp.observe(ts, stamp.mono_ms, stamp.synced);
+        let first = self.led.reading(reading.light).is_some();
+        let step = self.local.reading(reading.light, ts, self.led.is_on(), now());
+        if let Some(on) = step.switch {
+            info!(led_on = on, light = reading.light, "local rule: switching the LED");
+            self.led.set(on);
+        }
+        if step.mode_changed {
+            info!(mode = self.local.mode().as_str(), "mode changed");
+        }
+        if first || step.switch.is_some() || step.mode_changed {
+            self.publish_state();
+        }
+        self.queue.push_stamped(now(), reading.light, ts, ts_ok, reading.lux);
+        self.pump();
     }
 
     fn on_events(&mut self, events: Vec<Result<Event, LinkError>>) {
@@ -586,10 +588,9 @@ impl Device {
                     warn!(error = %e, "cannot keep the live configuration: it holds until the next start");
                 }
                 info!(changed = %String::from_utf8_lossy(payload), "live configuration applied");
-                self.live.interval.send_if_modified(|d| {
-                    let new = Duration::from_millis(cfg.sensor.interval_ms);
-                    std::mem::replace(d, new) != new
-                });
+                if cfg.sensor.interval_ms != self.cfg.sensor.interval_ms {
+                    self.sampler.set_interval(Duration::from_millis(cfg.sensor.interval_ms));
+                }
                 self.local.reconfigure(cfg.led.local_after_s, cfg.server.threshold, cfg.server.hysteresis);
                 self.cfg = cfg;
                 self.live.kept = kept;
@@ -663,8 +664,4 @@ impl Device {
 /// local rule and the backoff alike (outside tests it is the monotonic clock).
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
-}
-
-fn far_future() -> tokio::time::Instant {
-    tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
 }

@@ -1,5 +1,7 @@
-//! The sampler task: reads the sensor every `sensor.interval_ms` and hands each reading, with
-//! when it was taken, to the device loop.
+//! The sampler: reads the sensor every `sensor.interval_ms` and hands each reading, with when
+//! it was taken, to the device loop, which polls it beside the link ([`Sampler::next`], cancel-
+//! safe). It is a part of the loop's task, not a task of its own: a reading costs no hand-over
+//! between tasks. A sensor that blocks (I2C) is read on tokio's blocking pool.
 //!
 //! Its clock is a [`Ticker`]: a fixed-rate tick (a late tick delays the ones after it, never a
 //! burst) that keeps the *next two* deadlines armed in tokio's timer. Re-arming the only timer
@@ -13,13 +15,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
 use tracing::{info, warn};
 
 use super::Counters;
 use crate::clock;
-use crate::sensor::{Reading, Sensor};
+use crate::sensor::{Reading, Sensor, SensorError};
 
 /// When a reading was taken: the wall clock, the monotonic clock, and whether the wall clock
 /// was known to be synchronized.
@@ -30,60 +32,93 @@ pub(super) struct Stamp {
     pub synced: bool,
 }
 
-/// Reads the sensor every `interval` and hands readings to the device loop.
-pub(super) async fn sample(
-    mut sensor: Box<dyn Sensor>,
-    mut interval: watch::Receiver<Duration>,
-    readings_tx: mpsc::Sender<(Reading, Stamp)>,
+/// What a read on the blocking pool hands back: the sensor, and what it read.
+type BlockingRead = (Box<dyn Sensor>, Result<Reading, SensorError>);
+
+/// The sensor, its clock, and a read in flight on the blocking pool.
+pub(super) struct Sampler {
+    /// In hand unless a blocking read has it.
+    sensor: Option<Box<dyn Sensor>>,
+    /// A blocking read in flight, with when it was taken.
+    reading: Option<(JoinHandle<BlockingRead>, Stamp)>,
+    ticker: Ticker,
+    clock: clock::Reader,
+    failed_reads: u64,
     counters: Arc<Counters>,
-) {
-    let mut clock = clock::Reader::default();
-    let mut tick = Ticker::new(Instant::now(), *interval.borrow_and_update());
-    let mut failed_reads = 0u64;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            changed = interval.changed() => {
-                if changed.is_ok() {
-                    // A live change of sensor.interval_ms: the next reading comes one new interval on.
-                    let d = *interval.borrow_and_update();
-                    tick = Ticker::new(Instant::now() + d, d);
+}
+
+impl Sampler {
+    /// Reads `sensor` every `interval`, the first reading at once.
+    pub fn new(sensor: Box<dyn Sensor>, interval: Duration, counters: Arc<Counters>) -> Self {
+        Sampler {
+            sensor: Some(sensor),
+            reading: None,
+            ticker: Ticker::new(Instant::now(), interval),
+            clock: clock::Reader::default(),
+            failed_reads: 0,
+            counters,
+        }
+    }
+
+    /// A live change of `sensor.interval_ms`: the next reading comes one new interval on.
+    pub fn set_interval(&mut self, interval: Duration) {
+        self.ticker = Ticker::new(Instant::now() + interval, interval);
+    }
+
+    /// The next reading. Failed reads are counted and skipped. Cancel-safe: a tick is taken
+    /// whole, and a blocking read in flight is kept for the next call.
+    pub async fn next(&mut self) -> (Reading, Stamp) {
+        loop {
+            let (result, stamp) = match self.reading.as_mut() {
+                Some((handle, stamp)) => {
+                    let stamp = *stamp;
+                    // Panics abort the process, so the blocking task always hands the sensor back.
+                    let (sensor, result) = handle.await.expect("sensor thread");
+                    self.reading = None;
+                    self.sensor = Some(sensor);
+                    (result, stamp)
                 }
-                continue;
+                None => {
+                    self.ticker.tick().await;
+                    let (ts, synced) = self.clock.now();
+                    let stamp = Stamp { ts, mono_ms: clock::monotonic_ms(), synced };
+                    let mut sensor = self.sensor.take().expect("the sensor is in hand between reads");
+                    if sensor.blocks() {
+                        let handle = tokio::task::spawn_blocking(move || {
+                            let r = sensor.read();
+                            (sensor, r)
+                        });
+                        self.reading = Some((handle, stamp));
+                        continue;
+                    }
+                    let result = sensor.read();
+                    self.sensor = Some(sensor);
+                    (result, stamp)
+                }
+            };
+            if let Some(reading) = self.judge(result) {
+                return (reading, stamp);
             }
         }
-        let (ts, synced) = clock.now();
-        let stamp = Stamp { ts, mono_ms: clock::monotonic_ms(), synced };
-        let res = if sensor.blocks() {
-            // Panics abort the process, so the blocking task always hands the sensor back.
-            let (s, r) = tokio::task::spawn_blocking(move || {
-                let r = sensor.read();
-                (sensor, r)
-            })
-            .await
-            .expect("sensor thread");
-            sensor = s;
-            r
-        } else {
-            sensor.read()
-        };
-        match res {
+    }
+
+    fn judge(&mut self, result: Result<Reading, SensorError>) -> Option<Reading> {
+        match result {
             Ok(reading) => {
-                if failed_reads > 0 {
-                    info!(failed_reads, "sensor recovered");
-                    failed_reads = 0;
+                if self.failed_reads > 0 {
+                    info!(failed_reads = self.failed_reads, "sensor recovered");
+                    self.failed_reads = 0;
                 }
-                if readings_tx.send((reading, stamp)).await.is_err() {
-                    return;
-                }
+                Some(reading)
             }
             Err(e) => {
-                counters.sensor_errors.fetch_add(1, Ordering::Relaxed);
-                counters.set_last_error(format!("sensor: {e}"));
-                if failed_reads == 0 {
+                self.counters.sensor_errors.fetch_add(1, Ordering::Relaxed);
+                self.counters.set_last_error(format!("sensor: {e}"));
+                if self.failed_reads == 0 {
                     warn!(error = %e, "sensor read failed; skipping readings until it recovers");
                 }
-                failed_reads += 1;
+                self.failed_reads += 1;
+                None
             }
         }
     }
@@ -134,6 +169,35 @@ mod tests {
     use super::*;
 
     const P: Duration = Duration::from_millis(100);
+
+    /// A chip on a bus: each read takes 30 ms on its thread; every third one fails.
+    struct SlowChip(u16);
+
+    impl Sensor for SlowChip {
+        fn read(&mut self) -> Result<Reading, SensorError> {
+            std::thread::sleep(Duration::from_millis(30));
+            self.0 += 1;
+            if self.0 % 3 == 0 {
+                return Err(SensorError::Timeout);
+            }
+            Ok(Reading { light: self.0, lux: None })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_blocking_read_cut_short_by_the_loop_is_kept_and_failed_reads_are_counted() {
+        let counters = Arc::new(Counters::default());
+        let mut s = Sampler::new(Box::new(SlowChip(0)), Duration::from_millis(10), counters.clone());
+        // The loop has something else to do 5 ms into each read, every time.
+        let mut lights = Vec::new();
+        while lights.len() < 4 {
+            if let Ok((r, _)) = tokio::time::timeout(Duration::from_millis(5), s.next()).await {
+                lights.push(r.light);
+            }
+        }
+        assert_eq!(lights, [1, 2, 4, 5], "no reading lost to a cut, none twice; 3 failed");
+        assert_eq!(counters.sensor_errors.load(Ordering::Relaxed), 1);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn ticks_come_one_period_apart_from_the_first() {
