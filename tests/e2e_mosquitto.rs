@@ -37,6 +37,27 @@ fn telemetry_has_contract_fields_and_cadence() {
 }
 
 #[test]
+fn at_qos_0_a_reading_is_done_when_written_and_never_reaches_the_disk_while_online() {
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 100, "");
+    let obs = Observer::new(broker.port, "#");
+    let config = dev.config();
+    let _d = Daemon::spawn(&["run", "--config", config.to_str().unwrap()], &[("NIGHTLIGHT__MQTT__QOS", "0")]);
+    // Three seconds of readings: any still counted in flight after queue.spill_ms (1 s) would
+    // have been written to a segment file.
+    let msgs = obs.wait_on(&dev.topic("telemetry"), 20 * S, |m| m.len() >= 30);
+    let seqs: Vec<u64> = msgs.iter().map(|m| m.json()["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "in order, none missing: {seqs:?}");
+    let spilled: u64 = std::fs::read_dir(dev.queue())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert_eq!(spilled, 0, "readings sent at QoS 0 were kept as if waiting for an acknowledgement");
+}
+
+#[test]
 fn commands_switch_the_led_and_update_the_retained_state() {
     let Rig { broker, dev, obs } = Rig::new(1000);
     let d = dev.spawn();
