@@ -1,6 +1,7 @@
-//! A timer for a deadline that moves: the device loop's wait for the queue's next deadline.
+//! A timer for a deadline that moves: the device loop's waits for the queue's next deadline,
+//! for retrying refused readings and for answering Home Assistant.
 //!
-//! The loop used to make a new `sleep_until` at every turn, which registers a timer with
+//! The loop used to make a new `sleep_until` for each at every turn, which registers a timer with
 //! tokio's driver and removes it again each time (a lock and a wheel insert and remove per
 //! turn, two or three turns per reading while readings are in flight). An [`Alarm`] keeps one
 //! timer and re-arms it only when the deadline changes.
@@ -42,7 +43,7 @@ impl Alarm {
 }
 
 /// Far enough never to come, near enough not to overflow tokio's clock.
-pub fn far_future() -> Instant {
+fn far_future() -> Instant {
     Instant::now() + std::time::Duration::from_secs(86_400 * 365)
 }
 

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tokio::time::{sleep_until, MissedTickBehavior};
+use tokio::time::MissedTickBehavior;
 use tracing::{debug, error, info, warn};
 
 use crate::clock;
@@ -40,7 +40,7 @@ use crate::queue::DiskQueue;
 use crate::remote;
 use crate::sensor::{self, Reading, Sensor, SimulatedControl};
 use crate::systemd::Notifier;
-use alarm::{far_future, Alarm};
+use alarm::Alarm;
 use denial::{Denial, Settle};
 use sampler::Sampler;
 
@@ -155,7 +155,7 @@ pub async fn run_with(
         live: remote::Live { kept, refusal: None },
         sampler,
         restamp: clock::Restamp::new(run),
-        ha_due: None,
+        ha_due: Alarm::default(),
     };
     device.run(shutdown).await
 }
@@ -212,7 +212,7 @@ struct Device {
     /// Readings taken before the clock was synchronized: marked, then re-stamped.
     restamp: clock::Restamp,
     /// Home Assistant came online: discovery and state go out at this moment.
-    ha_due: Option<tokio::time::Instant>,
+    ha_due: Alarm,
 }
 
 impl Device {
@@ -225,10 +225,10 @@ impl Device {
         let mut health = tokio::time::interval_at(tokio::time::Instant::now() + HEALTH_EVERY, HEALTH_EVERY);
         health.set_missed_tick_behavior(MissedTickBehavior::Delay);
         self.poller.start(); // connect
-        let mut queue_alarm = Alarm::default();
+        let (mut queue_alarm, mut denied_alarm) = (Alarm::default(), Alarm::default());
         loop {
             queue_alarm.set(self.queue.next_deadline().map(tokio::time::Instant::from_std));
-            let denied_at = self.denial.deadline().map(tokio::time::Instant::from_std);
+            denied_alarm.set(self.denial.deadline().map(tokio::time::Instant::from_std));
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
@@ -247,12 +247,12 @@ impl Device {
                     self.queue.tick(now());
                     self.pump(); // a backlog read that failed is retried now
                 }
-                _ = sleep_until(denied_at.unwrap_or_else(far_future)), if denied_at.is_some() => {
+                _ = denied_alarm.ring(), if denied_alarm.is_set() => {
                     self.denial.retry(now());
                     self.pump(); // the refused readings, again
                 }
-                _ = sleep_until(self.ha_due.unwrap_or_else(far_future)), if self.ha_due.is_some() => {
-                    self.ha_due = None;
+                _ = self.ha_due.ring(), if self.ha_due.is_set() => {
+                    self.ha_due.set(None);
                     self.publish_discovery();
                     self.publish_state();
                 }
@@ -500,11 +500,11 @@ impl Device {
             return;
         }
         if self.cfg.homeassistant.enabled && p.topic == homeassistant::ha_status_topic(&self.cfg) {
-            if p.payload.as_ref() == homeassistant::HA_ONLINE && self.ha_due.is_none() {
+            if p.payload.as_ref() == homeassistant::HA_ONLINE && !self.ha_due.is_set() {
                 // A fleet must not answer in one burst.
                 let delay = Duration::from_millis(fastrand::u64(500..=5000));
                 info!(in_ms = delay.as_millis() as u64, "Home Assistant is online: discovery follows");
-                self.ha_due = Some(tokio::time::Instant::now() + delay);
+                self.ha_due.set(Some(tokio::time::Instant::now() + delay));
             }
             return;
         }
