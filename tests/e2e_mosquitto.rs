@@ -38,9 +38,7 @@ fn telemetry_has_contract_fields_and_cadence() {
 
 #[test]
 fn at_qos_0_a_reading_is_done_when_written_and_never_reaches_the_disk_while_online() {
-    let broker = Mosquitto::start("");
-    let dev = DeviceDir::new(broker.port, 100, "");
-    let obs = Observer::new(broker.port, "#");
+    let Rig { broker: _broker, dev, obs } = Rig::new(100);
     let config = dev.config();
     let _d = Daemon::spawn(&["run", "--config", config.to_str().unwrap()], &[("NIGHTLIGHT__MQTT__QOS", "0")]);
     // Three seconds of readings: any still counted in flight after queue.spill_ms (1 s) would

@@ -70,9 +70,8 @@ struct Batch {
 pub struct Poller {
     /// In hand: before the first start, and after a failed connection until polling again.
     idle: Option<EventLoop>,
-    /// The poll task's batches, while it runs.
-    running: Option<mpsc::Receiver<Batch>>,
-    task: Option<JoinHandle<()>>,
+    /// The poll task and its batches, while it runs.
+    running: Option<(mpsc::Receiver<Batch>, JoinHandle<()>)>,
     /// Polling starts again at this moment (a failed connection's backoff).
     retry_at: Option<tokio::time::Instant>,
 }
@@ -80,7 +79,7 @@ pub struct Poller {
 impl Poller {
     /// A poller for `eventloop`, not yet polling.
     pub fn new(eventloop: EventLoop) -> Self {
-        Poller { idle: Some(eventloop), running: None, task: None, retry_at: None }
+        Poller { idle: Some(eventloop), running: None, retry_at: None }
     }
 
     /// Starts polling if the event loop is in hand and no retry is scheduled.
@@ -90,8 +89,7 @@ impl Poller {
         }
         if let Some(el) = self.idle.take() {
             let (tx, rx) = mpsc::channel(BATCHES_AHEAD);
-            self.running = Some(rx);
-            self.task = Some(tokio::spawn(poll_until_failure(el, tx)));
+            self.running = Some((rx, tokio::spawn(poll_until_failure(el, tx))));
         }
     }
 
@@ -109,14 +107,13 @@ impl Poller {
             self.retry_at = None;
             self.start();
         }
-        let Some(rx) = self.running.as_mut() else {
+        let Some((rx, _)) = self.running.as_mut() else {
             return std::future::pending().await;
         };
         // Panics abort the process (release profile), so the task always ends with a handback.
         let batch = rx.recv().await.expect("the poll task hands the event loop back");
         if let Some(el) = batch.handback {
             self.running = None;
-            self.task = None;
             self.idle = Some(el);
         }
         batch.events
@@ -157,7 +154,7 @@ impl Poller {
 
 impl Drop for Poller {
     fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
+        if let Some((_, task)) = self.running.take() {
             task.abort(); // the event loop goes with it; nothing is polled after its owner
         }
     }
