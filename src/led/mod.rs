@@ -1,4 +1,4 @@
-//! The LED: a GPIO pin through rppal, or the virtual LED that prints its changes.
+//! The LED: a GPIO pin through the kernel's GPIO character device, or the virtual LED that prints its changes.
 //!
 //! LED drivers know nothing of MQTT: the device calls [`Led::set`] with the commanded state,
 //! through [`power_on::KeptLed`], which sets the state at start and keeps every change.
