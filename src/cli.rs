@@ -101,6 +101,10 @@ fn check(loaded: &Loaded) -> ExitCode {
             c.mqtt.host
         );
     }
+    let dir = std::path::Path::new(&c.queue.dir);
+    if let Some(w) = crate::queue::medium::of_dir(dir).warning(dir) {
+        eprintln!("nightlight: warning: {w}");
+    }
     ExitCode::SUCCESS
 }
 

@@ -228,6 +228,10 @@ pub struct Health {
     /// False while `seq` comes from the wall clock because the queue's meta cannot be written.
     #[serde(default = "yes")]
     pub seq_durable: bool,
+    /// False while `queue.dir` is in memory (tmpfs, ramfs, zram, an overlay with its upper layer
+    /// in memory) or unusable: a reboot loses what is queued.
+    #[serde(default = "yes")]
+    pub queue_durable: bool,
     pub sensor_errors: u64,
     pub rejected_commands: u64,
     pub reconnects: u64,

@@ -82,12 +82,13 @@ pub fn render(snap: &Snapshot, broker: &str) -> String {
         out += &line(
             "queue",
             format!(
-                "{} readings ({} bytes on disk), {} dropped, {} disk errors{}",
+                "{} readings ({} bytes on disk), {} dropped, {} disk errors{}{}",
                 h.queue_readings,
                 h.queue_bytes,
                 h.dropped,
                 h.queue_errors,
-                if h.seq_durable { "" } else { "; seq from the wall clock (queue meta not writable)" }
+                if h.seq_durable { "" } else { "; seq from the wall clock (queue meta not writable)" },
+                if h.queue_durable { "" } else { "; NOT DURABLE: queue.dir is in memory or unusable" }
             ),
         );
         out += &line("sensor errors", h.sensor_errors.to_string());
@@ -128,6 +129,7 @@ mod tests {
                 dropped: 0,
                 queue_errors: 0,
                 seq_durable: true,
+                queue_durable: true,
                 sensor_errors: 2,
                 rejected_commands: 1,
                 reconnects: 3,

@@ -54,7 +54,9 @@ pub fn client_config(cfg: &TlsConfig) -> Result<Arc<ClientConfig>, TlsError> {
             roots.add(cert).map_err(|e| err("mqtt.tls.ca_file", &cfg.ca_file, format!("not a CA certificate: {e}")))?;
         }
     }
-    let builder = ClientConfig::builder_with_provider(provider.clone())
+    // Certificates are checked against the device's own clock (crate::clock), the one its
+    // readings are stamped with, so the clock a Pi boots on is the one TLS sees.
+    let builder = ClientConfig::builder_with_details(provider.clone(), Arc::new(DeviceClock))
         .with_safe_default_protocol_versions()
         .map_err(|e| err("mqtt.tls.enabled", "", e.to_string()))?
         .with_root_certificates(roots);
@@ -111,6 +113,45 @@ fn key(file: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
 }
 
 /// Says in words why a TLS handshake failed, if `e` carries a rustls error.
+/// rustls's clock: [`crate::clock::now`].
+#[derive(Debug)]
+struct DeviceClock;
+
+impl rustls::time_provider::TimeProvider for DeviceClock {
+    fn current_time(&self) -> Option<rustls::pki_types::UnixTime> {
+        let ms = crate::clock::now().0;
+        Some(rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_millis(ms)))
+    }
+}
+
+/// Whether `e` (or what it wraps) is a certificate refused for its dates: not valid yet, or
+/// expired. On a machine whose clock is not synchronized, that is the clock's fault as likely
+/// as the certificate's.
+pub fn is_date_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    use rustls::{CertificateError as C, Error as E};
+    let dated = |r: &rustls::Error| {
+        matches!(
+            r,
+            E::InvalidCertificate(
+                C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. }
+            )
+        )
+    };
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(r) = err.downcast_ref::<rustls::Error>() {
+            return dated(r);
+        }
+        if let Some(r) = err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            if let Some(r) = r.downcast_ref::<rustls::Error>() {
+                return dated(r);
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
 pub fn explain(e: &(dyn std::error::Error + 'static), host: &str) -> Option<String> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {

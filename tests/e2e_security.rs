@@ -247,3 +247,31 @@ fn a_missing_certificate_file_is_a_config_error_naming_it() {
     assert_eq!(code, 2);
     assert!(err.contains("mqtt.tls.key_file"), "{err}");
 }
+
+#[test]
+fn a_certificate_refused_while_the_clock_is_behind_names_the_clock_and_connects_once_it_is_synchronized() {
+    let pki = Pki::new("ca");
+    pki.issue("ca", "server", "DNS:localhost,IP:127.0.0.1", false);
+    let (broker, tls_port) = tls_broker(&pki, "server", false);
+    let obs = Observer::new(broker.port, "#");
+    let dev = device_dir(&tls_toml(tls_port, "127.0.0.1", &format!("ca_file = {:?}\n", pki.path("ca.pem"))));
+    // A Pi that booted on a clock a year behind, not synchronized: the certificate is "not valid
+    // yet". The backoff is a minute, so only the clock's own news can bring the link up sooner.
+    let seam = dev.queue().with_file_name("clock-seam");
+    std::fs::write(&seam, format!("-{}", 365 * 24 * 3600 * 1000u64)).unwrap();
+    let d = device_with(
+        &dev,
+        &[
+            ("NIGHTLIGHT_CLOCK_SEAM", seam.to_str().unwrap()),
+            ("NIGHTLIGHT__MQTT__RECONNECT_MIN_MS", "60000"),
+            ("NIGHTLIGHT__MQTT__RECONNECT_MAX_MS", "60000"),
+        ],
+    );
+    d.wait_stderr("clock is not synchronized", 10 * S);
+    assert!(d.stderr().contains("not valid yet"), "{}", d.stderr());
+    assert!(obs.on(&dev.topic("telemetry")).is_empty(), "nothing goes out while the certificate is refused");
+    // NTP answers: the clock is right and synchronized.
+    std::fs::remove_file(&seam).unwrap();
+    d.wait_stderr("the clock is synchronized: connecting again now", 10 * S);
+    obs.wait_on(&dev.topic("telemetry"), 20 * S, |m| !m.is_empty());
+}

@@ -70,6 +70,8 @@ impl Counters {
 
 /// How often `<id>/health` is published while connected (and on every connect).
 pub const HEALTH_EVERY: Duration = Duration::from_secs(60);
+/// While a certificate waits for the clock, how often the clock is looked at.
+const CLOCK_CHECK: Duration = Duration::from_secs(1);
 
 /// Runs the device until `shutdown` completes; returns after a clean stop.
 ///
@@ -112,6 +114,11 @@ pub async fn run_with(
             cfg
         }
     };
+    // A queue in RAM believes it is durable and is not: say so, at start and in health.
+    let medium = crate::queue::medium::of_dir(&queue_dir);
+    if let Some(w) = medium.warning(&queue_dir) {
+        warn!("{w}");
+    }
     // Before any network: the LED as `led.power_on` says.
     let led = KeptLed::start(led, cfg.led.power_on, cfg.server.threshold, &queue_dir);
     let topics = Topics::new(&cfg.id);
@@ -156,6 +163,8 @@ pub async fn run_with(
         sampler,
         restamp: clock::Restamp::new(run),
         ha_due: Alarm::default(),
+        clock_wait: Alarm::default(),
+        queue_on_storage: medium.is_durable(),
     };
     device.run(shutdown).await
 }
@@ -213,6 +222,11 @@ struct Device {
     restamp: clock::Restamp,
     /// Home Assistant came online: discovery and state go out at this moment.
     ha_due: Alarm,
+    /// A certificate was refused for its dates while the clock is not synchronized: the clock
+    /// is looked at again at this moment, and the link connects as soon as it is synchronized.
+    clock_wait: Alarm,
+    /// `queue.dir` is on storage, not in memory ([`crate::queue::medium`]).
+    queue_on_storage: bool,
 }
 
 impl Device {
@@ -255,6 +269,15 @@ impl Device {
                     self.ha_due.set(None);
                     self.publish_discovery();
                     self.publish_state();
+                }
+                _ = self.clock_wait.ring(), if self.clock_wait.is_set() => {
+                    if clock::now().1 {
+                        info!("the clock is synchronized: connecting again now");
+                        self.clock_wait.set(None);
+                        self.poller.start_after(Duration::ZERO);
+                    } else {
+                        self.clock_wait.set(Some(tokio::time::Instant::now() + CLOCK_CHECK));
+                    }
                 }
                 _ = health.tick() => {
                     if self.connected.is_some() {
@@ -346,6 +369,7 @@ impl Device {
 
     fn on_connected(&mut self, session_present: bool) {
         self.connected = Some(now());
+        self.clock_wait.set(None);
         self.queue.connected();
         self.last_failure = None;
         // This connection gets past the message; the next one is as configured again (set
@@ -416,6 +440,7 @@ impl Device {
             dropped: q.dropped,
             queue_errors: q.errors,
             seq_durable: q.seq_durable,
+            queue_durable: self.queue_on_storage && q.seq_durable,
             sensor_errors: c.sensor_errors.load(Ordering::Relaxed),
             rejected_commands: c.rejected_commands.load(Ordering::Relaxed),
             reconnects: c.reconnects.load(Ordering::Relaxed),
@@ -433,7 +458,17 @@ impl Device {
             // Unattended long enough: the local rule takes over (its next reading switches).
             info!(mode = self.local.mode().as_str(), "mode changed");
         }
-        let reason = e.describe(&self.cfg.mqtt.host);
+        let mut reason = e.describe(&self.cfg.mqtt.host);
+        if e.certificate_dates() && !clock::now().1 {
+            // A Pi without a real-time clock boots on its last saved time: until NTP answers, a
+            // certificate looks not yet valid (or expired). Name the clock, and connect again the
+            // moment it is synchronized rather than at the end of a long backoff.
+            reason = format!(
+                "{reason}: this machine's clock is not synchronized (no NTP answer yet), so the certificate's dates \
+                 cannot be trusted; connecting again as soon as it is"
+            );
+            self.clock_wait.set(Some(tokio::time::Instant::now() + CLOCK_CHECK));
+        }
         match self.connected.take() {
             Some(since) => {
                 self.counters.reconnects.fetch_add(1, Ordering::Relaxed);

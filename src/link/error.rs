@@ -86,6 +86,12 @@ impl LinkError {
         }
     }
 
+    /// A TLS certificate refused for its dates (not valid yet, expired): a clock problem when
+    /// the clock is not synchronized.
+    pub fn certificate_dates(&self) -> bool {
+        crate::tls::is_date_error(self) || self.io().is_some_and(|io| crate::tls::is_date_error(io))
+    }
+
     /// The I/O error underneath, wherever rumqttc put it.
     fn io(&self) -> Option<&std::io::Error> {
         match self {

@@ -12,6 +12,7 @@
 //! - [`meta`]: the meta file (run, seq reservation, acknowledged position), two slots.
 //! - [`store`]: the segment files: append, sync, read, recover and salvage.
 //! - [`window`]: the readings in flight (pure, no storage).
+//! - [`medium`]: whether `queue.dir` is on storage at all, or in memory (tmpfs, overlayroot).
 //! - [`storage`]: the filesystem trait and the real filesystem; [`sim`]: the simulated one.
 //!
 //! # Layout on disk (`queue.dir`)
@@ -51,6 +52,7 @@
 //!   above everything on disk and above the wall clock.
 
 pub mod frame;
+pub mod medium;
 pub mod meta;
 pub mod sim;
 pub mod storage;
