@@ -1,12 +1,17 @@
 # shellcheck shell=bash
 # cross/vm.sh: sourced by the tests that boot the real .deb in an emulated arm64 Debian
-# (cross/boot-test.sh, cross/power-cut-test.sh, cross/deploy-test.sh). One place for the tools,
-# the cached rootfs (shared by every VM test, in cargo's target directory), the disk image and
-# the broker on the host that a guest reaches through the emulator's user network.
+# (cross/boot-test.sh, cross/power-cut-test.sh, cross/deploy-test.sh, cross/hardware-test.sh). One
+# place for the tools, the cached rootfs and hardware kit (shared by every VM test and every clone
+# on the machine, under ~/.cache/nightlight, named by a hash of what goes into them), the disk
+# image and the broker on the host that a guest reaches through the emulator's user network.
 #
 #   vm_tools                 install qemu, mmdebstrap and friends when missing; binfmt for arm64
 #   vm_rootfs                build or reuse the cached bookworm rootfs tarball; sets $VM_BASE
-#   vm_root DIR [DEB]        unpack the rootfs into DIR (sshd off, /etc/hosts), install DEB
+#   vm_kit                   build or reuse the emulated Pi's hardware (gpio-sim.ko built from
+#                            Debian's kernel source for the image's kernel, the i2c-sim CUSE
+#                            server); sets $VM_KIT, a folder holding both
+#   vm_root DIR [DEB]        unpack the rootfs into DIR (sshd off, /etc/hosts), create the groups
+#                            in $VM_GROUPS, install DEB
 #   vm_network DIR           DHCP from the emulator's user network; the guest's own broker off
 #   vm_disk DIR OUT          make OUT/disk.img from DIR, and OUT/vmlinuz, OUT/initrd.img
 #   vm_qemu OUT LOG NETDEV   sets VM_QEMU, the qemu-system-aarch64 command line for that disk
@@ -22,7 +27,9 @@
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 VM_WORK="$(scripts/target-dir.sh)/boot-test"
-VM_PACKAGES=systemd-sysv,udev,linux-image-arm64,mosquitto,mosquitto-clients,kmod,openssh-server,sudo
+VM_CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/nightlight/vm"
+# gpiod (gpioinfo, gpioset), libfuse3-3 and i2c-tools are for the hardware test's emulated Pi.
+VM_PACKAGES=systemd-sysv,udev,linux-image-arm64,mosquitto,mosquitto-clients,kmod,openssh-server,sudo,gpiod,libfuse3-3,i2c-tools
 
 vm_tools() {
   local need=()
@@ -47,21 +54,57 @@ vm_tools() {
 }
 
 vm_rootfs() {
-  mkdir -p "$VM_WORK"
+  mkdir -p "$VM_WORK" "$VM_CACHE"
   local key
   key=$(cat cross/boot-test/virtio-modules.hook <(echo "$VM_PACKAGES") | sha256sum | cut -c1-12)
-  VM_BASE="$VM_WORK/rootfs-$key.tar"
+  VM_BASE="$VM_CACHE/rootfs-$key.tar"
   if [ ! -s "$VM_BASE" ]; then
     echo "==> building the arm64 rootfs (cached as $VM_BASE)"
-    rm -f "$VM_WORK"/rootfs-*.tar
     $SUDO mmdebstrap --arch=arm64 --variant=apt --include="$VM_PACKAGES" \
       --setup-hook='mkdir -p "$1/etc/initramfs-tools/conf.d" "$1/etc/initramfs-tools/hooks"' \
       --setup-hook='echo MODULES=list > "$1/etc/initramfs-tools/conf.d/boot-test"' \
       --setup-hook="upload cross/boot-test/virtio-modules.hook /etc/initramfs-tools/hooks/virtio-modules" \
       --setup-hook='chmod 755 "$1/etc/initramfs-tools/hooks/virtio-modules"' \
-      bookworm "$VM_WORK/rootfs-build.tar"
-    mv "$VM_WORK/rootfs-build.tar" "$VM_BASE"
+      bookworm "$VM_CACHE/rootfs-build.$$.tar"
+    mv "$VM_CACHE/rootfs-build.$$.tar" "$VM_BASE"
   fi
+}
+
+# The emulated Pi's hardware, built once per rootfs and kit source: the kernel's own gpio-sim
+# (Debian's arm64 kernels do not enable it) compiled from Debian's linux-source package against
+# the image's kernel headers, and the i2c-sim CUSE server. Built in a chroot of the rootfs under
+# qemu-user, so the module matches the image's kernel exactly.
+vm_kit() {
+  local key build kver
+  key=$( (basename "$VM_BASE"; cat cross/hardware-test/kit/*) | sha256sum | cut -c1-12)
+  VM_KIT="$VM_CACHE/kit-$key"
+  [ -s "$VM_KIT/gpio-sim.ko" ] && [ -x "$VM_KIT/i2c-sim" ] && return 0
+  echo "==> building the emulated Pi's hardware kit (cached as $VM_KIT)"
+  build="$VM_CACHE/kit-build.$$"
+  $SUDO rm -rf "$build"
+  mkdir -p "$build/root"
+  $SUDO tar -xf "$VM_BASE" -C "$build/root"
+  kver=$(basename "$(ls -d "$build/root"/lib/modules/*/ | head -1)")
+  # gpio-sim.c and the private gpiolib.h beside it, from Debian's kernel source package.
+  local src="linux-source-${kver%%.*}.$(echo "$kver" | cut -d. -f2)"
+  (cd "$build" && { apt-get download -q "$src" || { $SUDO apt-get update -q && apt-get download -q "$src"; }; } >&2)
+  dpkg-deb --fsys-tarfile "$build"/linux-source-*.deb | tar -x -C "$build" --wildcards './usr/src/linux-source-*.tar.xz'
+  mkdir -p "$build/src"
+  tar -xJf "$build"/usr/src/linux-source-*.tar.xz -C "$build/src" --strip-components=1 --wildcards     '*/drivers/gpio/gpio-sim.c' '*/drivers/gpio/gpiolib.h' '*/kernel/irq/irq_sim.c'
+  $SUDO mkdir -p "$build/root/kit"
+  $SUDO cp "$build/src/drivers/gpio/gpio-sim.c" "$build/src/drivers/gpio/gpiolib.h" \
+    "$build/src/kernel/irq/irq_sim.c" cross/hardware-test/kit/* "$build/root/kit/"
+  $SUDO cp /etc/resolv.conf "$build/root/etc/resolv.conf"
+  $SUDO chroot "$build/root" /bin/sh -c "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends linux-headers-$kver gcc make libc6-dev libfuse3-dev pkgconf" >&2 \
+    || { echo "vm_kit: cannot install the kernel headers and compiler in $build/root" >&2; return 1; }
+  $SUDO chroot "$build/root" /bin/sh -c "cd /kit && sh ./build.sh $kver" >&2 \
+    || { echo "vm_kit: the build failed; the chroot is kept in $build/root" >&2; return 1; }
+  rm -rf "$VM_KIT.tmp"
+  mkdir -p "$VM_KIT.tmp"
+  cp "$build/root/kit/gpio-sim.ko" "$build/root/kit/i2c-sim" "$VM_KIT.tmp/" || return 1
+  rm -rf "$VM_KIT"
+  mv "$VM_KIT.tmp" "$VM_KIT"
+  $SUDO rm -rf "$build"
 }
 
 vm_root() {
@@ -69,6 +112,9 @@ vm_root() {
   $SUDO rm -rf "$root"
   mkdir -p "$root"
   $SUDO tar -xf "$VM_BASE" -C "$root"
+  # VM_GROUPS: system groups to create before the package is installed (as Raspberry Pi OS has).
+  local g
+  for g in ${VM_GROUPS:-}; do $SUDO chroot "$root" groupadd -r -f "$g"; done
   # sshd is for the deploy test, which turns it back on.
   $SUDO rm -f "$root/etc/systemd/system/multi-user.target.wants/ssh.service" "$root/etc/systemd/system/sshd.service"
   if [ -n "$deb" ]; then

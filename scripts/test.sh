@@ -2,7 +2,8 @@
 # The one test command (README "Tests"). On a fresh Debian/Ubuntu machine it installs what the
 # tests need (mosquitto, the Pi cross linkers and rustup targets, cargo-deb, qemu, mmdebstrap),
 # proves the Pi builds cross-compile, package and run (cross/check.sh), boots the .deb in an
-# emulated arm64 Debian (cross/boot-test.sh), cuts its power ten times (cross/power-cut-test.sh),
+# emulated arm64 Debian (cross/boot-test.sh), runs the hardware build on emulated Pi GPIO and I2C
+# chips in three board layouts (cross/hardware-test.sh), cuts its power ten times (cross/power-cut-test.sh),
 # deploys, upgrades and rolls it back over ssh (cross/deploy-test.sh), smoke-tests the benchmark
 # script, drives the demo's page in headless chromium (tests/web/run.sh), then runs every test: unit, driver (mock I2C), the queue's
 # simulation, and end to end against real mosquitto brokers it starts on free loopback ports.
@@ -37,6 +38,9 @@ cross/check.sh
 
 echo "==> starts on boot: the .deb in an emulated arm64 Debian (qemu-system-aarch64)"
 cross/boot-test.sh
+
+echo "==> the hardware build runs: the default .deb on an emulated Pi (gpio-sim GPIO, CUSE I2C), three board layouts"
+cross/hardware-test.sh
 
 echo "==> real power cuts: the .deb in the emulated arm64 Debian, killed with SIGKILL ten times"
 cross/power-cut-test.sh
