@@ -20,7 +20,7 @@ use std::time::Duration;
 mod wire;
 
 use bytes::BytesMut;
-use rumqttc::mqttbytes::{matches, valid_filter, valid_topic, QoS};
+use rumqttc::mqttbytes::{valid_filter, valid_topic, QoS};
 use rumqttc::{Publish, SubscribeReasonCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -421,6 +421,28 @@ fn lock(router: &Mutex<Router>) -> std::sync::MutexGuard<'_, Router> {
     router.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Whether `topic` matches `filter` (MQTT 5 section 4.7): levels split on `/`, `+` one level,
+/// `#` the rest (and the parent), and a topic starting with `$` matched by no wildcard at its
+/// first level. rumqttc's `mqttbytes::matches` slices the topic's first byte and panics on a
+/// topic whose first character is wider than one byte (`é/x`), which with `panic = "abort"`
+/// ended the whole demo: this one never indexes into a string.
+pub fn matches(topic: &str, filter: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut t = topic.split('/');
+    let mut f = filter.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(fl), Some(tl)) if fl == tl => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,6 +456,41 @@ mod tests {
         let mut p = Publish::new(topic, qos, payload.as_bytes().to_vec());
         p.retain = retain;
         p
+    }
+
+    #[test]
+    fn a_topic_starting_with_a_wide_character_is_routed_not_a_crash() {
+        let mut r = Router::default();
+        let _watcher = client(&mut r, "watcher");
+        let (codes, _) = r.subscribe("watcher", &[("#".into(), QoS::AtMostOnce), ("+/x".into(), QoS::AtMostOnce)]);
+        assert_eq!(codes.len(), 2);
+        let out = r.publish(&msg("é/x", QoS::AtMostOnce, "hi", true));
+        assert_eq!(out.len(), 1, "one copy for the one subscriber");
+        assert_eq!(out[0].1.topic, "é/x");
+        // Retained, and handed to a later subscriber whose filter starts with a wide character.
+        let _late = client(&mut r, "late");
+        let (_, retained) = r.subscribe("late", &[("é/+".into(), QoS::AtMostOnce)]);
+        assert_eq!(retained.len(), 1);
+    }
+
+    #[test]
+    fn filters_match_as_the_mqtt_specification_says() {
+        for (topic, filter, want) in [
+            ("a/b", "a/b", true),
+            ("a/b", "a/+", true),
+            ("a", "a/#", true),
+            ("a/b/c", "a/#", true),
+            ("a/b/c", "a/+", false),
+            ("a", "a/+", false),
+            ("a/b", "#", true),
+            ("$SYS/x", "#", false),
+            ("$SYS/x", "+/x", false),
+            ("$SYS/x", "$SYS/#", true),
+            ("é", "+", true),
+            ("a//b", "a/+/b", true),
+        ] {
+            assert_eq!(matches(topic, filter), want, "{topic} against {filter}");
+        }
     }
 
     #[test]
