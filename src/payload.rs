@@ -179,6 +179,39 @@ pub fn bounded_text(payload: &[u8]) -> Result<&str, CommandError> {
     Ok(text)
 }
 
+/// Text a peer sent (a broker's reason string, a key in a live configuration, a payload) made
+/// safe for a log line or systemd's status line: control characters (newlines, escapes) are
+/// written as escapes (`\n`, `\u{1b}`), so they can neither forge a journal line, drive a
+/// terminal, nor add an assignment such as `WATCHDOG=trigger` to an sd_notify message; and at
+/// most `max_chars` characters are kept, then `...`.
+pub fn printable(text: &str, max_chars: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max_chars * 2));
+    for (i, c) in text.chars().enumerate() {
+        if i == max_chars {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod printable_tests {
+    use super::printable;
+
+    #[test]
+    fn control_characters_become_escapes_and_long_text_is_cut() {
+        assert_eq!(printable("a\nb\r\u{1b}[31m\u{202e}c", 100), "a\\nb\\r\\u{1b}[31m\\u{202e}c");
+        assert_eq!(printable("é ü 😀", 100), "é ü 😀");
+        assert_eq!(printable("abcdef", 3), "abc...");
+    }
+}
+
 /// Decodes a reported state (`<id>/state`), with the rules of [`parse_command`].
 ///
 /// # Errors

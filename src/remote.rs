@@ -45,7 +45,8 @@ impl std::fmt::Display for Refusal {
 }
 
 fn refuse(key: impl Into<String>, reason: impl Into<String>) -> Refusal {
-    Refusal { key: key.into(), reason: reason.into() }
+    // The key and serde's reason quote what the peer sent: logged, reported, made printable.
+    Refusal { key: payload::printable(&key.into(), 100), reason: payload::printable(&reason.into(), 300) }
 }
 
 /// The settable values set remotely so far, as dotted keys.

@@ -86,7 +86,8 @@ impl Notifier {
 }
 
 fn send_status(line: String) {
-    send(&[NotifyState::Status(&line)]);
+    // One line, whatever went into it: a newline would start another assignment.
+    send(&[NotifyState::Status(&crate::payload::printable(&line, 400))]);
 }
 
 fn send(states: &[NotifyState<'_>]) {

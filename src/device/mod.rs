@@ -622,7 +622,7 @@ impl Device {
                 if let Err(e) = kept.save(Path::new(&self.cfg.queue.dir)) {
                     warn!(error = %e, "cannot keep the live configuration: it holds until the next start");
                 }
-                info!(changed = %String::from_utf8_lossy(payload), "live configuration applied");
+                info!(changed = %crate::payload::printable(&String::from_utf8_lossy(payload), 400), "live configuration applied");
                 if cfg.sensor.interval_ms != self.cfg.sensor.interval_ms {
                     self.sampler.set_interval(Duration::from_millis(cfg.sensor.interval_ms));
                 }

@@ -77,7 +77,11 @@ impl LinkError {
                     C::MqttState(V5State::ConnectionAborted) => "connection closed by the broker".into(),
                     C::MqttState(V5State::AwaitPingResp) => "broker stopped answering pings".into(),
                     C::MqttState(V5State::ServerDisconnect { reason_code, reason_string }) => match reason_string {
-                        Some(s) => format!("the broker ended the connection: {reason_code:?} ({s})"),
+                        // The broker's own words: they go to the journal and systemd's status.
+                        Some(s) => format!(
+                            "the broker ended the connection: {reason_code:?} ({})",
+                            crate::payload::printable(s, 200)
+                        ),
                         None => format!("the broker ended the connection: {reason_code:?}"),
                     },
                     other => other.to_string(),
@@ -141,6 +145,18 @@ fn not_authorized() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_broker_s_reason_string_cannot_add_a_line_to_the_journal_or_an_assignment_to_the_status() {
+        use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode;
+        let e = LinkError::from(rumqttc::v5::ConnectionError::MqttState(V5State::ServerDisconnect {
+            reason_code: DisconnectReasonCode::ServerShuttingDown,
+            reason_string: Some("maintenance\nWATCHDOG=trigger\u{1b}[2J".into()),
+        }));
+        let d = e.describe("h");
+        assert!(!d.contains('\n') && !d.contains('\u{1b}'), "{d:?}");
+        assert!(d.contains("maintenance\\nWATCHDOG=trigger\\u{1b}[2J"), "{d}");
+    }
 
     #[test]
     fn a_tls_alert_inside_the_mqtt_codec_is_explained_like_one_at_the_handshake() {
