@@ -416,8 +416,9 @@ impl Config {
         if m.client_id.len() > 256 || m.client_id.contains(['+', '#']) {
             return Err(bad("mqtt.client_id", "at most 256 characters, no '+' or '#'".into()));
         }
-        if m.keep_alive_s == 0 || m.keep_alive_s > 65_535 {
-            return Err(bad("mqtt.keep_alive_s", format!("{} is not in 1-65535", m.keep_alive_s)));
+        // rumqttc's MQTT 5 client asserts at least 5 s, and a value must work under both protocols.
+        if m.keep_alive_s < 5 || m.keep_alive_s > 65_535 {
+            return Err(bad("mqtt.keep_alive_s", format!("{} is not in 5-65535", m.keep_alive_s)));
         }
         if m.qos > 1 {
             return Err(bad("mqtt.qos", format!("{} is not 0 or 1", m.qos)));

@@ -44,6 +44,8 @@ fn config_errors_exit_2_and_name_the_key_and_file() {
         ("[mqtt]\nport = \"http\"\n", "mqtt.port"),
         ("[mqtt]\nhostname = \"x\"\n", "hostname"),
         ("[sensor]\ninterval_ms = 0\n", "sensor.interval_ms"),
+        // rumqttc's MQTT 5 client asserts a keep-alive of at least 5 s (an abort at every start).
+        ("[mqtt]\nkeep_alive_s = 4\n", "mqtt.keep_alive_s"),
         ("id = \"a/b\"\n", "`id`"),
         ("[queue]\nmax_bytes = 10\n", "queue.max_bytes"),
         ("[mqtt\nport = 1\n", "line 1"),
