@@ -69,6 +69,10 @@ pub struct MqttConfig {
 /// The MQTT protocol version (`mqtt.protocol`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Protocol {
+    /// The default: MQTT 5, and MQTT 3.1.1 with a broker that closes the connection at an MQTT 5
+    /// CONNECT or refuses its protocol version ([`crate::link::client`]).
+    #[serde(rename = "auto")]
+    Auto,
     #[serde(rename = "5")]
     V5,
     #[serde(rename = "3.1.1")]
@@ -220,7 +224,7 @@ impl Default for MqttConfig {
             host: "localhost".into(),
             port: 1883,
             client_id: String::new(),
-            protocol: Protocol::V5,
+            protocol: Protocol::Auto,
             keep_alive_s: 30,
             clean_session: false,
             qos: 1,

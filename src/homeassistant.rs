@@ -243,6 +243,13 @@ pub struct Health {
     /// Who switches the LED: `remote` (a controller's commands) or `local` (the local rule).
     #[serde(default = "remote")]
     pub mode: String,
+    /// The MQTT protocol of the connection: `5` or `3.1.1`.
+    #[serde(default = "five")]
+    pub protocol: String,
+}
+
+fn five() -> String {
+    "5".into()
 }
 
 fn remote() -> String {

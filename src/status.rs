@@ -94,6 +94,7 @@ pub fn render(snap: &Snapshot, broker: &str) -> String {
         out += &line("sensor errors", h.sensor_errors.to_string());
         out += &line("rejected cmds", h.rejected_commands.to_string());
         out += &line("reconnects", h.reconnects.to_string());
+        out += &line("protocol", format!("MQTT {}", h.protocol));
         out += &line("denied", format!("{} readings refused by the broker (its ACL?)", h.denied));
         out += &line("mode", h.mode.clone());
         out += &line("last error", h.last_error.clone().unwrap_or_else(|| "none".into()));
@@ -136,6 +137,7 @@ mod tests {
                 denied: 0,
                 last_error: None,
                 mode: "local".into(),
+                protocol: "5".into(),
             }),
         };
         let text = render(&snap, "localhost:1883");

@@ -125,3 +125,82 @@ fn a_reading_the_acl_refuses_is_counted_as_denied_kept_and_delivered_once_the_ac
     assert!(d.stderr().contains("the broker takes readings again"), "{}", d.stderr());
     assert_eq!(d.stderr().matches("disconnected").count(), 0, "a refusal is not a connection problem");
 }
+
+/// A plain device (no login) with `mqtt.protocol` set to `protocol` through the environment,
+/// which wins over the file and over the 3.1.1 pass of the test command.
+fn device_speaking(port: u16, protocol: &str) -> (DeviceDir, Daemon) {
+    let dev = DeviceDir::new(port, 200, "[homeassistant]\nenabled = false\n");
+    let d = Daemon::spawn(
+        &["run", "--config", dev.config().to_str().unwrap()],
+        &[("NIGHTLIGHT__MQTT__PROTOCOL", protocol)],
+    );
+    (dev, d)
+}
+
+#[test]
+fn by_default_a_device_meets_a_3_1_1_only_broker_says_so_once_and_everything_works() {
+    let broker = Mosquitto::start("");
+    let gate = V311Only::new(broker.port);
+    let obs = Observer::new(broker.port, "#");
+    let (dev, mut d) = device_speaking(gate.port, "auto");
+    d.wait_stderr("the broker speaks only MQTT 3.1.1: connected with it", 20 * S);
+    assert!(gate.seen().0 >= 2, "MQTT 5 was tried first");
+    // Telemetry, a command, the retained state, health saying which protocol.
+    obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= 2);
+    obs.wait_on(&dev.topic("state"), 10 * S, |m| !m.is_empty());
+    obs.publish(&dev.topic("commands"), r#"{"led_on": true}"#, false);
+    assert!(d.wait_stdout_lines(1, 10 * S)[0].starts_with("led on"));
+    obs.wait_on(&dev.topic("state"), 10 * S, |m| m.last().is_some_and(|s| s.json()["led_on"] == true));
+    let health = obs.wait_on(&dev.topic("health"), 10 * S, |m| !m.is_empty());
+    assert_eq!(health.last().unwrap().json()["protocol"], "3.1.1");
+    // The Last Will, registered under 3.1.1.
+    d.kill9();
+    obs.wait_on(&dev.topic("status"), 20 * S, |m| m.last().is_some_and(|s| s.text() == "offline"));
+    assert_eq!(d.stderr().matches("speaks only MQTT 3.1.1").count(), 1, "said once:\n{}", d.stderr());
+}
+
+#[test]
+fn by_default_a_device_meets_an_mqtt_5_broker_with_mqtt_5() {
+    let broker = Mosquitto::start("");
+    let obs = Observer::new(broker.port, "#");
+    let (dev, d) = device_speaking(broker.port, "auto");
+    let health = obs.wait_on(&dev.topic("health"), 10 * S, |m| !m.is_empty());
+    assert_eq!(health.last().unwrap().json()["protocol"], "5");
+    d.wait_stderr("the broker speaks MQTT 5", 10 * S);
+    assert!(!d.stderr().contains("3.1.1"), "{}", d.stderr());
+}
+
+#[test]
+fn an_explicit_mqtt_5_means_mqtt_5_and_the_refusal_names_mqtt_protocol() {
+    let broker = Mosquitto::start("");
+    let gate = V311Only::new(broker.port);
+    let obs = Observer::new(broker.port, "#");
+    let (dev, d) = device_speaking(gate.port, "5");
+    d.wait_stderr("remove mqtt.protocol", 10 * S);
+    // It keeps trying MQTT 5 (and only MQTT 5): more closes, never a connection.
+    let closed = gate.seen().0;
+    while gate.seen().0 < closed + 3 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(gate.seen().1, 0, "an explicit MQTT 5 never tries 3.1.1");
+    assert!(obs.on(&dev.topic("telemetry")).is_empty() && obs.on(&dev.topic("status")).is_empty());
+    assert!(!d.stderr().contains("connected with it"), "{}", d.stderr());
+}
+
+#[test]
+fn a_wrong_password_never_makes_the_device_fall_back_to_3_1_1() {
+    let acl = readme_acl("");
+    let (broker, _dir) = password_broker(Some(acl.path().to_str().unwrap()));
+    let gate = V311Only::counting(broker.port);
+    let dev = porch(gate.port, "auto");
+    let pw = dev.dir.path().join("porch.pw");
+    std::fs::write(&pw, "wrong\n").unwrap();
+    let d = dev.spawn();
+    d.wait_stderr("username or password", 10 * S);
+    // Five refused logins later, every CONNECT was still MQTT 5.
+    while gate.seen().0 < 5 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(gate.seen().1, 0, "fell back on a refused login:\n{}", d.stderr());
+    assert!(!d.stderr().contains("3.1.1"), "{}", d.stderr());
+}

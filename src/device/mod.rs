@@ -447,6 +447,7 @@ impl Device {
             denied: self.denial.count(),
             last_error: c.last_error.lock().expect("lock").clone(),
             mode: self.local.mode().as_str().into(),
+            protocol: if self.client.protocol() == crate::config::Protocol::V311 { "3.1.1" } else { "5" }.into(),
         };
         // Serializing a struct of numbers and an optional string cannot fail.
         let payload = serde_json::to_vec(&h).expect("health serializes");
@@ -468,6 +469,15 @@ impl Device {
                  cannot be trusted; connecting again as soon as it is"
             );
             self.clock_wait.set(Some(tokio::time::Instant::now() + CLOCK_CHECK));
+        }
+        if self.connected.is_none()
+            && self.cfg.mqtt.protocol == crate::config::Protocol::V5
+            && e.v5_refused_at_connect() == 1
+        {
+            reason = format!(
+                "{reason} at our MQTT 5 CONNECT: if the broker speaks only MQTT 3.1.1, remove mqtt.protocol (the \
+                 default tries MQTT 5, then 3.1.1) or set it to \"3.1.1\""
+            );
         }
         match self.connected.take() {
             Some(since) => {

@@ -3,6 +3,7 @@
 //! whichever protocol rumqttc speaks underneath, and rumqttc's events translated into
 //! [`Event`].
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -107,23 +108,75 @@ impl Event {
     }
 }
 
-/// The client handle: cheap to clone, never blocks.
+/// The client handle: cheap to clone, never blocks. Its clones share one rumqttc handle, which
+/// the event loop replaces when `mqtt.protocol = "auto"` falls back to 3.1.1.
 #[derive(Clone)]
-pub enum Client {
+pub struct Client {
+    slot: Arc<RwLock<Handle>>,
+}
+
+#[derive(Clone)]
+enum Handle {
     V4(rumqttc::AsyncClient),
     V5(rumqttc::v5::AsyncClient),
 }
 
 /// rumqttc's event loop of either protocol.
-pub enum EventLoop {
+pub struct EventLoop {
+    kind: Kind,
+    /// `mqtt.protocol = "auto"`: how to build the other protocol's loop, and what was seen.
+    auto: Option<Box<Auto>>,
+}
+
+enum Kind {
     V4(Box<rumqttc::EventLoop>),
     V5(Box<rumqttc::v5::EventLoop>),
 }
 
+/// The default protocol choice. Rules:
+/// - Connect with MQTT 5. A broker that speaks only 3.1.1 closes the connection at an MQTT 5
+///   CONNECT (or answers it with "unsupported protocol version"): after two such closes in a
+///   row, with no CONNACK between, the next connection is made with 3.1.1. A failure of
+///   anything else (refused login, TLS, no route, a CONNACK then a drop) never counts, and an
+///   unsupported-version CONNACK counts as both.
+/// - A 3.1.1 connection that fails before its CONNACK goes back to MQTT 5 for the next one, so a
+///   network cut during the handshake cannot leave the device on 3.1.1 with an MQTT 5 broker.
+/// - Once a CONNACK arrived with a protocol, that protocol is kept for the process's life, and
+///   which one it was is logged once.
+struct Auto {
+    mqtt: MqttConfig,
+    security: Security,
+    spec: Spec,
+    client: Arc<RwLock<Handle>>,
+    /// MQTT 5 CONNECTs closed without a CONNACK, in a row.
+    closed_at_v5: u8,
+    /// A CONNACK arrived on the current connection.
+    connected: bool,
+    /// The protocol a CONNACK confirmed; kept from then on.
+    settled: Option<Protocol>,
+}
+
 /// Builds the client and its event loop for `spec` from `[mqtt]` and the loaded security.
 pub fn build(mqtt: &MqttConfig, security: &Security, spec: &Spec) -> (Client, EventLoop) {
+    let (handle, kind) = build_kind(mqtt.protocol, mqtt, security, spec);
+    let slot = Arc::new(RwLock::new(handle));
+    let auto = (mqtt.protocol == Protocol::Auto).then(|| {
+        Box::new(Auto {
+            mqtt: mqtt.clone(),
+            security: security.clone(),
+            spec: spec.clone(),
+            client: slot.clone(),
+            closed_at_v5: 0,
+            connected: false,
+            settled: None,
+        })
+    });
+    (Client { slot }, EventLoop { kind, auto })
+}
+
+fn build_kind(protocol: Protocol, mqtt: &MqttConfig, security: &Security, spec: &Spec) -> (Handle, Kind) {
     let transport = security.tls.clone().map(|tls| Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-    match mqtt.protocol {
+    match protocol {
         Protocol::V311 => {
             let mut o = rumqttc::MqttOptions::new(&spec.client_id, &mqtt.host, mqtt.port);
             o.set_keep_alive(spec.keep_alive)
@@ -141,9 +194,9 @@ pub fn build(mqtt: &MqttConfig, security: &Security, spec: &Spec) -> (Client, Ev
             }
             let (client, mut el) = rumqttc::AsyncClient::new(o, spec.channel);
             el.set_network_options(network_options());
-            (Client::V4(client), EventLoop::V4(Box::new(el)))
+            (Handle::V4(client), Kind::V4(Box::new(el)))
         }
-        Protocol::V5 => {
+        Protocol::V5 | Protocol::Auto => {
             let mut o = rumqttc::v5::MqttOptions::new(&spec.client_id, &mqtt.host, mqtt.port);
             o.set_keep_alive(spec.keep_alive)
                 .set_clean_start(spec.clean)
@@ -164,7 +217,7 @@ pub fn build(mqtt: &MqttConfig, security: &Security, spec: &Spec) -> (Client, Ev
                 o.set_transport(t);
             }
             let (client, el) = rumqttc::v5::AsyncClient::new(o, spec.channel);
-            (Client::V5(client), EventLoop::V5(Box::new(el)))
+            (Handle::V5(client), Kind::V5(Box::new(el)))
         }
     }
 }
@@ -204,12 +257,12 @@ impl Client {
         payload: Vec<u8>,
         expiry_s: Option<u32>,
     ) -> Result<(), RequestError> {
-        match self {
-            Client::V4(c) => {
+        match &*self.handle() {
+            Handle::V4(c) => {
                 let qos = if qos == Qos::AtMostOnce { QoS4::AtMostOnce } else { QoS4::AtLeastOnce };
                 c.try_publish(topic, qos, retain, payload).map_err(request_error)
             }
-            Client::V5(c) => {
+            Handle::V5(c) => {
                 let qos = if qos == Qos::AtMostOnce { QoS5::AtMostOnce } else { QoS5::AtLeastOnce };
                 match expiry_s {
                     None => c.try_publish(topic, qos, retain, payload),
@@ -228,11 +281,11 @@ impl Client {
     /// # Errors
     /// The channel is full or the event loop is gone.
     pub fn subscribe(&self, filters: &[String]) -> Result<(), RequestError> {
-        match self {
-            Client::V4(c) => c
+        match &*self.handle() {
+            Handle::V4(c) => c
                 .try_subscribe_many(filters.iter().map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS4::AtLeastOnce)))
                 .map_err(request_error),
-            Client::V5(c) => c
+            Handle::V5(c) => c
                 .try_subscribe_many(filters.iter().map(|f| p5::Filter::new(f.clone(), QoS5::AtLeastOnce)))
                 .map_err(request_error),
         }
@@ -240,10 +293,23 @@ impl Client {
 
     /// Asks the event loop to send DISCONNECT after what it was handed before.
     pub fn disconnect(&self) {
-        let _ = match self {
-            Client::V4(c) => c.try_disconnect().map_err(request_error),
-            Client::V5(c) => c.try_disconnect().map_err(request_error),
+        let _ = match &*self.handle() {
+            Handle::V4(c) => c.try_disconnect().map_err(request_error),
+            Handle::V5(c) => c.try_disconnect().map_err(request_error),
         };
+    }
+
+    /// The protocol the client speaks now (with `auto`, 3.1.1 once it fell back).
+    pub fn protocol(&self) -> Protocol {
+        match &*self.handle() {
+            Handle::V4(_) => Protocol::V311,
+            Handle::V5(_) => Protocol::V5,
+        }
+    }
+
+    fn handle(&self) -> std::sync::RwLockReadGuard<'_, Handle> {
+        // A panic aborts the process (release profile): a poisoned lock cannot be observed.
+        self.slot.read().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -254,31 +320,43 @@ impl EventLoop {
     /// # Errors
     /// The connection failed or ended.
     pub async fn poll(&mut self) -> Result<Event, LinkError> {
-        match self {
-            EventLoop::V4(el) => Ok(translate_v4(el.poll().await?)),
-            EventLoop::V5(el) => Ok(translate_v5(el.poll().await?)),
+        let r = match &mut self.kind {
+            Kind::V4(el) => el.poll().await.map(translate_v4).map_err(LinkError::from),
+            Kind::V5(el) => el.poll().await.map(translate_v5).map_err(LinkError::from),
+        };
+        if let Some(auto) = self.auto.as_mut() {
+            let now = match &self.kind {
+                Kind::V4(_) => Protocol::V311,
+                Kind::V5(_) => Protocol::V5,
+            };
+            if let Some(next) = auto.observe(now, &r) {
+                let (handle, kind) = build_kind(next, &auto.mqtt, &auto.security, &auto.spec);
+                *auto.client.write().unwrap_or_else(|p| p.into_inner()) = handle;
+                self.kind = kind;
+            }
         }
+        r
     }
 
     /// Whether rumqttc holds events already read (polling again returns at once).
     pub fn has_buffered_events(&self) -> bool {
-        match self {
-            EventLoop::V4(el) => !el.state.events.is_empty(),
-            EventLoop::V5(el) => !el.state.events.is_empty(),
+        match &self.kind {
+            Kind::V4(el) => !el.state.events.is_empty(),
+            Kind::V5(el) => !el.state.events.is_empty(),
         }
     }
 
     /// Forgets everything rumqttc would replay or still send.
     pub fn forget_unsent(&mut self) {
-        match self {
-            EventLoop::V4(el) => {
+        match &mut self.kind {
+            Kind::V4(el) => {
                 el.clean();
                 el.pending.clear();
                 // `MqttState::clean` leaves a publish parked by an out-of-order PUBACK; while it
                 // is set the event loop takes no new requests, so a new connection sends nothing.
                 el.state.collision = None;
             }
-            EventLoop::V5(el) => {
+            Kind::V5(el) => {
                 el.clean();
                 el.pending.clear();
                 el.state.collision = None;
@@ -288,11 +366,11 @@ impl EventLoop {
 
     /// How the next connection starts: with the session the broker holds, or a new one.
     pub fn set_clean(&mut self, clean: bool) {
-        match self {
-            EventLoop::V4(el) => {
+        match &mut self.kind {
+            Kind::V4(el) => {
                 el.mqtt_options.set_clean_session(clean);
             }
-            EventLoop::V5(el) => {
+            Kind::V5(el) => {
                 el.options.set_clean_start(clean);
                 el.options.set_session_expiry_interval((!clean).then_some(SESSION_EXPIRY_S));
             }
@@ -301,11 +379,11 @@ impl EventLoop {
 
     /// The largest message the next connection reads (MQTT 5: and tells the broker).
     pub fn set_max_incoming(&mut self, bytes: usize) {
-        match self {
-            EventLoop::V4(el) => {
+        match &mut self.kind {
+            Kind::V4(el) => {
                 el.mqtt_options.set_max_packet_size(bytes, MAX_OUTGOING_BYTES);
             }
-            EventLoop::V5(el) => {
+            Kind::V5(el) => {
                 el.options.set_max_packet_size(Some(bytes.min(u32::MAX as usize) as u32));
             }
         }
@@ -313,9 +391,77 @@ impl EventLoop {
 
     /// The protocol this loop speaks.
     pub fn protocol(&self) -> Protocol {
-        match self {
-            EventLoop::V4(_) => Protocol::V311,
-            EventLoop::V5(_) => Protocol::V5,
+        match &self.kind {
+            Kind::V4(_) => Protocol::V311,
+            Kind::V5(_) => Protocol::V5,
+        }
+    }
+
+    /// rumqttc's 3.1.1 event loop, for tests that reach into its state.
+    #[cfg(test)]
+    pub(crate) fn v4_mut(&mut self) -> Option<&mut rumqttc::EventLoop> {
+        match &mut self.kind {
+            Kind::V4(el) => Some(el),
+            Kind::V5(_) => None,
+        }
+    }
+
+    /// rumqttc's MQTT 5 event loop, for tests that reach into its state.
+    #[cfg(test)]
+    pub(crate) fn v5_mut(&mut self) -> Option<&mut rumqttc::v5::EventLoop> {
+        match &mut self.kind {
+            Kind::V5(el) => Some(el),
+            Kind::V4(_) => None,
+        }
+    }
+}
+
+impl Auto {
+    /// Takes one poll's outcome on a `now` connection; returns the protocol to build the next
+    /// connection with, when it changes. See [`Auto`]'s rules.
+    fn observe(&mut self, now: Protocol, r: &Result<Event, LinkError>) -> Option<Protocol> {
+        match r {
+            Ok(Event::Connected { .. }) => {
+                self.connected = true;
+                self.closed_at_v5 = 0;
+                if self.settled.is_none() {
+                    self.settled = Some(now);
+                    if now == Protocol::V311 {
+                        tracing::warn!(
+                            broker = %format!("{}:{}", self.mqtt.host, self.mqtt.port),
+                            "the broker speaks only MQTT 3.1.1: connected with it. Under 3.1.1 a refused reading cannot be told \
+                             from a delivered one (no reason codes), the broker cannot be told the largest message we read, \
+                             and commands carry no expiry; set mqtt.protocol = \"3.1.1\" to say so and skip the MQTT 5 attempt"
+                        );
+                    } else {
+                        tracing::info!(broker = %format!("{}:{}", self.mqtt.host, self.mqtt.port), "the broker speaks MQTT 5");
+                    }
+                }
+                None
+            }
+            Ok(_) => None,
+            Err(e) => {
+                let before_connack = !std::mem::replace(&mut self.connected, false);
+                if !before_connack || self.settled.is_some() {
+                    return None;
+                }
+                match now {
+                    Protocol::V5 => {
+                        match e.v5_refused_at_connect() {
+                            0 => self.closed_at_v5 = 0, // another failure: not in a row
+                            n => self.closed_at_v5 = self.closed_at_v5.saturating_add(n),
+                        }
+                        (self.closed_at_v5 >= 2).then(|| {
+                            tracing::info!(
+                                "the broker closed two MQTT 5 CONNECTs without an answer: trying MQTT 3.1.1"
+                            );
+                            self.closed_at_v5 = 0;
+                            Protocol::V311
+                        })
+                    }
+                    _ => Some(Protocol::V5),
+                }
+            }
         }
     }
 }

@@ -70,7 +70,7 @@ impl LinkError {
                     C::ConnectionRefused(V5Code::BadUserNamePassword) => bad_login(),
                     C::ConnectionRefused(V5Code::NotAuthorized) => not_authorized(),
                     C::ConnectionRefused(V5Code::UnsupportedProtocolVersion | V5Code::RefusedProtocolVersion) => {
-                        "the broker does not speak MQTT 5: set mqtt.protocol = \"3.1.1\"".into()
+                        "the broker does not speak MQTT 5: remove mqtt.protocol (the default tries MQTT 5, then 3.1.1) or set it to \"3.1.1\"".into()
                     }
                     C::ConnectionRefused(code) => refused(&format!("{code:?}")),
                     C::Timeout(_) => "timed out connecting".into(),
@@ -94,6 +94,33 @@ impl LinkError {
     /// the clock is not synchronized.
     pub fn certificate_dates(&self) -> bool {
         crate::tls::is_date_error(self) || self.io().is_some_and(|io| crate::tls::is_date_error(io))
+    }
+
+    /// How strongly this failure of an MQTT 5 connection, before any CONNACK, says the broker
+    /// does not speak MQTT 5: 2 for a CONNACK refusing the protocol version, 1 for a connection
+    /// closed by the broker after our CONNECT (what 3.1.1-only brokers do), 0 for anything else
+    /// (a refused login, TLS, no route, a timeout).
+    pub fn v5_refused_at_connect(&self) -> u8 {
+        use rumqttc::v5::ConnectionError as C;
+        let LinkError::V5(e) = self else { return 0 };
+        match &**e {
+            C::ConnectionRefused(V5Code::UnsupportedProtocolVersion | V5Code::RefusedProtocolVersion) => 2,
+            C::MqttState(V5State::ConnectionAborted) => 1,
+            _ => match self.io() {
+                Some(io)
+                    if crate::tls::explain(io, "").is_none()
+                        && matches!(
+                            io.kind(),
+                            std::io::ErrorKind::UnexpectedEof
+                                | std::io::ErrorKind::ConnectionReset
+                                | std::io::ErrorKind::ConnectionAborted
+                        ) =>
+                {
+                    1
+                }
+                _ => 0,
+            },
+        }
     }
 
     /// The I/O error underneath, wherever rumqttc put it.
@@ -145,6 +172,25 @@ fn not_authorized() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_close_at_connect_or_a_refused_version_says_the_broker_lacks_mqtt_5() {
+        use rumqttc::v5::ConnectionError as C;
+        let v5 = |e: C| LinkError::from(e).v5_refused_at_connect();
+        assert_eq!(v5(C::ConnectionRefused(V5Code::UnsupportedProtocolVersion)), 2);
+        assert_eq!(v5(C::MqttState(V5State::ConnectionAborted)), 1);
+        assert_eq!(v5(C::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset))), 1);
+        assert_eq!(v5(C::ConnectionRefused(V5Code::BadUserNamePassword)), 0, "a login");
+        assert_eq!(v5(C::ConnectionRefused(V5Code::NotAuthorized)), 0, "a login or an ACL");
+        assert_eq!(v5(C::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))), 0, "nothing listens");
+        let tls = std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        assert_eq!(v5(C::Io(tls)), 0, "TLS");
+        let v4 = LinkError::from(rumqttc::ConnectionError::MqttState(V4State::ConnectionAborted));
+        assert_eq!(v4.v5_refused_at_connect(), 0, "a 3.1.1 connection says nothing about MQTT 5");
+    }
 
     #[test]
     fn a_broker_s_reason_string_cannot_add_a_line_to_the_journal_or_an_assignment_to_the_status() {

@@ -610,3 +610,96 @@ pub fn readme_acl(extra: &str) -> tempfile::NamedTempFile {
     std::fs::write(f.path(), format!("{}\n{extra}\n", std::fs::read_to_string(acl).unwrap())).unwrap();
     f
 }
+
+/// A gate on its own port in front of a real Mosquitto that reads each CONNECT's protocol level
+/// and counts it (`v5`: level 5, `v311`: level 4). [`V311Only::new`] makes a broker that speaks
+/// only MQTT 3.1.1, as old and small brokers do: it closes every MQTT 5 CONNECT (what such brokers
+/// do) and relays the rest untouched; [`V311Only::counting`] relays everything.
+pub struct V311Only {
+    pub port: u16,
+    pub v5: Arc<std::sync::atomic::AtomicUsize>,
+    pub v311: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl V311Only {
+    pub fn new(upstream: u16) -> Self {
+        Self::start(upstream, true)
+    }
+
+    pub fn counting(upstream: u16) -> Self {
+        Self::start(upstream, false)
+    }
+
+    fn start(upstream: u16, refuse_v5: bool) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (v5, v311): (Arc<std::sync::atomic::AtomicUsize>, Arc<std::sync::atomic::AtomicUsize>) = Default::default();
+        let counters = (Arc::clone(&v5), Arc::clone(&v311));
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let counters = (counters.0.clone(), counters.1.clone());
+                std::thread::spawn(move || gate(conn, upstream, refuse_v5, &counters.0, &counters.1));
+            }
+        });
+        V311Only { port, v5, v311 }
+    }
+
+    pub fn seen(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering::SeqCst;
+        (self.v5.load(SeqCst), self.v311.load(SeqCst))
+    }
+}
+
+/// Reads a CONNECT up to its protocol level byte and counts it; closes level 5 when told to,
+/// relays everything else.
+fn gate(
+    mut client: std::net::TcpStream,
+    upstream: u16,
+    refuse_v5: bool,
+    v5: &std::sync::atomic::AtomicUsize,
+    v311: &std::sync::atomic::AtomicUsize,
+) {
+    use std::io::{Read, Write};
+    let mut head = Vec::new();
+    let mut byte = |head: &mut Vec<u8>| -> Option<u8> {
+        let mut b = [0u8];
+        client.read_exact(&mut b).ok()?;
+        head.push(b[0]);
+        Some(b[0])
+    };
+    let Some(_fixed) = byte(&mut head) else { return };
+    for _ in 0..4 {
+        match byte(&mut head) {
+            Some(b) if b & 0x80 != 0 => continue,
+            Some(_) => break,
+            None => return,
+        }
+    }
+    let (Some(hi), Some(lo)) = (byte(&mut head), byte(&mut head)) else { return };
+    for _ in 0..u16::from_be_bytes([hi, lo]) {
+        if byte(&mut head).is_none() {
+            return;
+        }
+    }
+    let Some(level) = byte(&mut head) else { return };
+    match level {
+        5 => v5.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+        4 => v311.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+        _ => 0,
+    };
+    if level == 5 && refuse_v5 {
+        let _ = client.shutdown(std::net::Shutdown::Both);
+        return;
+    }
+    let Ok(mut up) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else { return };
+    if up.write_all(&head).is_err() {
+        return;
+    }
+    let (Ok(mut client_r), Ok(mut up_w)) = (client.try_clone(), up.try_clone()) else { return };
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut client_r, &mut up_w);
+        let _ = up_w.shutdown(std::net::Shutdown::Both);
+    });
+    let _ = std::io::copy(&mut up, &mut client);
+    let _ = client.shutdown(std::net::Shutdown::Both);
+}
