@@ -104,18 +104,20 @@ pub fn device_discovery(cfg: &Config) -> Discovery {
             }),
         );
     }
-    for (object, name, field, unit) in [
-        ("queue", "Queued readings", "queue_readings", None),
-        ("dropped", "Dropped readings", "dropped", None),
-        ("reconnects", "Reconnects", "reconnects", None),
-        ("denied", "Refused readings", "denied", None),
-        ("uptime", "Uptime", "uptime_s", Some("s")),
+    // Counters that only rise are `total_increasing` (HA's long-term statistics need it); the
+    // queue's depth and the uptime are measurements.
+    for (object, name, field, unit, class) in [
+        ("queue", "Queued readings", "queue_readings", None, "measurement"),
+        ("dropped", "Dropped readings", "dropped", None, "total_increasing"),
+        ("reconnects", "Reconnects", "reconnects", None, "total_increasing"),
+        ("denied", "Refused readings", "denied", None, "total_increasing"),
+        ("uptime", "Uptime", "uptime_s", Some("s"), "measurement"),
     ] {
         let mut extra = json!({
             "state_topic": t.health,
             "value_template": format!("{{{{ value_json.{field} }}}}"),
             "entity_category": "diagnostic",
-            "state_class": "measurement",
+            "state_class": class,
         });
         if let Some(u) = unit {
             merge(&mut extra, json!({"unit_of_measurement": u, "device_class": "duration"}));
@@ -304,6 +306,10 @@ mod tests {
         }
         assert!(cmps.values().all(|c| c.get("device_class") != Some(&json!("illuminance"))), "ratio, not lux");
         assert_eq!(cmps["interval"]["unit_of_measurement"], "s");
+        for counter in ["dropped", "reconnects", "denied"] {
+            assert_eq!(cmps[counter]["state_class"], "total_increasing", "{counter} only rises");
+        }
+        assert_eq!(cmps["queue"]["state_class"], "measurement", "the queue's depth goes up and down");
         assert_eq!(cmps["interval"]["command_topic"], "porch/config/set");
         let size = d.payload.to_string().len();
         assert!(size < crate::link::MAX_OUTGOING_BYTES / 4, "small enough for any broker: {size} bytes");

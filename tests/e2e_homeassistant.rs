@@ -111,6 +111,18 @@ fn an_installation_of_the_per_entity_release_migrates_and_keeps_nothing_behind()
     let texts: Vec<String> = seen.iter().map(|m| m.text()).collect();
     let migrate = texts.iter().position(|t| t.contains("migrate_discovery")).expect("the migrate_discovery step");
     assert!(migrate < texts.len() - 1 && texts.last().unwrap().is_empty(), "migrate, then cleared: {texts:?}");
+    // Every old topic is cleared before the device message: a clear after it shares a discovery
+    // id with one of its components, and Home Assistant logs a conflicting discovery message.
+    let device_topic = format!("homeassistant/device/{}/config", dev.id);
+    old.wait_on(&device_topic, 5 * S, |m| !m.is_empty());
+    let all = old.all();
+    let device_at = all.iter().position(|m| m.topic == device_topic && !m.text().is_empty()).unwrap();
+    let last_clear = all.iter().rposition(|m| m.topic != device_topic && m.text().is_empty()).unwrap();
+    assert!(
+        last_clear < device_at,
+        "a clear after the device message: {:?}",
+        all.iter().map(|m| &m.topic).collect::<Vec<_>>()
+    );
     let held = retained_discovery(&broker);
     assert_eq!(held.len(), 1, "only the device message remains: {held:?}");
     assert!(held[0].0.ends_with(&format!("/device/{}/config", dev.id)));

@@ -405,17 +405,20 @@ impl Device {
         let migrated = Path::new(&dir).join("ha-migrated");
         if self.cfg.homeassistant.enabled {
             let fresh = !migrated.exists();
+            // Migrate, clear, then the device message: an old per-entity topic cleared after the
+            // device message shares a discovery id with one of its components, and Home
+            // Assistant logs each such clear as a conflicting discovery message.
             if fresh {
                 for topic in homeassistant::legacy_topics(&self.cfg) {
                     self.publish_other(&topic, homeassistant::MIGRATE.as_bytes().to_vec(), true);
+                }
+                for topic in homeassistant::legacy_topics(&self.cfg) {
+                    self.publish_other(&topic, Vec::new(), true);
                 }
             }
             let d = homeassistant::device_discovery(&self.cfg);
             self.publish_other(&d.topic, d.payload.to_string().into_bytes(), true);
             if fresh {
-                for topic in homeassistant::legacy_topics(&self.cfg) {
-                    self.publish_other(&topic, Vec::new(), true);
-                }
                 if let Err(e) = crate::statefile::write_atomic(Path::new(&dir), "ha-migrated", b"1\n") {
                     warn!(error = %e, "cannot note the discovery migration; it runs again at the next connect");
                 }
