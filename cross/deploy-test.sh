@@ -32,6 +32,14 @@ fail() {
   exit 1
 }
 
+echo "==> a HOST that is an ssh option is refused, and runs nothing"
+canary=$(mktemp -u)
+set +e
+cross/deploy.sh "$target" "-oProxyCommand=touch $canary" >/dev/null 2>&1
+status=$?
+set -e
+[ "$status" -eq 2 ] && [ ! -e "$canary" ] || fail "a HOST starting with '-' was taken as an ssh option (exit $status)"
+
 echo "==> the .debs: as built, a newer version, and a newer one that cannot start"
 deb=$(cross/package.sh "$target" --features virtual | tail -1)
 work="$VM_WORK/deploy"

@@ -56,6 +56,8 @@ done
 [ $# -ge 2 ] || usage
 target=$1 host=$2
 shift 2
+# A HOST starting with '-' would be an ssh option (-oProxyCommand=... runs a local command).
+case $host in -*) die 2 "HOST '$host' starts with '-': not a host name" ;; esac
 [[ $wait_s =~ ^[0-9]+$ ]] || die 2 "--wait takes whole seconds, not '$wait_s'"
 [ -z "$deb" ] || [ -f "$deb" ] || die 2 "--deb $deb: no such file"
 [ -z "$config" ] || [ -f "$config" ] || die 2 "--config $config: no such file"
@@ -74,11 +76,15 @@ control=$(mktemp -d)
 ssh_opts+=(-o ControlMaster=auto -o "ControlPath=$control/%C" -o ControlPersist=120)
 [ -t 0 ] || ssh_opts+=(-o BatchMode=yes)
 cleanup() {
-  ssh "${ssh_opts[@]}" -O exit "$host" >/dev/null 2>&1 || true
+  if [ -n "$config" ]; then
+    # The uploaded configuration may hold credentials: never left behind, whatever happened.
+    ssh "${ssh_opts[@]}" -- "$host" "sudo -n rm -f /var/cache/nightlight/deploy/incoming.conf" >/dev/null 2>&1 || true
+  fi
+  ssh "${ssh_opts[@]}" -O exit -- "$host" >/dev/null 2>&1 || true
   rm -rf "$control"
 }
 trap cleanup EXIT
-on_pi() { ssh "${ssh_opts[@]}" "$host" "$@"; }
+on_pi() { ssh "${ssh_opts[@]}" -- "$host" "$@"; }
 
 # What runs on the Pi, as root: one phase per call, read from stdin by sh.
 REMOTE=$(cat <<'PI'
@@ -226,7 +232,7 @@ say "copying $(basename "$deb") to $host"
 on_pi "sudo -n sh -c 'mkdir -p /var/cache/nightlight/deploy && cat >/var/cache/nightlight/deploy/incoming.deb'" <"$deb"
 conf_arg=""
 if [ -n "$config" ]; then
-  on_pi "sudo -n sh -c 'cat >/var/cache/nightlight/deploy/incoming.conf'" <"$config"
+  on_pi "sudo -n sh -c 'umask 077 && cat >/var/cache/nightlight/deploy/incoming.conf'" <"$config"
   conf_arg=/var/cache/nightlight/deploy/incoming.conf
 fi
 
