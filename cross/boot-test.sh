@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # cross/boot-test.sh: proves "starts on boot" on an emulated arm64 Debian (qemu-system-aarch64,
-# software emulation). Builds (or reuses a cached tarball of) a bookworm rootfs with systemd and
+# software emulation): Debian 12 (bookworm) by default, Debian 13 with VM_SUITE=trixie (what
+# Raspberry Pi OS is based on today). Builds (or reuses a cached tarball of) a rootfs with systemd and
 # mosquitto, installs the real .deb (built with the `virtual` feature added, since the emulated
 # board has no Pi hardware), boots it, and reads the checker's verdict from the serial console.
 set -euo pipefail
@@ -13,7 +14,8 @@ echo "==> the .deb (arm64, with the virtual feature)"
 deb=$(cross/package.sh aarch64-unknown-linux-gnu --features virtual | tail -1)
 
 echo "==> installing it into a copy of the rootfs"
-work="$VM_WORK"
+work="$VM_WORK/boot-$VM_SUITE"
+mkdir -p "$work"
 root="$work/root"
 vm_root "$root" "$deb"
 $SUDO cp cross/boot-test/device.toml "$root/etc/nightlight/device.toml"
@@ -42,4 +44,4 @@ if [ "$failed" -ne 0 ]; then
   grep -a "NIGHTLIGHT-BOOT-DIAG" "$log" | tr -d '\r' >&2 || tail -60 "$log" | tr -d '\r' >&2
   exit 1
 fi
-echo "boot-test: all ${#checks[@]} checks passed on the emulated arm64 board"
+echo "boot-test: all ${#checks[@]} checks passed on the emulated arm64 board ($VM_SUITE)"

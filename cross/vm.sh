@@ -6,7 +6,8 @@
 # image and the broker on the host that a guest reaches through the emulator's user network.
 #
 #   vm_tools                 install qemu, mmdebstrap and friends when missing; binfmt for arm64
-#   vm_rootfs                build or reuse the cached bookworm rootfs tarball; sets $VM_BASE
+#   vm_rootfs                build or reuse the cached rootfs tarball of $VM_SUITE (bookworm, the
+#                            default, or trixie: Raspberry Pi OS's base today); sets $VM_BASE
 #   vm_kit                   build or reuse the emulated Pi's hardware (gpio-sim.ko built from
 #                            Debian's kernel source for the image's kernel, the i2c-sim CUSE
 #                            server); sets $VM_KIT, a folder holding both
@@ -28,8 +29,11 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 VM_WORK="$(scripts/target-dir.sh)/boot-test"
 VM_CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/nightlight/vm"
-# gpiod (gpioinfo, gpioset), libfuse3-3 and i2c-tools are for the hardware test's emulated Pi.
-VM_PACKAGES=systemd-sysv,udev,linux-image-arm64,mosquitto,mosquitto-clients,kmod,openssh-server,sudo,gpiod,libfuse3-3,i2c-tools
+VM_SUITE=${VM_SUITE:-bookworm}
+VM_PACKAGES=systemd-sysv,udev,linux-image-arm64,mosquitto,mosquitto-clients,kmod,openssh-server,sudo
+# gpiod (gpioinfo, gpioset), libfuse3-3 and i2c-tools are for the hardware test's emulated Pi,
+# which runs on bookworm.
+[ "$VM_SUITE" = bookworm ] && VM_PACKAGES+=,gpiod,libfuse3-3,i2c-tools
 
 vm_tools() {
   local need=()
@@ -56,16 +60,16 @@ vm_tools() {
 vm_rootfs() {
   mkdir -p "$VM_WORK" "$VM_CACHE"
   local key
-  key=$(cat cross/boot-test/virtio-modules.hook <(echo "$VM_PACKAGES") | sha256sum | cut -c1-12)
-  VM_BASE="$VM_CACHE/rootfs-$key.tar"
+  key=$(cat cross/boot-test/virtio-modules.hook <(echo "$VM_SUITE $VM_PACKAGES") | sha256sum | cut -c1-12)
+  VM_BASE="$VM_CACHE/rootfs-$VM_SUITE-$key.tar"
   if [ ! -s "$VM_BASE" ]; then
-    echo "==> building the arm64 rootfs (cached as $VM_BASE)"
+    echo "==> building the arm64 $VM_SUITE rootfs (cached as $VM_BASE)"
     $SUDO mmdebstrap --arch=arm64 --variant=apt --include="$VM_PACKAGES" \
       --setup-hook='mkdir -p "$1/etc/initramfs-tools/conf.d" "$1/etc/initramfs-tools/hooks"' \
       --setup-hook='echo MODULES=list > "$1/etc/initramfs-tools/conf.d/boot-test"' \
       --setup-hook="upload cross/boot-test/virtio-modules.hook /etc/initramfs-tools/hooks/virtio-modules" \
       --setup-hook='chmod 755 "$1/etc/initramfs-tools/hooks/virtio-modules"' \
-      bookworm "$VM_CACHE/rootfs-build.$$.tar"
+      "$VM_SUITE" "$VM_CACHE/rootfs-build.$$.tar"
     mv "$VM_CACHE/rootfs-build.$$.tar" "$VM_BASE"
   fi
 }

@@ -36,11 +36,13 @@ fi
 echo "==> the Pi builds: cross-compile, package, verify the unit, run arm64 under qemu"
 cross/check.sh
 
-echo "==> starts on boot: the .deb in an emulated arm64 Debian (qemu-system-aarch64)"
-cross/boot-test.sh
-
 echo "==> the hardware build runs: the default .deb on an emulated Pi (gpio-sim GPIO, CUSE I2C), three board layouts"
 cross/hardware-test.sh
+
+echo "==> starts on boot: the .deb in an emulated arm64 Debian (qemu-system-aarch64)"
+cross/boot-test.sh
+echo "==> starts on boot on Debian 13 (trixie: Raspberry Pi OS's base today, kernel 6.12, 64-bit time_t)"
+VM_SUITE=trixie cross/boot-test.sh
 
 echo "==> real power cuts: the .deb in the emulated arm64 Debian, killed with SIGKILL ten times"
 cross/power-cut-test.sh
