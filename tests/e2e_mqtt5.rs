@@ -126,6 +126,15 @@ fn a_reading_the_acl_refuses_is_counted_as_denied_kept_and_delivered_once_the_ac
     assert_eq!(d.stderr().matches("disconnected").count(), 0, "a refusal is not a connection problem");
 }
 
+/// Polls `done` every 50 ms until it holds; fails the test after `timeout`.
+fn wait_until(timeout: Duration, done: impl Fn() -> bool, what: &str) {
+    let end = std::time::Instant::now() + timeout;
+    while !done() {
+        assert!(std::time::Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A plain device (no login) with `mqtt.protocol` set to `protocol` through the environment,
 /// which wins over the file and over the 3.1.1 pass of the test command.
 fn device_speaking(port: u16, protocol: &str) -> (DeviceDir, Daemon) {
@@ -179,9 +188,7 @@ fn an_explicit_mqtt_5_means_mqtt_5_and_the_refusal_names_mqtt_protocol() {
     d.wait_stderr("remove mqtt.protocol", 10 * S);
     // It keeps trying MQTT 5 (and only MQTT 5): more closes, never a connection.
     let closed = gate.seen().0;
-    while gate.seen().0 < closed + 3 {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(10 * S, || gate.seen().0 >= closed + 3, "three more MQTT 5 attempts");
     assert_eq!(gate.seen().1, 0, "an explicit MQTT 5 never tries 3.1.1");
     assert!(obs.on(&dev.topic("telemetry")).is_empty() && obs.on(&dev.topic("status")).is_empty());
     assert!(!d.stderr().contains("connected with it"), "{}", d.stderr());
@@ -198,9 +205,7 @@ fn a_wrong_password_never_makes_the_device_fall_back_to_3_1_1() {
     let d = dev.spawn();
     d.wait_stderr("username or password", 10 * S);
     // Five refused logins later, every CONNECT was still MQTT 5.
-    while gate.seen().0 < 5 {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(10 * S, || gate.seen().0 >= 5, "five MQTT 5 attempts");
     assert_eq!(gate.seen().1, 0, "fell back on a refused login:\n{}", d.stderr());
     assert!(!d.stderr().contains("3.1.1"), "{}", d.stderr());
 }
