@@ -112,7 +112,6 @@ fn key(file: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
         .ok_or_else(|| err("mqtt.tls.key_file", file, "holds no PEM private key (PKCS#8, RSA or EC)".into()))
 }
 
-/// Says in words why a TLS handshake failed, if `e` carries a rustls error.
 /// rustls's clock: [`crate::clock::now`].
 #[derive(Debug)]
 struct DeviceClock;
@@ -124,50 +123,40 @@ impl rustls::time_provider::TimeProvider for DeviceClock {
     }
 }
 
-/// Whether `e` (or what it wraps) is a certificate refused for its dates: not valid yet, or
-/// expired. On a machine whose clock is not synchronized, that is the clock's fault as likely
-/// as the certificate's.
-pub fn is_date_error(e: &(dyn std::error::Error + 'static)) -> bool {
-    use rustls::{CertificateError as C, Error as E};
-    let dated = |r: &rustls::Error| {
-        matches!(
-            r,
-            E::InvalidCertificate(
-                C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. }
-            )
-        )
-    };
+/// The rustls error `e` carries, if any: `e` itself, something in its `source` chain, or the
+/// payload of an I/O error in that chain (where rumqttc puts TLS failures).
+pub fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(r) = err.downcast_ref::<rustls::Error>() {
-            return dated(r);
+            return Some(r);
         }
         if let Some(r) = err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
             if let Some(r) = r.downcast_ref::<rustls::Error>() {
-                return dated(r);
-            }
-        }
-        cur = err.source();
-    }
-    false
-}
-
-pub fn explain(e: &(dyn std::error::Error + 'static), host: &str) -> Option<String> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(r) = err.downcast_ref::<rustls::Error>() {
-            return Some(explain_rustls(r, host));
-        }
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if let Some(inner) = io.get_ref() {
-                if let Some(r) = inner.downcast_ref::<rustls::Error>() {
-                    return Some(explain_rustls(r, host));
-                }
+                return Some(r);
             }
         }
         cur = err.source();
     }
     None
+}
+
+/// Whether `e` (or what it wraps) is a certificate refused for its dates: not valid yet, or
+/// expired. On a machine whose clock is not synchronized, that is the clock's fault as likely
+/// as the certificate's.
+pub fn is_date_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    use rustls::{CertificateError as C, Error as E};
+    matches!(
+        rustls_error(e),
+        Some(E::InvalidCertificate(
+            C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. }
+        ))
+    )
+}
+
+/// Says in words why a TLS handshake failed, if `e` carries a rustls error.
+pub fn explain(e: &(dyn std::error::Error + 'static), host: &str) -> Option<String> {
+    rustls_error(e).map(|r| explain_rustls(r, host))
 }
 
 fn explain_rustls(e: &rustls::Error, host: &str) -> String {

@@ -112,23 +112,10 @@ fn is_denied(e: &gpiocdev::Error) -> bool {
     matches!(errno(e), Some(libc::EACCES | libc::EPERM))
 }
 
-/// Looks at every `/dev/gpiochip*` (sorted by number, gaps and all).
+/// Looks at every `/dev/gpiochip*` (gpiocdev lists them sorted by number, gaps and all).
 fn survey() -> Vec<(PathBuf, Seen)> {
-    let mut paths: Vec<PathBuf> = std::fs::read_dir("/dev")
-        .map(|dir| {
-            dir.filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .and_then(|n| n.strip_prefix("gpiochip"))
-                        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    paths.sort_by(|a, b| gpiocdev::chip::path_compare(a, b));
-    paths
+    gpiocdev::chip::chips()
+        .unwrap_or_default()
         .into_iter()
         .map(|path| {
             let seen = match gpiocdev::Chip::from_path(&path).and_then(|c| c.info()) {

@@ -150,9 +150,8 @@ struct Auto {
     client: Arc<RwLock<Handle>>,
     /// MQTT 5 CONNECTs closed without a CONNACK, in a row.
     closed_at_v5: u8,
-    /// A CONNACK arrived on the current connection.
-    connected: bool,
-    /// The protocol a CONNACK confirmed; kept from then on.
+    /// The protocol a CONNACK confirmed; kept from then on. Until it is set, every failure is
+    /// one before a CONNACK (a CONNACK sets it).
     settled: Option<Protocol>,
 }
 
@@ -167,7 +166,6 @@ pub fn build(mqtt: &MqttConfig, security: &Security, spec: &Spec) -> (Client, Ev
             spec: spec.clone(),
             client: slot.clone(),
             closed_at_v5: 0,
-            connected: false,
             settled: None,
         })
     });
@@ -324,11 +322,8 @@ impl EventLoop {
             Kind::V4(el) => el.poll().await.map(translate_v4).map_err(LinkError::from),
             Kind::V5(el) => el.poll().await.map(translate_v5).map_err(LinkError::from),
         };
+        let now = self.protocol();
         if let Some(auto) = self.auto.as_mut() {
-            let now = match &self.kind {
-                Kind::V4(_) => Protocol::V311,
-                Kind::V5(_) => Protocol::V5,
-            };
             if let Some(next) = auto.observe(now, &r) {
                 let (handle, kind) = build_kind(next, &auto.mqtt, &auto.security, &auto.spec);
                 *auto.client.write().unwrap_or_else(|p| p.into_inner()) = handle;
@@ -422,8 +417,6 @@ impl Auto {
     fn observe(&mut self, now: Protocol, r: &Result<Event, LinkError>) -> Option<Protocol> {
         match r {
             Ok(Event::Connected { .. }) => {
-                self.connected = true;
-                self.closed_at_v5 = 0;
                 if self.settled.is_none() {
                     self.settled = Some(now);
                     if now == Protocol::V311 {
@@ -440,11 +433,8 @@ impl Auto {
                 None
             }
             Ok(_) => None,
+            Err(_) if self.settled.is_some() => None,
             Err(e) => {
-                let before_connack = !std::mem::replace(&mut self.connected, false);
-                if !before_connack || self.settled.is_some() {
-                    return None;
-                }
                 match now {
                     Protocol::V5 => {
                         match e.v5_refused_at_connect() {

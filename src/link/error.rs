@@ -108,7 +108,7 @@ impl LinkError {
             C::MqttState(V5State::ConnectionAborted) => 1,
             _ => match self.io() {
                 Some(io)
-                    if crate::tls::explain(io, "").is_none()
+                    if crate::tls::rustls_error(io).is_none()
                         && matches!(
                             io.kind(),
                             std::io::ErrorKind::UnexpectedEof
