@@ -46,10 +46,13 @@ vm_qemu "$work" "$log" "user,id=n,restrict=on"
 timeout 1500 "${VM_QEMU[@]}" || true
 
 grep -a "HARDWARE-TEST" "$log" | tr -d '\r' || true
-passed=$(grep -ac "^HARDWARE-TEST: .* PASS" "$log" || true)
-failed=$(grep -ac "^HARDWARE-TEST: .* FAIL" "$log" || true)
-layouts=$(grep -a "^HARDWARE-TEST: pi.* \(PASS\|FAIL\)" "$log" | awk '{ print $2 }' | sort -u | wc -l)
-done_=$(grep -ac "^HARDWARE-TEST: DONE" "$log" || true)
+# The markers, wherever they sit on a console line (a login prompt can share one), one per line:
+# "HARDWARE-TEST: <layout> <check> PASS|FAIL", "HARDWARE-TEST: setup FAIL: ...", "HARDWARE-TEST: DONE".
+markers=$(grep -ao "HARDWARE-TEST: [^ ]*\( [^ ]* \(PASS\|FAIL\)\| FAIL:\)\?" "$log" | tr -d '\r' || true)
+passed=$(grep -c " PASS$" <<<"$markers" || true)
+failed=$(grep -c " FAIL:\?$" <<<"$markers" || true)
+layouts=$(grep "^HARDWARE-TEST: pi[^ ]* [^ ]* \(PASS\|FAIL\)$" <<<"$markers" | awk '{ print $2 }' | sort -u | wc -l)
+done_=$(grep -c "^HARDWARE-TEST: DONE$" <<<"$markers" || true)
 if [ "$failed" -ne 0 ] || [ "$done_" -eq 0 ] || [ "$layouts" -ne 3 ]; then
   echo "---- diagnostics from the VM ----" >&2
   grep -a "HARDWARE-DIAG" "$log" | tr -d '\r' >&2 || true
