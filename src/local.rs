@@ -1,22 +1,30 @@
-//! The local rule: a nightlight that does its job with no broker or no controller.
+//! The local rule: a nightlight that does its job with no broker or no controller, and never
+//! undoes a command.
 //!
 //! Rules:
-//! - The device is *attended* while it is connected to its broker and at least one controller
-//!   says `online` on `nightlight/controller/<client id>/status` (retained; `offline` is the
-//!   controller's Last Will, an empty message a clean stop). Several controllers (a shared
-//!   group) each count: the device is attended while any of them is online.
+//! - The device is *attended* while it is connected to its broker and at least one nightlight
+//!   controller says `online` on `nightlight/controller/<client id>/status` (retained; `offline`
+//!   is the controller's Last Will, an empty message a clean stop). Several controllers (a shared
+//!   group) each count: the device is attended while any of them is online. What is known of
+//!   them survives a reconnect that resumes the session (the broker queues their news meanwhile)
+//!   and is learned again, from their retained statuses, when the session is new.
+//! - The light is *dark* below `server.threshold` and *bright* from `threshold + hysteresis` up;
+//!   in between it stays what it was (the first reading there counts as bright, as the
+//!   controller's logic has it). *Dusk* and *dawn* are the crossings from one to the other.
+//! - A command, from any controller (a nightlight server, Home Assistant, `mosquitto_pub`),
+//!   switches the LED and holds until the next dusk or dawn.
 //! - Unattended for `led.local_after_s` (0: never), the device is in charge: mode `local`. It
-//!   decides on its own readings with the controller's own logic ([`Controller`]: on below
-//!   `server.threshold`, off from `threshold + hysteresis` up, unchanged in between), so the
-//!   LED does what the controller would have made it do.
-//! - Attended again, the mode is `remote` at once and only commands switch the LED.
+//!   keeps the LED on while dark and off while bright, except while a command holds: then the
+//!   mode is `remote` (a controller decided), and at the next dusk or dawn it is `local` again
+//!   and the LED follows the light.
+//! - Attended, the mode is `remote` at once and only commands switch the LED.
 //!
-//! Pure: time is passed in; the device reports the mode in `<id>/state` and health.
+//! So a command is never undone by the next reading, and with no command the LED switches on
+//! at dusk and off at dawn on its own. Pure: time is passed in; the device reports the mode in
+//! `<id>/state` and health.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
-
-use crate::controller::Controller;
 
 /// The topic filter of the controllers' statuses.
 pub const CONTROLLERS: &str = "nightlight/controller/+/status";
@@ -65,12 +73,17 @@ pub struct Step {
 #[derive(Debug)]
 pub struct LocalRule {
     after: Option<Duration>,
-    decide: Controller,
+    threshold: u16,
+    hysteresis: u16,
     connected: bool,
     /// Controllers (by status topic) that said `online`.
     online: HashSet<String>,
     /// Since when no controller is reachable; `None` while attended.
     unattended_since: Option<Instant>,
+    /// Whether the light is dark (`Some(true)`) or bright, once a reading said so.
+    dark: Option<bool>,
+    /// A command came since the last dusk or dawn: it holds.
+    commanded: bool,
     mode: Mode,
 }
 
@@ -79,10 +92,13 @@ impl LocalRule {
     pub fn new(local_after_s: u64, threshold: u16, hysteresis: u16, now: Instant) -> Self {
         LocalRule {
             after: (local_after_s > 0).then(|| Duration::from_secs(local_after_s)),
-            decide: Controller::new(threshold, hysteresis),
+            threshold,
+            hysteresis,
             connected: false,
             online: HashSet::new(),
             unattended_since: Some(now),
+            dark: None,
+            commanded: false,
             mode: Mode::Remote,
         }
     }
@@ -94,17 +110,25 @@ impl LocalRule {
     /// New settings (live configuration); the mode and what is known of controllers stay.
     pub fn reconfigure(&mut self, local_after_s: u64, threshold: u16, hysteresis: u16) {
         self.after = (local_after_s > 0).then(|| Duration::from_secs(local_after_s));
-        self.decide = Controller::new(threshold, hysteresis);
+        self.threshold = threshold;
+        self.hysteresis = hysteresis;
     }
 
-    /// The broker connection came up or went down. True when the mode changed.
-    pub fn link(&mut self, connected: bool, now: Instant) -> bool {
+    /// The broker connection came up (`session_present`: the broker kept the session) or went
+    /// down. True when the mode changed.
+    pub fn link(&mut self, connected: bool, session_present: bool, now: Instant) -> bool {
         self.connected = connected;
-        if !connected {
-            // Statuses are learned again (retained) on the next connection.
+        if connected && !session_present {
+            // New subscriptions: the controllers' retained statuses arrive again. A resumed
+            // session delivers what they said meanwhile, so what is known stays.
             self.online.clear();
         }
         self.settle(now)
+    }
+
+    /// The number of controllers known to be online.
+    pub fn controllers_online(&self) -> usize {
+        self.online.len()
     }
 
     /// A controller's status message (`payload`: `online`, `offline` or empty). True when the
@@ -118,15 +142,31 @@ impl LocalRule {
         self.settle(now)
     }
 
-    /// A reading (its light and `ts`), with the LED as it is now.
-    pub fn reading(&mut self, light: u16, ts: u64, led_on: bool, now: Instant) -> Step {
+    /// A command switched the LED: it holds until the next dusk or dawn. True when the mode
+    /// changed.
+    pub fn command(&mut self, now: Instant) -> bool {
+        self.commanded = true;
+        self.settle(now)
+    }
+
+    /// A reading, with the LED as it is now.
+    pub fn reading(&mut self, light: u16, led_on: bool, now: Instant) -> Step {
+        let dark = if light < self.threshold {
+            Some(true)
+        } else if u32::from(light) >= u32::from(self.threshold) + u32::from(self.hysteresis) {
+            Some(false)
+        } else {
+            self.dark.or(Some(false))
+        };
+        if dark != self.dark {
+            // Dusk or dawn (or the first reading): a command held until now gives way.
+            self.dark = dark;
+            self.commanded = false;
+        }
         let mode_changed = self.settle(now);
         let mut step = Step { switch: None, mode_changed };
         if self.mode == Mode::Local {
-            // The reading updates what the controller's logic wants; the LED as it is now is
-            // then the "reported" state it compares with: a switch when they differ.
-            let _ = self.decide.on_reading("", light, ts);
-            step.switch = self.decide.on_state("", led_on).map(|c| c.on);
+            step.switch = self.dark.filter(|&d| d != led_on);
         }
         step
     }
@@ -140,9 +180,8 @@ impl LocalRule {
             self.mode = Mode::Remote;
         } else {
             let since = *self.unattended_since.get_or_insert(now);
-            if self.after.is_some_and(|after| now.duration_since(since) >= after) {
-                self.mode = Mode::Local;
-            }
+            let takes_over = self.after.is_some_and(|after| now.duration_since(since) >= after);
+            self.mode = if takes_over && !self.commanded { Mode::Local } else { Mode::Remote };
         }
         self.mode != before
     }
@@ -162,9 +201,9 @@ mod tests {
     fn with_no_broker_the_device_takes_over_after_local_after_s_and_not_before() {
         let t0 = Instant::now();
         let mut r = LocalRule::new(60, 300, 20, t0);
-        assert_eq!(r.reading(100, 1, false, at(t0, 59)), Step::default(), "not yet");
+        assert_eq!(r.reading(100, false, at(t0, 59)), Step::default(), "not yet");
         assert_eq!(r.mode(), Mode::Remote);
-        assert_eq!(r.reading(100, 2, false, at(t0, 60)), Step { switch: Some(true), mode_changed: true });
+        assert_eq!(r.reading(100, false, at(t0, 60)), Step { switch: Some(true), mode_changed: true });
         assert_eq!(r.mode(), Mode::Local);
     }
 
@@ -172,44 +211,98 @@ mod tests {
     fn locally_it_decides_as_the_controller_would_with_the_hysteresis_band() {
         let t0 = Instant::now();
         let mut r = LocalRule::new(1, 300, 20, t0);
-        assert_eq!(r.reading(250, 1, false, at(t0, 1)).switch, Some(true));
-        assert_eq!(r.reading(240, 2, true, at(t0, 2)).switch, None, "already on");
-        assert_eq!(r.reading(310, 3, true, at(t0, 3)).switch, None, "inside the band");
-        assert_eq!(r.reading(320, 4, true, at(t0, 4)).switch, Some(false));
+        assert_eq!(r.reading(250, false, at(t0, 1)).switch, Some(true));
+        assert_eq!(r.reading(240, true, at(t0, 2)).switch, None, "already on");
+        assert_eq!(r.reading(310, true, at(t0, 3)).switch, None, "inside the band");
+        assert_eq!(r.reading(320, true, at(t0, 4)).switch, Some(false));
+    }
+
+    #[test]
+    fn a_command_holds_through_every_reading_until_the_next_dusk_or_dawn() {
+        let t0 = Instant::now();
+        let mut r = LocalRule::new(1, 300, 20, t0);
+        r.link(true, false, t0); // a broker, Home Assistant, no nightlight controller
+        assert_eq!(r.reading(800, false, at(t0, 1)), Step { switch: None, mode_changed: true }, "bright, off");
+        assert_eq!(r.mode(), Mode::Local);
+        // Home Assistant switches it on in bright light: held, reported as a controller's.
+        assert!(r.command(at(t0, 2)), "the mode says a controller decided");
+        assert_eq!(r.mode(), Mode::Remote);
+        for s in 3..100 {
+            assert_eq!(r.reading(800 - s as u16, true, at(t0, s)).switch, None, "held at {s} s");
+        }
+        // Dusk: the rule wants it on, as it is; the rule is in charge again.
+        assert_eq!(r.reading(250, true, at(t0, 100)), Step { switch: None, mode_changed: true });
+        assert_eq!(r.mode(), Mode::Local);
+        // Switched off in the dark: held all night.
+        r.command(at(t0, 101));
+        for s in 102..200 {
+            assert_eq!(r.reading(100, false, at(t0, s)).switch, None, "held at {s} s");
+        }
+        // Dawn agrees with it (off); the next dusk, with no command, switches on by itself.
+        assert_eq!(r.reading(900, false, at(t0, 200)).switch, None);
+        assert_eq!(r.reading(100, false, at(t0, 300)).switch, Some(true), "dusk, no command: on");
+    }
+
+    #[test]
+    fn a_command_given_before_the_takeover_still_holds_after_it() {
+        let t0 = Instant::now();
+        let mut r = LocalRule::new(60, 300, 20, t0);
+        r.link(true, false, t0);
+        assert_eq!(r.reading(800, false, at(t0, 1)).switch, None);
+        r.command(at(t0, 10)); // on, in bright light, while the device waits for a controller
+        assert_eq!(r.reading(800, true, at(t0, 61)), Step::default(), "not undone at the takeover");
+        assert_eq!(r.mode(), Mode::Remote);
     }
 
     #[test]
     fn a_controller_online_puts_it_back_in_remote_at_once_and_its_will_hands_it_back() {
         let t0 = Instant::now();
         let mut r = LocalRule::new(10, 300, 20, t0);
-        r.link(true, at(t0, 1));
-        r.reading(100, 1, false, at(t0, 20));
+        r.link(true, false, at(t0, 1));
+        r.reading(100, false, at(t0, 20));
         assert_eq!(r.mode(), Mode::Local, "connected, but no controller online");
         assert!(r.controller_status(CTL, b"online", at(t0, 21)));
         assert_eq!(r.mode(), Mode::Remote);
-        assert_eq!(r.reading(100, 2, false, at(t0, 22)).switch, None, "the controller is in charge");
+        assert_eq!(r.reading(100, false, at(t0, 22)).switch, None, "the controller is in charge");
         assert!(!r.controller_status(CTL, b"offline", at(t0, 30)), "not local before local_after_s");
-        assert!(!r.reading(100, 3, false, at(t0, 39)).mode_changed);
-        assert_eq!(r.reading(100, 4, false, at(t0, 40)), Step { switch: Some(true), mode_changed: true });
+        assert!(!r.reading(100, false, at(t0, 39)).mode_changed);
+        assert_eq!(r.reading(100, false, at(t0, 40)), Step { switch: Some(true), mode_changed: true });
     }
 
     #[test]
-    fn any_controller_of_a_shared_group_counts_and_losing_the_broker_forgets_them() {
+    fn a_resumed_session_keeps_the_controllers_and_a_new_one_learns_them_again() {
         let t0 = Instant::now();
         let mut r = LocalRule::new(5, 300, 20, t0);
-        r.link(true, t0);
+        r.link(true, false, t0);
+        r.controller_status(CTL, b"online", t0);
+        r.link(false, false, at(t0, 1)); // a Wi-Fi blip
+        r.link(true, true, at(t0, 2)); // the broker kept the session: no retained status again
+        assert_eq!(r.reading(100, false, at(t0, 100)).switch, None, "the controller is still in charge");
+        assert_eq!(r.mode(), Mode::Remote);
+        r.link(false, false, at(t0, 101));
+        r.link(true, false, at(t0, 102)); // a new session: statuses come again, retained
+        assert_eq!(r.controllers_online(), 0);
+        r.controller_status(CTL, b"online", at(t0, 102));
+        assert_eq!(r.mode(), Mode::Remote);
+    }
+
+    #[test]
+    fn any_controller_of_a_shared_group_counts_and_losing_the_broker_hands_over() {
+        let t0 = Instant::now();
+        let mut r = LocalRule::new(5, 300, 20, t0);
+        r.link(true, false, t0);
         r.controller_status(CTL, b"online", t0);
         r.controller_status("nightlight/controller/b/status", b"online", t0);
         r.controller_status(CTL, b"", at(t0, 1)); // a clean stop clears a's status
-        assert_eq!(r.reading(100, 1, false, at(t0, 100)).switch, None, "b is still online");
-        r.link(false, at(t0, 100));
-        assert_eq!(r.reading(100, 2, false, at(t0, 105)).switch, Some(true), "no broker for 5 s");
+        assert_eq!(r.reading(100, false, at(t0, 100)).switch, None, "b is still online");
+        r.link(false, false, at(t0, 100));
+        assert_eq!(r.reading(100, false, at(t0, 105)).switch, Some(true), "no broker for 5 s");
     }
 
     #[test]
     fn local_after_s_0_never_takes_over() {
         let t0 = Instant::now();
         let mut r = LocalRule::new(0, 300, 20, t0);
-        assert_eq!(r.reading(100, 1, false, at(t0, 86_400)), Step::default());
+        assert_eq!(r.reading(100, false, at(t0, 86_400)), Step::default());
     }
 }

@@ -203,3 +203,66 @@ fn status_names_an_unreachable_broker_and_exits_1() {
     assert_eq!(code, 1);
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
 }
+
+/// Waits until `n` more readings than `before` were published.
+fn readings_after(obs: &Observer, dev: &DeviceDir, before: usize, n: usize) {
+    obs.wait_on(&dev.topic("telemetry"), 20 * S, |m| m.len() >= before + n);
+}
+
+/// The virtual LED's lines so far: `true` for on.
+fn led_lines(d: &Daemon) -> Vec<bool> {
+    d.stdout().iter().map(|l| l.starts_with("led on")).collect()
+}
+
+#[test]
+fn home_assistants_commands_hold_until_dusk_or_dawn_and_with_none_the_led_follows_the_light() {
+    // Home Assistant is the only controller: it never says online on nightlight/controller/+.
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 100, ""); // a constant 123: dark
+    let obs = Observer::new(broker.port, "#");
+    let config = dev.config();
+    let d = Daemon::spawn(&["run", "--config", config.to_str().unwrap()], &[("NIGHTLIGHT__LED__LOCAL_AFTER_S", "1")]);
+    let state_is = |mode: &str, on: bool| {
+        obs.wait_on(&dev.topic("state"), 10 * S, |m| {
+            m.last().is_some_and(|m| m.json()["mode"] == mode && m.json()["led_on"] == on)
+        })
+    };
+    let light = |v: &str| {
+        obs.publish(&dev.topic("virtual/light"), v, false);
+        obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| {
+            m.last().is_some_and(|m| m.json()["light"] == v.parse::<u64>().unwrap())
+        })
+        .len()
+    };
+    // Dark and nobody commanding: the rule switches it on; dawn switches it off.
+    state_is("local", true);
+    light("900");
+    state_is("local", false);
+    assert_eq!(led_lines(&d), [true, false]);
+
+    // Noon: Home Assistant turns it on. It stays on, reading after reading, and the mode says a
+    // controller decided.
+    obs.publish(&dev.topic("commands"), r#"{"led_on": true}"#, false);
+    let n = state_is("remote", true).len();
+    let at = obs.on(&dev.topic("telemetry")).len();
+    readings_after(&obs, &dev, at, 30);
+    assert_eq!(led_lines(&d), [true, false, true], "Home Assistant's `on` held in bright light");
+    assert_eq!(obs.on(&dev.topic("state")).len(), n, "no state change while the command holds");
+
+    // Dusk: the rule agrees (on) and is in charge again. Home Assistant turns it off in the dark:
+    // held all night.
+    light("100");
+    state_is("local", true);
+    obs.publish(&dev.topic("commands"), r#"{"led_on": false}"#, false);
+    state_is("remote", false);
+    let at = obs.on(&dev.topic("telemetry")).len();
+    readings_after(&obs, &dev, at, 30);
+    assert_eq!(led_lines(&d), [true, false, true, false], "Home Assistant's `off` held in the dark");
+
+    // Dawn agrees with it; at the next dusk, with no command, the LED switches on by itself.
+    light("900");
+    state_is("local", false);
+    light("100");
+    state_is("local", true);
+    assert_eq!(led_lines(&d), [true, false, true, false, true]);
+}

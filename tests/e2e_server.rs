@@ -309,3 +309,38 @@ fn under_mqtt_5_every_command_carries_a_message_expiry_of_command_max_age_s() {
     assert!((100..=120).contains(&expiry), "{line}");
     assert!(payload.contains(r#""led_on":true"#), "{line}");
 }
+
+#[test]
+fn a_reconnect_that_resumes_the_session_keeps_the_controller_in_charge() {
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 100, ""); // a constant 123: dark
+    let obs = Observer::new(broker.port, "#");
+    let config = dev.config();
+    let d = Daemon::spawn(&["run", "--config", config.to_str().unwrap()], &[("NIGHTLIGHT__LED__LOCAL_AFTER_S", "1")]);
+    let _srv = server(broker.port, &[]);
+    mode_is(&obs, &dev, "remote", true);
+    let online = |m: &[Msg]| m.iter().filter(|m| m.text() == "online").count();
+    let connects = online(&obs.on(&dev.topic("status")));
+
+    // Another client takes the device's session for a moment (what a Wi-Fi blip does to the
+    // connection): the device connects again, and the broker resumes its session.
+    let mut opts = rumqttc::MqttOptions::new(&dev.id, "127.0.0.1", broker.port);
+    opts.set_clean_session(false);
+    let (intruder, mut conn) = rumqttc::Client::new(opts, 10);
+    for ev in conn.iter() {
+        if matches!(ev, Ok(rumqttc::Event::Incoming(rumqttc::Incoming::ConnAck(_))) | Err(_)) {
+            break;
+        }
+    }
+    intruder.disconnect().unwrap();
+    drop(conn);
+    obs.wait_on(&dev.topic("status"), 10 * S, |m| online(m) > connects);
+    d.wait_stderr("session_present=true", 10 * S);
+    let states = obs.on(&dev.topic("state")).len();
+
+    // More than led.local_after_s later the controller is still known to be online.
+    let at = obs.on(&dev.topic("telemetry")).len();
+    obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= at + 30);
+    let since: Vec<String> = obs.on(&dev.topic("state"))[states..].iter().map(|m| m.text()).collect();
+    assert!(since.iter().all(|s| !s.contains("local")), "went local with its controller online: {since:?}");
+}

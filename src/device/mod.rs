@@ -295,7 +295,7 @@ impl Device {
         let ts = stamp.ts;
         let ts_ok = self.restamp.observe(ts, stamp.mono_ms, stamp.synced);
         let first = self.led.reading(reading.light).is_some();
-        let step = self.local.reading(reading.light, ts, self.led.is_on(), now());
+        let step = self.local.reading(reading.light, self.led.is_on(), now());
         if let Some(on) = step.switch {
             info!(led_on = on, light = reading.light, "local rule: switching the LED");
             self.led.set(on);
@@ -388,7 +388,7 @@ impl Device {
             }
         }
         self.publish_other(&self.topics.status.clone(), ONLINE.as_bytes().to_vec(), true);
-        if self.local.link(true, now()) {
+        if self.local.link(true, session_present, now()) {
             info!(mode = self.local.mode().as_str(), "mode changed");
         }
         self.publish_state();
@@ -458,7 +458,7 @@ impl Device {
     }
 
     fn on_disconnected(&mut self, e: &LinkError) {
-        if self.local.link(false, now()) {
+        if self.local.link(false, false, now()) {
             // Unattended long enough: the local rule takes over (its next reading switches).
             info!(mode = self.local.mode().as_str(), "mode changed");
         }
@@ -568,6 +568,9 @@ impl Device {
                 Ok(cmd) => match payload::check_fresh(&cmd, p.retain, now_ms, max_age_s) {
                     Ok(()) => {
                         self.led.set(cmd.led_on);
+                        if self.local.command(now()) {
+                            info!(mode = self.local.mode().as_str(), "a command holds until the next dusk or dawn");
+                        }
                         self.publish_state();
                     }
                     Err(why) => {
