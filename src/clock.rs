@@ -35,6 +35,22 @@ pub fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// `unix_s` as RFC 3339 in UTC (`2026-12-02T15:23:10Z`), what Home Assistant's timestamp
+/// sensors read. Days to a civil date as in Howard Hinnant's `civil_from_days`.
+pub fn rfc3339_utc(unix_s: u64) -> String {
+    let (days, secs) = ((unix_s / 86_400) as i64, unix_s % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
 /// What to add to the real clock (the seam's offset), and whether it is synchronized.
 fn state() -> (i64, bool) {
     if let Some(path) = std::env::var_os(SEAM) {
@@ -176,5 +192,13 @@ mod tests {
         assert!(r.observe(10 * HOUR + 1, 1_001, false), "it stays synchronized");
         let rec = reading(7, 10 * HOUR, true);
         assert_eq!(r.apply(rec), rec);
+    }
+
+    #[test]
+    fn rfc3339_gives_the_calendar_date_and_time_in_utc() {
+        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(951_782_400), "2000-02-29T00:00:00Z", "a leap day of a century leap year");
+        assert_eq!(rfc3339_utc(1_763_776_000), "2025-11-22T01:46:40Z");
+        assert_eq!(rfc3339_utc(4_107_542_399), "2100-02-28T23:59:59Z", "2100 is not a leap year");
     }
 }

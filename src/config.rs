@@ -438,8 +438,9 @@ impl Config {
         }
         // The password file and the TLS files are read by the link ([`crate::link::Security`]).
         let s = &self.sensor;
-        if !(10..=86_400_000).contains(&s.interval_ms) {
-            return Err(bad("sensor.interval_ms", format!("{} is not in 10-86400000", s.interval_ms)));
+        // Ranges no wider than Home Assistant's numbers offer: live configuration sets them too.
+        if !(10..=3_600_000).contains(&s.interval_ms) {
+            return Err(bad("sensor.interval_ms", format!("{} is not in 10-3600000 (an hour)", s.interval_ms)));
         }
         if s.channel > 7 {
             return Err(bad("sensor.channel", format!("{} is not in 0-7", s.channel)));
@@ -484,6 +485,18 @@ impl Config {
         }
         if self.server.threshold > 1000 {
             return Err(bad("server.threshold", format!("{} is not in 0-1000", self.server.threshold)));
+        }
+        if self.server.hysteresis > 1000 {
+            return Err(bad("server.hysteresis", format!("{} is not in 0-1000", self.server.hysteresis)));
+        }
+        if self.led.local_after_s > 86_400 {
+            return Err(bad("led.local_after_s", format!("{} is not in 0-86400 (a day)", self.led.local_after_s)));
+        }
+        if self.led.command_max_age_s > 86_400 {
+            return Err(bad(
+                "led.command_max_age_s",
+                format!("{} is not in 0-86400 (a day)", self.led.command_max_age_s),
+            ));
         }
         if self.homeassistant.prefix.is_empty() || self.homeassistant.prefix.contains(['+', '#']) {
             return Err(bad("homeassistant.prefix", "must be a non-empty topic without '+' or '#'".into()));
@@ -571,6 +584,27 @@ mod tests {
         assert!(e.contains("in /"), "names the file: {e}");
         let e = load_str("", &[("NIGHTLIGHT__MQTT__QOS", "7")]).unwrap_err().to_string();
         assert!(e.contains("NIGHTLIGHT__MQTT__QOS"), "names the variable: {e}");
+    }
+
+    #[test]
+    fn every_live_setting_has_a_range_no_wider_than_home_assistant_offers() {
+        for (toml, key) in [
+            ("[sensor]\ninterval_ms = 3600001\n", "sensor.interval_ms"),
+            ("[server]\nhysteresis = 1001\n", "server.hysteresis"),
+            ("[led]\nlocal_after_s = 86401\n", "led.local_after_s"),
+            ("[led]\ncommand_max_age_s = 86401\n", "led.command_max_age_s"),
+        ] {
+            let e = load_str(toml, &[]).unwrap_err().to_string();
+            assert!(e.contains(key), "{toml}: {e}");
+        }
+        let edge = "[sensor]\ninterval_ms = 3600000\n[server]\nhysteresis = 1000\n[led]\nlocal_after_s = 86400\n\
+                    command_max_age_s = 86400\n";
+        assert!(load_str(edge, &[]).is_ok(), "the top of each range is allowed");
+        let d = crate::homeassistant::device_discovery(&Config::default(), None).payload;
+        assert_eq!(d["cmps"]["interval"]["max"], 3600);
+        assert_eq!(d["cmps"]["hysteresis"]["max"], 1000);
+        assert_eq!(d["cmps"]["local_after"]["max"], 86_400);
+        assert_eq!(d["cmps"]["command_max_age"]["max"], 86_400);
     }
 
     #[test]

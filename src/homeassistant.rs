@@ -7,9 +7,15 @@
 //!   answered after a random 0.5-5 s so a fleet does not answer in one burst), the device
 //!   publishes [`device_discovery`] and its state.
 //! - Once per state directory, before that, the migration from the per-entity configs of
-//!   earlier releases: [`MIGRATE`] to each [`legacy_topics`] topic (Home Assistant's documented
-//!   step, which keeps the entities), then the device message, then an empty retained message
-//!   on each old topic.
+//!   earlier releases, only where the broker holds one (the device looks them up, retained, under
+//!   [`legacy_filter`]): [`MIGRATE`] to each such topic (Home Assistant's documented step, which
+//!   keeps the entities), then an empty retained message on each, then the device message. A
+//!   clear sent after the device message shares a discovery id with one of its components and
+//!   Home Assistant logs it as a conflicting discovery message; a new device sends nothing but
+//!   the device message.
+//! - The light level (and lux) is read from the retained `<id>/reading`, the last reading, so
+//!   Home Assistant shows it at once after it restarts instead of `unknown` until the next one
+//!   (telemetry is not retained: it is the durable, ordered record).
 //! - `homeassistant.enabled = false` empties the device message and the old topics, once.
 
 use serde::Serialize;
@@ -49,7 +55,7 @@ pub fn ha_status_topic(cfg: &Config) -> String {
 /// component has `p`, `unique_id` and `default_entity_id` (`<platform>.<id>_<object>`: the entity
 /// ids the per-entity configs gave, so an installation keeps them and their history); none has
 /// `object_id`.
-pub fn device_discovery(cfg: &Config) -> Discovery {
+pub fn device_discovery(cfg: &Config, hw_version: Option<&str>) -> Discovery {
     let id = &cfg.id;
     let t = Topics::new(id);
     let mut cmps = serde_json::Map::new();
@@ -82,7 +88,7 @@ pub fn device_discovery(cfg: &Config) -> Discovery {
         "sensor",
         "Light level",
         json!({
-            "state_topic": t.telemetry,
+            "state_topic": t.reading,
             "value_template": "{{ value_json.light }}",
             "state_class": "measurement",
             "icon": "mdi:brightness-6",
@@ -96,7 +102,7 @@ pub fn device_discovery(cfg: &Config) -> Discovery {
             "sensor",
             "Illuminance",
             json!({
-                "state_topic": t.telemetry,
+                "state_topic": t.reading,
                 "value_template": "{{ value_json.lux }}",
                 "device_class": "illuminance",
                 "unit_of_measurement": "lx",
@@ -105,25 +111,34 @@ pub fn device_discovery(cfg: &Config) -> Discovery {
         );
     }
     // Counters that only rise are `total_increasing` (HA's long-term statistics need it); the
-    // queue's depth and the uptime are measurements.
-    for (object, name, field, unit, class) in [
-        ("queue", "Queued readings", "queue_readings", None, "measurement"),
-        ("dropped", "Dropped readings", "dropped", None, "total_increasing"),
-        ("reconnects", "Reconnects", "reconnects", None, "total_increasing"),
-        ("denied", "Refused readings", "denied", None, "total_increasing"),
-        ("uptime", "Uptime", "uptime_s", Some("s"), "measurement"),
+    // queue's depth is a measurement.
+    for (object, name, field, class) in [
+        ("queue", "Queued readings", "queue_readings", "measurement"),
+        ("dropped", "Dropped readings", "dropped", "total_increasing"),
+        ("reconnects", "Reconnects", "reconnects", "total_increasing"),
+        ("denied", "Refused readings", "denied", "total_increasing"),
     ] {
-        let mut extra = json!({
+        let extra = json!({
             "state_topic": t.health,
             "value_template": format!("{{{{ value_json.{field} }}}}"),
             "entity_category": "diagnostic",
             "state_class": class,
         });
-        if let Some(u) = unit {
-            merge(&mut extra, json!({"unit_of_measurement": u, "device_class": "duration"}));
-        }
         add(object, "sensor", name, extra);
     }
+    // When it started: a timestamp never goes stale, where an uptime in seconds would be a
+    // minute old between two health messages. `None` is Home Assistant's "no value".
+    add(
+        "started",
+        "sensor",
+        "Started",
+        json!({
+            "state_topic": t.health,
+            "value_template": "{% if value_json.started %}{{ value_json.started }}{% else %}None{% endif %}",
+            "device_class": "timestamp",
+            "entity_category": "diagnostic",
+        }),
+    );
     add(
         "mode",
         "sensor",
@@ -131,6 +146,8 @@ pub fn device_discovery(cfg: &Config) -> Discovery {
         json!({
             "state_topic": t.state,
             "value_template": "{{ value_json.mode }}",
+            "device_class": "enum",
+            "options": ["remote", "local"],
             "entity_category": "diagnostic",
             "icon": "mdi:account-switch",
         }),
@@ -146,36 +163,47 @@ pub fn device_discovery(cfg: &Config) -> Discovery {
             "retain": false,
         })
     };
+    // Every number offers exactly the range live configuration accepts ([`Config::validate`]).
     let mut interval = setting(
-        "{{ value_json.sensor.interval_ms / 1000 }}",
+        "{{ (value_json.sensor.interval_ms / 1000) | round | int }}",
         r#"{"sensor": {"interval_ms": {{ (value * 1000) | round | int }}}}"#,
     );
     merge(&mut interval, json!({"min": 1, "max": 3600, "step": 1, "unit_of_measurement": "s", "mode": "box"}));
     add("interval", "number", "Reading interval", interval);
-    for (object, name, key) in
-        [("threshold", "Local threshold", "threshold"), ("hysteresis", "Local hysteresis", "hysteresis")]
-    {
+    for (object, name, section, key, max, unit) in [
+        ("threshold", "Local threshold", "server", "threshold", 1000, None),
+        ("hysteresis", "Local hysteresis", "server", "hysteresis", 1000, None),
+        ("local_after", "Local rule after", "led", "local_after_s", 86_400, Some("s")),
+        ("command_max_age", "Command max age", "led", "command_max_age_s", 86_400, Some("s")),
+    ] {
         let mut n = setting(
-            &format!("{{{{ value_json.server.{key} }}}}"),
-            &format!(r#"{{"server": {{"{key}": {{{{ value | int }}}}}}}}"#),
+            &format!("{{{{ value_json.{section}.{key} }}}}"),
+            &format!(r#"{{"{section}": {{"{key}": {{{{ value | int }}}}}}}}"#),
         );
-        merge(&mut n, json!({"min": 0, "max": 1000, "step": 1, "mode": "box"}));
+        merge(&mut n, json!({"min": 0, "max": max, "step": 1, "mode": "box"}));
+        if let Some(u) = unit {
+            merge(&mut n, json!({"unit_of_measurement": u}));
+        }
         add(object, "number", name, n);
     }
     let mut power_on = setting("{{ value_json.led.power_on }}", r#"{"led": {"power_on": "{{ value }}"}}"#);
     merge(&mut power_on, json!({"options": ["last", "off", "on", "auto"]}));
     add("power_on", "select", "Power-on state", power_on);
 
+    let mut dev = json!({
+        "ids": [format!("nightlight_{id}")],
+        "name": id,
+        "mf": "nightlight",
+        "mdl": format!("nightlight ({})", kind_name(cfg.sensor.kind)),
+        "sw": env!("CARGO_PKG_VERSION"),
+    });
+    if let Some(hw) = hw_version {
+        merge(&mut dev, json!({ "hw": hw }));
+    }
     Discovery {
         topic: format!("{}/device/{id}/config", cfg.homeassistant.prefix),
         payload: json!({
-            "dev": {
-                "ids": [format!("nightlight_{id}")],
-                "name": id,
-                "mf": "nightlight",
-                "mdl": format!("nightlight ({})", kind_name(cfg.sensor.kind)),
-                "sw": env!("CARGO_PKG_VERSION"),
-            },
+            "dev": dev,
             "o": { "name": "nightlight", "sw": env!("CARGO_PKG_VERSION") },
             "avty_t": t.status,
             "pl_avail": ONLINE,
@@ -196,6 +224,24 @@ pub fn legacy_topics(cfg: &Config) -> Vec<String> {
         topics.push(format!("{p}/sensor/{id}/{object}/config"));
     }
     topics
+}
+
+/// The filter that holds every per-entity discovery topic of this device, to look up which of
+/// them the broker still holds.
+pub fn legacy_filter(cfg: &Config) -> String {
+    format!("{}/+/{}/+/config", cfg.homeassistant.prefix, cfg.id)
+}
+
+/// The board's model as the kernel has it (`Raspberry Pi 5 Model B Rev 1.0`), for `hw`: read
+/// from `path` (`/proc/device-tree/model`), bounded, its trailing NUL and any unprintable
+/// character dropped; `None` when there is none.
+pub fn board_model(path: &std::path::Path) -> Option<String> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    std::fs::File::open(path).ok()?.take(256).read_to_end(&mut buf).ok()?;
+    let text: String =
+        String::from_utf8_lossy(&buf).chars().filter(|c| !c.is_control()).collect::<String>().trim().to_owned();
+    (!text.is_empty()).then_some(text)
 }
 
 fn kind_name(kind: SensorKind) -> &'static str {
@@ -221,6 +267,10 @@ fn yes() -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Health {
     pub uptime_s: u64,
+    /// When this run started, RFC 3339 in UTC: by the clock as it was at the first health
+    /// message, worked out again once the clock is synchronized.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<String>,
     pub queue_readings: u64,
     pub queue_bytes: u64,
     pub dropped: u64,
@@ -268,7 +318,7 @@ mod tests {
 
     #[test]
     fn one_device_message_with_device_origin_and_components_as_home_assistant_requires() {
-        let d = device_discovery(&porch());
+        let d = device_discovery(&porch(), None);
         assert_eq!(d.topic, "homeassistant/device/porch/config");
         let p = &d.payload;
         assert_eq!(p["dev"]["ids"][0], "nightlight_porch");
@@ -295,15 +345,22 @@ mod tests {
             "dropped",
             "reconnects",
             "denied",
-            "uptime",
+            "started",
             "mode",
             "interval",
             "threshold",
             "hysteresis",
             "power_on",
+            "local_after",
+            "command_max_age",
         ] {
             assert!(cmps.contains_key(key), "no {key}");
         }
+        assert_eq!(cmps["mode"]["device_class"], "enum");
+        assert_eq!(cmps["mode"]["options"], json!(["remote", "local"]), "every mode the state can say");
+        assert_eq!(cmps["started"]["device_class"], "timestamp", "never stale, unlike an uptime");
+        assert_eq!(cmps["light"]["state_topic"], "porch/reading", "the retained last reading");
+        assert!(p["dev"].get("hw").is_none(), "no model known, no hw");
         assert!(cmps.values().all(|c| c.get("device_class") != Some(&json!("illuminance"))), "ratio, not lux");
         assert_eq!(cmps["interval"]["unit_of_measurement"], "s");
         for counter in ["dropped", "reconnects", "denied"] {
@@ -312,17 +369,31 @@ mod tests {
         assert_eq!(cmps["queue"]["state_class"], "measurement", "the queue's depth goes up and down");
         assert_eq!(cmps["interval"]["command_topic"], "porch/config/set");
         let size = d.payload.to_string().len();
-        assert!(size < crate::link::MAX_OUTGOING_BYTES / 4, "small enough for any broker: {size} bytes");
+        assert!(size < crate::link::MAX_OUTGOING_BYTES / 2, "small enough for any broker: {size} bytes");
     }
 
     #[test]
     fn the_lux_component_only_for_lux_capable_chips() {
-        assert!(device_discovery(&porch()).payload["cmps"].get("lux").is_none());
+        assert!(device_discovery(&porch(), None).payload["cmps"].get("lux").is_none());
         let mut cfg = porch();
         cfg.sensor.kind = SensorKind::Bh1750;
-        let lux = &device_discovery(&cfg).payload["cmps"]["lux"];
+        let lux = &device_discovery(&cfg, None).payload["cmps"]["lux"];
         assert_eq!(lux["device_class"], "illuminance");
         assert_eq!(lux["unit_of_measurement"], "lx");
+    }
+
+    #[test]
+    fn the_boards_model_is_the_hardware_version_read_bounded_without_its_nul() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("model");
+        std::fs::write(&model, b"Raspberry Pi 5 Model B Rev 1.0\0").unwrap();
+        let hw = board_model(&model);
+        assert_eq!(hw.as_deref(), Some("Raspberry Pi 5 Model B Rev 1.0"));
+        let d = device_discovery(&porch(), hw.as_deref());
+        assert_eq!(d.payload["dev"]["hw"], "Raspberry Pi 5 Model B Rev 1.0");
+        std::fs::write(&model, "x".repeat(10_000)).unwrap();
+        assert_eq!(board_model(&model).unwrap().len(), 256, "bounded");
+        assert_eq!(board_model(&dir.path().join("none")), None, "not a Pi (or no device tree)");
     }
 
     #[test]
@@ -331,5 +402,12 @@ mod tests {
         assert!(t.contains(&"homeassistant/light/porch/led/config".to_owned()));
         assert!(t.contains(&"homeassistant/sensor/porch/lux/config".to_owned()));
         assert_eq!(t.len(), 6);
+        let filter = legacy_filter(&porch());
+        assert_eq!(filter, "homeassistant/+/porch/+/config");
+        let matches = |t: &str| {
+            let (levels, pattern): (Vec<&str>, Vec<&str>) = (t.split('/').collect(), filter.split('/').collect());
+            levels.len() == pattern.len() && levels.iter().zip(&pattern).all(|(l, p)| p == &"+" || l == p)
+        };
+        assert!(t.iter().all(|t| matches(t)), "{filter} holds them all");
     }
 }

@@ -20,6 +20,8 @@ pub struct Topics {
     /// Live configuration in (`config/set`) and its report out (`config`).
     pub config_set: String,
     pub config: String,
+    /// The last reading, retained, for dashboards (Home Assistant's light level).
+    pub reading: String,
 }
 
 impl Topics {
@@ -34,6 +36,7 @@ impl Topics {
             virtual_light: format!("{id}/virtual/light"),
             config_set: format!("{id}/config/set"),
             config: format!("{id}/config"),
+            reading: format!("{id}/reading"),
         }
     }
 }
@@ -78,6 +81,16 @@ impl Telemetry {
         // Serializing a struct of plain numbers cannot fail.
         serde_json::to_vec(self).expect("telemetry serializes")
     }
+}
+
+/// The retained `<id>/reading`: the last reading, `{"light": 412, "ts": 1763776000123}` (and
+/// `"lux"` from lux-capable chips).
+pub fn reading_json(light: u16, lux: Option<f32>, ts: u64) -> Vec<u8> {
+    let mut v = serde_json::json!({ "light": light, "ts": ts });
+    if let Some(lux) = lux {
+        v["lux"] = serde_json::json!(lux);
+    }
+    v.to_string().into_bytes()
 }
 
 /// The LED state, as commanded on `<id>/commands` and reported on `<id>/state`.

@@ -125,6 +125,7 @@ mod tests {
             state: Some(LedState { led_on: true }),
             health: Some(Health {
                 uptime_s: 3723,
+                started: None,
                 queue_readings: 5,
                 queue_bytes: 120,
                 dropped: 0,

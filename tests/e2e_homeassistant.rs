@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 
 /// Renders a Home Assistant value template the way HA does: `value_json` is the parsed payload.
@@ -23,8 +21,37 @@ fn render_command(template: &str, value: impl serde::Serialize) -> String {
 /// What a late subscriber finds retained under the discovery prefix: (topic, payload).
 fn retained_discovery(broker: &Mosquitto) -> Vec<(String, String)> {
     let late = Observer::new(broker.port, "homeassistant/#");
-    std::thread::sleep(Duration::from_millis(700));
+    fence(&late);
     late.all().into_iter().filter(|m| m.retain && !m.text().is_empty()).map(|m| (m.topic.clone(), m.text())).collect()
+}
+
+/// Returns once everything the broker sent `obs` before now has arrived: the broker delivers
+/// in order, so a message `obs` publishes itself, on a topic it subscribes to, comes after the
+/// retained messages of its subscription.
+fn fence(obs: &Observer) {
+    let topic = format!("homeassistant/fence-{}", fastrand::u64(..));
+    obs.publish(&topic, "fence", false);
+    obs.wait_on(&topic, 5 * S, |m| !m.is_empty());
+}
+
+/// As [`fence`], on `topic` (which `obs` subscribes to): a non-retained empty message, which
+/// does not disturb what is retained there.
+fn fence_on(obs: &Observer, topic: &str) {
+    let before = obs.on(topic).len();
+    obs.publish(topic, "fence", false);
+    obs.wait_on(topic, 5 * S, |m| m.len() > before && m.last().is_some_and(|m| m.text() == "fence"));
+}
+
+/// Waits until the broker holds the device's discovery message.
+fn obs_discovered(broker: &Mosquitto, dev: &DeviceDir) {
+    let topic = format!("homeassistant/device/{}/config", dev.id);
+    Observer::new(broker.port, &topic).wait_on(&topic, 10 * S, |m| m.iter().any(|m| !m.text().is_empty()));
+}
+
+/// The retained `<id>/health`, as text.
+fn obs_health(broker: &Mosquitto, dev: &DeviceDir) -> String {
+    let o = Observer::new(broker.port, &dev.topic("health"));
+    o.wait_on(&dev.topic("health"), 10 * S, |m| !m.is_empty())[0].text()
 }
 
 fn obs_online(broker: &Mosquitto, dev: &DeviceDir) {
@@ -37,7 +64,7 @@ fn one_device_message_makes_a_light_ha_can_switch_and_an_interval_number_that_se
     let broker = Mosquitto::start("");
     let dev = DeviceDir::new(broker.port, 500, "");
     let d = dev.spawn();
-    obs_online(&broker, &dev);
+    obs_discovered(&broker, &dev);
     let held = retained_discovery(&broker);
     assert_eq!(held.len(), 1, "exactly one discovery message, no per-entity ones: {held:?}");
     assert_eq!(held[0].0, format!("homeassistant/device/{}/config", dev.id));
@@ -57,6 +84,18 @@ fn one_device_message_makes_a_light_ha_can_switch_and_an_interval_number_that_se
     assert_eq!(render(p["cmps"]["mode"]["value_template"].as_str().unwrap(), &state.last().unwrap().text()), "remote");
     let level = &p["cmps"]["light"];
     assert!(level["device_class"].is_null(), "a 0-1000 ratio is not illuminance");
+    // The statistics Home Assistant keeps: counters only rise, the queue's depth does not.
+    for (object, class) in
+        [("dropped", "total_increasing"), ("reconnects", "total_increasing"), ("denied", "total_increasing")]
+    {
+        assert_eq!(p["cmps"][object]["state_class"], class, "{object}");
+    }
+    assert_eq!(p["cmps"]["queue"]["state_class"], "measurement");
+    assert_eq!(p["cmps"]["mode"]["device_class"], "enum");
+    // "Started" reads a timestamp from health.
+    let health = obs_health(&broker, &dev);
+    let started = render(p["cmps"]["started"]["value_template"].as_str().unwrap(), &health);
+    assert!(started.ends_with('Z') && started.len() == 20, "an RFC 3339 time: {started}");
     assert_eq!(render(level["value_template"].as_str().unwrap(), r#"{"light":412,"ts":1,"seq":2}"#), "412");
 
     // The "Reading interval" number set to 2: its command template, written where it says,
@@ -66,7 +105,7 @@ fn one_device_message_makes_a_light_ha_can_switch_and_an_interval_number_that_se
     obs.publish(n["command_topic"].as_str().unwrap(), command, false);
     let cfg = obs
         .wait_on(&dev.topic("config"), 5 * S, |m| m.last().is_some_and(|m| m.json()["sensor"]["interval_ms"] == 2000));
-    assert_eq!(render(n["value_template"].as_str().unwrap(), &cfg.last().unwrap().text()), "2.0");
+    assert_eq!(render(n["value_template"].as_str().unwrap(), &cfg.last().unwrap().text()), "2", "whole seconds");
     let before = obs.on(&dev.topic("telemetry")).len();
     obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= before + 3);
     let ts: Vec<u64> =
@@ -123,9 +162,24 @@ fn an_installation_of_the_per_entity_release_migrates_and_keeps_nothing_behind()
         "a clear after the device message: {:?}",
         all.iter().map(|m| &m.topic).collect::<Vec<_>>()
     );
+    let untouched = format!("homeassistant/sensor/{}/lux/config", dev.id);
+    assert!(all.iter().all(|m| m.topic != untouched), "nothing held there, nothing sent there");
     let held = retained_discovery(&broker);
     assert_eq!(held.len(), 1, "only the device message remains: {held:?}");
     assert!(held[0].0.ends_with(&format!("/device/{}/config", dev.id)));
+}
+
+#[test]
+fn a_new_device_sends_no_migration_traffic_only_its_device_message() {
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 500, "");
+    let obs = Observer::new(broker.port, "homeassistant/#");
+    let _d = dev.spawn();
+    let device_topic = format!("homeassistant/device/{}/config", dev.id);
+    obs.wait_on(&device_topic, 10 * S, |m| !m.is_empty());
+    // Anything about the old topics would come before the device message.
+    let all: Vec<String> = obs.all().iter().map(|m| m.topic.clone()).collect();
+    assert_eq!(all, [device_topic], "the device message and nothing else");
 }
 
 #[test]
@@ -138,7 +192,7 @@ fn home_assistants_birth_brings_the_discovery_back_after_it_was_lost() {
     let obs = Observer::new(broker.port, "#");
     obs.wait_on(&topic, 5 * S, |m| !m.is_empty());
     obs.publish(&topic, "", true); // lost: a broker without persistence restarted, say
-    std::thread::sleep(Duration::from_millis(300));
+    obs.wait_on(&topic, 5 * S, |m| m.last().is_some_and(|m| m.text().is_empty()));
     assert!(retained_discovery(&broker).is_empty());
     obs.publish("homeassistant/status", "online", false);
     d.wait_stderr("Home Assistant is online", 5 * S);
@@ -147,20 +201,50 @@ fn home_assistants_birth_brings_the_discovery_back_after_it_was_lost() {
 }
 
 #[test]
+fn right_after_home_assistant_restarts_the_light_level_has_the_last_reading() {
+    let broker = Mosquitto::start("");
+    // One reading an hour (set from Home Assistant, say): the one taken at start.
+    let dev = DeviceDir::new(broker.port, 3_600_000, "");
+    let d = dev.spawn();
+    let discovery = Observer::new(broker.port, "homeassistant/device/+/config");
+    let p = discovery.wait_on(&format!("homeassistant/device/{}/config", dev.id), 10 * S, |m| !m.is_empty())[0].json();
+    let level = &p["cmps"]["light"];
+    let topic = level["state_topic"].as_str().unwrap();
+    let template = level["value_template"].as_str().unwrap();
+
+    // Home Assistant restarts: it subscribes again and finds the light level at once.
+    let ha = Observer::new(broker.port, topic);
+    let held = ha.wait_on(topic, 5 * S, |m| !m.is_empty());
+    assert!(held[0].retain, "retained");
+    assert_eq!(render(template, &held[0].text()), "123");
+    // Its birth message is answered with the reading too (a broker that lost it, say).
+    ha.publish("homeassistant/status", "online", false);
+    d.wait_stderr("Home Assistant is online", 5 * S);
+    let again = ha.wait_on(topic, 8 * S, |m| m.len() >= 2);
+    assert_eq!(render(template, &again[1].text()), "123");
+    assert_eq!(Observer::new(broker.port, &dev.topic("telemetry")).all().len(), 0, "telemetry is not retained");
+}
+
+#[test]
 fn disabling_discovery_removes_the_device() {
     let broker = Mosquitto::start("");
     let dev = DeviceDir::new(broker.port, 1000, "");
     let mut d = dev.spawn();
-    obs_online(&broker, &dev);
+    obs_discovered(&broker, &dev);
     assert_eq!(retained_discovery(&broker).len(), 1);
     d.stop_with(libc::SIGTERM, 5 * S);
+    let obs = Observer::new(broker.port, "#");
     let d = Daemon::spawn(
         &["run", "--config", dev.config().to_str().unwrap()],
         &[("NIGHTLIGHT__HOMEASSISTANT__ENABLED", "false")],
     );
-    obs_online(&broker, &dev);
-    std::thread::sleep(Duration::from_millis(300));
+    // The device message is emptied last, after the old topics and the last reading.
+    let topic = format!("homeassistant/device/{}/config", dev.id);
+    obs.wait_on(&topic, 10 * S, |m| m.iter().any(|m| m.text().is_empty()));
     assert!(retained_discovery(&broker).is_empty(), "retained configs left behind");
+    let reading = Observer::new(broker.port, &dev.topic("reading"));
+    fence_on(&reading, &dev.topic("reading"));
+    assert!(reading.all().iter().all(|m| !m.retain), "the last reading left behind");
     drop(d);
 }
 

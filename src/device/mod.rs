@@ -17,7 +17,7 @@ mod alarm;
 mod denial;
 mod sampler;
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -165,6 +165,14 @@ pub async fn run_with(
         ha_due: Alarm::default(),
         clock_wait: Alarm::default(),
         queue_on_storage: medium.is_durable(),
+        last_reading: None,
+        ha_probe: None,
+        subacks: VecDeque::new(),
+        started_wall: None,
+        // The unit's ProcSubset=pid hides /proc/device-tree; sysfs has the same file.
+        hw_version: ["/sys/firmware/devicetree/base/model", "/proc/device-tree/model"]
+            .iter()
+            .find_map(|p| homeassistant::board_model(Path::new(p))),
     };
     device.run(shutdown).await
 }
@@ -227,6 +235,36 @@ struct Device {
     clock_wait: Alarm,
     /// `queue.dir` is on storage, not in memory ([`crate::queue::medium`]).
     queue_on_storage: bool,
+    /// The last reading as `<id>/reading` carries it, for the next connection and Home
+    /// Assistant's next birth.
+    last_reading: Option<Vec<u8>>,
+    /// Looking up which per-entity discovery configs of earlier releases the broker holds,
+    /// before the device message ([`homeassistant`]'s module doc).
+    ha_probe: Option<Probe>,
+    /// What each SUBSCRIBE not yet answered asked for, oldest first.
+    subacks: VecDeque<Subscribe>,
+    /// When this run started by the wall clock, and whether the clock was synchronized then.
+    started_wall: Option<(u64, bool)>,
+    /// The board's model, for Home Assistant's `hw`.
+    hw_version: Option<String>,
+}
+
+/// A SUBSCRIBE in flight.
+#[derive(Debug)]
+enum Subscribe {
+    /// The device's subscriptions, these filters in this order.
+    Topics(Vec<String>),
+    /// The look-up of old discovery configs.
+    Probe,
+}
+
+/// The look-up of the old per-entity discovery configs under way.
+#[derive(Debug, Default)]
+struct Probe {
+    /// The old topics that hold a config.
+    found: Vec<String>,
+    /// The broker refused the look-up (its ACL): which it holds is unknown.
+    blind: bool,
 }
 
 impl Device {
@@ -269,6 +307,7 @@ impl Device {
                     self.ha_due.set(None);
                     self.publish_discovery();
                     self.publish_state();
+                    self.publish_reading(Qos::AtLeastOnce);
                 }
                 _ = self.clock_wait.ring(), if self.clock_wait.is_set() => {
                     if clock::now().1 {
@@ -306,8 +345,26 @@ impl Device {
         if first || step.switch.is_some() || step.mode_changed {
             self.publish_state();
         }
+        self.last_reading = Some(payload::reading_json(reading.light, reading.lux, ts));
+        self.publish_reading(Qos::AtMostOnce);
         self.queue.push_stamped(now(), reading.light, ts, ts_ok, reading.lux);
         self.pump();
+    }
+
+    /// The retained `<id>/reading` for Home Assistant, when discovery is on: at QoS 0 after
+    /// each reading (the next one replaces a lost one), at QoS 1 on a connect and Home
+    /// Assistant's birth (so a broker's refusal is logged).
+    fn publish_reading(&mut self, qos: Qos) {
+        if self.connected.is_none() || !self.cfg.homeassistant.enabled {
+            return;
+        }
+        if let Some(r) = self.last_reading.clone() {
+            let topic = self.topics.reading.clone();
+            match self.client.publish(&topic, qos, true, r) {
+                Ok(()) => self.inflight.handed(Sent::Other(topic)),
+                Err(e) => debug!(topic, error = %e, "cannot publish"),
+            }
+        }
     }
 
     fn on_events(&mut self, events: Vec<Result<Event, LinkError>>) {
@@ -329,11 +386,25 @@ impl Device {
                 self.on_answered(done, None);
             }
             Ok(Event::Message(m)) => self.on_message(&m),
-            Ok(Event::Subscribed { refused }) => {
-                let refused: Vec<String> =
-                    refused.iter().zip(self.subscriptions()).filter(|(r, _)| **r).map(|(_, t)| t).collect();
-                if !refused.is_empty() {
-                    warn!(topics = ?refused, "the broker refused subscriptions (check its ACL): nothing arrives on these");
+            Ok(Event::Subscribed { refused }) => match self.subacks.pop_front() {
+                Some(Subscribe::Topics(topics)) => {
+                    let refused: Vec<&String> =
+                        refused.iter().zip(&topics).filter(|(r, _)| **r).map(|(_, t)| t).collect();
+                    if !refused.is_empty() {
+                        warn!(topics = ?refused, "the broker refused subscriptions (check its ACL): nothing arrives on these");
+                    }
+                }
+                Some(Subscribe::Probe) => {
+                    if let (Some(probe), true) = (&mut self.ha_probe, refused.iter().any(|r| *r)) {
+                        debug!("the broker does not let us look up old discovery configs: migrating every old topic");
+                        probe.blind = true;
+                    }
+                }
+                None => {}
+            },
+            Ok(Event::Unsubscribed) => {
+                if let Some(probe) = self.ha_probe.take() {
+                    self.finish_discovery(probe);
                 }
             }
             Ok(_) => {}
@@ -383,8 +454,10 @@ impl Device {
         // A session the broker kept still has our subscriptions; re-subscribing would make it
         // deliver retained messages again.
         if !session_present {
-            if let Err(e) = self.client.subscribe(&self.subscriptions()) {
-                warn!(error = %e, "cannot subscribe to commands");
+            let topics = self.subscriptions();
+            match self.client.subscribe(&topics) {
+                Ok(()) => self.subacks.push_back(Subscribe::Topics(topics)),
+                Err(e) => warn!(error = %e, "cannot subscribe to commands"),
             }
         }
         self.publish_other(&self.topics.status.clone(), ONLINE.as_bytes().to_vec(), true);
@@ -394,38 +467,36 @@ impl Device {
         self.publish_state();
         self.publish_config();
         self.publish_discovery();
+        self.publish_reading(Qos::AtLeastOnce);
         self.publish_health();
     }
 
     /// Home Assistant discovery (module doc of [`homeassistant`]): the device message on every
-    /// connect and after Home Assistant's birth, the migration from per-entity configs once;
-    /// when disabled, every message emptied once.
+    /// connect and after Home Assistant's birth; once per state directory, first, a look-up of
+    /// the per-entity configs of earlier releases, migrated and cleared where the broker holds
+    /// one; when disabled, every message emptied once.
     fn publish_discovery(&mut self) {
-        let dir = self.cfg.queue.dir.clone();
-        let migrated = Path::new(&dir).join("ha-migrated");
         if self.cfg.homeassistant.enabled {
-            let fresh = !migrated.exists();
-            // Migrate, clear, then the device message: an old per-entity topic cleared after the
-            // device message shares a discovery id with one of its components, and Home
-            // Assistant logs each such clear as a conflicting discovery message.
-            if fresh {
-                for topic in homeassistant::legacy_topics(&self.cfg) {
-                    self.publish_other(&topic, homeassistant::MIGRATE.as_bytes().to_vec(), true);
-                }
-                for topic in homeassistant::legacy_topics(&self.cfg) {
-                    self.publish_other(&topic, Vec::new(), true);
-                }
+            if self.ha_probe.is_some() {
+                return; // the device message follows the look-up
             }
-            let d = homeassistant::device_discovery(&self.cfg);
+            if !Path::new(&self.cfg.queue.dir).join("ha-migrated").exists() {
+                match self.client.look_up_retained(&homeassistant::legacy_filter(&self.cfg)) {
+                    Ok(()) => {
+                        self.subacks.push_back(Subscribe::Probe);
+                        self.ha_probe = Some(Probe::default());
+                        return;
+                    }
+                    Err(e) => warn!(error = %e, "cannot look up old discovery configs: migrating every old topic"),
+                }
+                return self.finish_discovery(Probe { found: Vec::new(), blind: true });
+            }
+            let d = homeassistant::device_discovery(&self.cfg, self.hw_version.as_deref());
             self.publish_other(&d.topic, d.payload.to_string().into_bytes(), true);
-            if fresh {
-                if let Err(e) = crate::statefile::write_atomic(Path::new(&dir), "ha-migrated", b"1\n") {
-                    warn!(error = %e, "cannot note the discovery migration; it runs again at the next connect");
-                }
-            }
         } else if !self.discovery_cleared {
             let mut topics = homeassistant::legacy_topics(&self.cfg);
-            topics.push(homeassistant::device_discovery(&self.cfg).topic);
+            topics.push(self.topics.reading.clone());
+            topics.push(homeassistant::device_discovery(&self.cfg, None).topic);
             for topic in topics {
                 self.publish_other(&topic, Vec::new(), true);
             }
@@ -433,11 +504,38 @@ impl Device {
         }
     }
 
+    /// The look-up is answered: migrate, clear, then the device message (a clear after it shares
+    /// a discovery id with one of its components, and Home Assistant logs each such clear as a
+    /// conflicting discovery message); noted in the state directory.
+    fn finish_discovery(&mut self, probe: Probe) {
+        let old = if probe.blind { homeassistant::legacy_topics(&self.cfg) } else { probe.found };
+        if !old.is_empty() {
+            info!(topics = old.len(), "migrating Home Assistant's per-entity discovery configs of an earlier release");
+        }
+        for topic in &old {
+            self.publish_other(topic, homeassistant::MIGRATE.as_bytes().to_vec(), true);
+        }
+        for topic in &old {
+            self.publish_other(topic, Vec::new(), true);
+        }
+        let d = homeassistant::device_discovery(&self.cfg, self.hw_version.as_deref());
+        self.publish_other(&d.topic, d.payload.to_string().into_bytes(), true);
+        if let Err(e) = crate::statefile::write_atomic(Path::new(&self.cfg.queue.dir), "ha-migrated", b"1\n") {
+            warn!(error = %e, "cannot note the discovery migration; it runs again at the next connect");
+        }
+    }
+
     fn publish_health(&mut self) {
         let q = self.queue.stats();
         let c = &self.counters;
+        let uptime = now().duration_since(self.started);
+        let (wall_ms, synced) = clock::now();
+        if self.started_wall.is_none_or(|(_, was_synced)| synced && !was_synced) {
+            self.started_wall = Some((wall_ms.saturating_sub(uptime.as_millis() as u64) / 1000, synced));
+        }
         let h = Health {
-            uptime_s: now().duration_since(self.started).as_secs(),
+            uptime_s: uptime.as_secs(),
+            started: self.started_wall.map(|(s, _)| clock::rfc3339_utc(s)),
             queue_readings: q.readings,
             queue_bytes: q.bytes,
             dropped: q.dropped,
@@ -534,12 +632,23 @@ impl Device {
             }
         }
         self.inflight.clear();
+        self.subacks.clear();
+        self.ha_probe = None; // looked up again at the next connect
         self.denial.disconnected();
         self.queue.disconnected(now());
         self.poller.start_after(delay);
     }
 
     fn on_message(&mut self, p: &Message) {
+        if let Some(probe) = &mut self.ha_probe {
+            if !p.payload.is_empty()
+                && homeassistant::legacy_topics(&self.cfg).contains(&p.topic)
+                && !probe.found.contains(&p.topic)
+            {
+                probe.found.push(p.topic.clone());
+                return;
+            }
+        }
         if local::is_controller_status(&p.topic) {
             if self.local.controller_status(&p.topic, &p.payload, now()) {
                 info!(mode = self.local.mode().as_str(), controller = %p.topic, "mode changed");

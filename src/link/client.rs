@@ -87,6 +87,8 @@ pub enum Event {
     Subscribed {
         refused: Vec<bool>,
     },
+    /// UNSUBACK.
+    Unsubscribed,
     /// A publish was written to the socket as `pkid` (0 for QoS 0).
     Written {
         pkid: u16,
@@ -289,6 +291,26 @@ impl Client {
         }
     }
 
+    /// Asks for what the broker holds retained under `filter`, once: a SUBSCRIBE at QoS 0
+    /// (answered with [`Event::Subscribed`]) and at once an UNSUBSCRIBE. A broker answers the
+    /// UNSUBSCRIBE ([`Event::Unsubscribed`]) after the retained messages the SUBSCRIBE sent, so
+    /// what arrives in between is all it holds.
+    ///
+    /// # Errors
+    /// The channel is full or the event loop is gone.
+    pub fn look_up_retained(&self, filter: &str) -> Result<(), RequestError> {
+        match &*self.handle() {
+            Handle::V4(c) => {
+                c.try_subscribe(filter, QoS4::AtMostOnce).map_err(request_error)?;
+                c.try_unsubscribe(filter).map_err(request_error)
+            }
+            Handle::V5(c) => {
+                c.try_subscribe(filter, QoS5::AtMostOnce).map_err(request_error)?;
+                c.try_unsubscribe(filter).map_err(request_error)
+            }
+        }
+    }
+
     /// Asks the event loop to send DISCONNECT after what it was handed before.
     pub fn disconnect(&self) {
         let _ = match &*self.handle() {
@@ -465,6 +487,7 @@ fn translate_v4(ev: rumqttc::Event) -> Event {
         E::Incoming(I::SubAck(a)) => {
             Event::Subscribed { refused: a.return_codes.iter().map(|c| matches!(c, R::Failure)).collect() }
         }
+        E::Incoming(I::UnsubAck(_)) => Event::Unsubscribed,
         E::Outgoing(Outgoing::Publish(pkid)) => Event::Written { pkid },
         E::Outgoing(Outgoing::Disconnect) => Event::DisconnectWritten,
         _ => Event::Other,
@@ -488,6 +511,7 @@ fn translate_v5(ev: rumqttc::v5::Event) -> Event {
         E::Incoming(I::SubAck(a)) => {
             Event::Subscribed { refused: a.return_codes.iter().map(|c| !matches!(c, R::Success(_))).collect() }
         }
+        E::Incoming(I::UnsubAck(_)) => Event::Unsubscribed,
         E::Outgoing(Outgoing::Publish(pkid)) => Event::Written { pkid },
         E::Outgoing(Outgoing::Disconnect) => Event::DisconnectWritten,
         _ => Event::Other,
