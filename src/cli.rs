@@ -92,8 +92,39 @@ pub fn main() -> ExitCode {
 }
 
 fn check(loaded: &Loaded) -> ExitCode {
-    let c = &loaded.config;
-    println!("# configuration OK\n# source: {}\n{}", loaded.source, c.to_redacted_toml());
+    // What the device runs with: the file and the environment, then what was set live over
+    // MQTT and kept in the state directory (it wins at every start).
+    let dir = std::path::Path::new(&loaded.config.queue.dir);
+    let mut live = String::new();
+    let effective = match crate::remote::Overrides::load(dir) {
+        Ok(kept) if kept == crate::remote::Overrides::default() => None,
+        Ok(kept) => match kept.apply_to(&loaded.config) {
+            Ok(c) => {
+                for (key, value) in crate::remote::kept_lines(&kept) {
+                    live += &format!("#   {key} = {value}\n");
+                }
+                Some(c)
+            }
+            Err(r) => {
+                eprintln!("nightlight: warning: the device ignores the live settings kept in {}: {r}", dir.display());
+                None
+            }
+        },
+        Err(e) => {
+            eprintln!("nightlight: warning: cannot read the live settings kept in the state directory ({e}); the device may run with other values than these");
+            None
+        }
+    };
+    let c = effective.as_ref().unwrap_or(&loaded.config);
+    let live = if live.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "# set live over MQTT and kept in {} (they win over the file; `null` on <id>/config/set removes one):\n{live}",
+            dir.join("config.json").display()
+        )
+    };
+    println!("# configuration OK\n# source: {}\n{live}{}", loaded.source, c.to_redacted_toml());
     let has_password = c.mqtt.password.is_some() || !c.mqtt.password_file.is_empty();
     if has_password && !c.mqtt.tls.enabled && !is_loopback(&c.mqtt.host) {
         eprintln!(
@@ -101,7 +132,6 @@ fn check(loaded: &Loaded) -> ExitCode {
             c.mqtt.host
         );
     }
-    let dir = std::path::Path::new(&c.queue.dir);
     if let Some(w) = crate::queue::medium::of_dir(dir).warning(dir) {
         eprintln!("nightlight: warning: {w}");
     }

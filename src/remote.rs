@@ -7,12 +7,20 @@
 //!   broker. Any other key is refused as unknown or not settable.
 //! - The result is checked with the rules of `nightlight check` (types, ranges). One bad key
 //!   refuses the whole message: a refusal changes nothing.
+//! - `null` removes a key that was set (JSON merge patch, RFC 7396): the file's or the
+//!   environment's value holds again.
+//! - A retained message is refused (the device applies it; a retained one would be applied again
+//!   at every new session, long after whoever sent it changed their mind).
 //! - What was set is kept in the state directory (`queue.dir/config.json`, written atomically)
 //!   and applied at every start on top of the file and the environment: the latest intent wins.
 //! - The device reports the effective settable values and the last refusal on the retained
 //!   `<id>/config`.
 //!
-//! Pure but for [`Overrides::load`] and [`Overrides::save`].
+//! - Kept only when a message changed something, at most once per [`SAVE_AFTER`] and never on
+//!   the device loop ([`Saver`]): a flood of `config/set` costs no SD-card writes beyond one per
+//!   [`SAVE_AFTER`], and no sync stalls the loop.
+//!
+//! Pure but for [`Overrides::load`], [`Overrides::save`] and [`Saver`].
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +28,11 @@ use serde_json::{json, Map, Value};
 
 use crate::config::Config;
 use crate::payload;
+
+/// What a kept file adds to `base`, for `nightlight check`: `(key, value)` of each kept setting.
+pub fn kept_lines(kept: &Overrides) -> Vec<(String, String)> {
+    kept.0.iter().map(|(k, v)| (k.clone(), v.to_string())).collect()
+}
 
 /// The keys `<id>/config/set` may change.
 pub const SETTABLE: [&str; 6] = [
@@ -98,19 +111,94 @@ impl Overrides {
     }
 }
 
+/// How long after a change the kept file is written (changes meanwhile go in the same write).
+pub const SAVE_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Writes the kept settings off the device loop: the latest of them, [`SAVE_AFTER`] after the
+/// first change not yet written, one write at a time.
+#[derive(Debug)]
+pub struct Saver {
+    dir: PathBuf,
+    /// Set and not yet handed to a write.
+    pending: Option<Overrides>,
+    /// When to write `pending`.
+    due: Option<tokio::time::Instant>,
+    writing: Option<tokio::task::JoinHandle<()>>,
+    /// Writes handed to the disk since start.
+    writes: u64,
+}
+
+impl Saver {
+    pub fn new(dir: &Path) -> Self {
+        Saver { dir: dir.to_owned(), pending: None, due: None, writing: None, writes: 0 }
+    }
+
+    /// The settings changed to `kept`.
+    pub fn changed(&mut self, kept: &Overrides, now: tokio::time::Instant) {
+        self.pending = Some(kept.clone());
+        self.due.get_or_insert(now + SAVE_AFTER);
+    }
+
+    /// Writes handed to the disk since start.
+    pub fn writes(&self) -> u64 {
+        self.writes
+    }
+
+    /// When [`Saver::write_due`] should run.
+    pub fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.due
+    }
+
+    /// Hands the pending settings to a blocking write, unless one is still running (then a bit
+    /// later).
+    pub fn write_due(&mut self, now: tokio::time::Instant) {
+        if self.writing.as_ref().is_some_and(|w| !w.is_finished()) {
+            self.due = Some(now + std::time::Duration::from_millis(200));
+            return;
+        }
+        self.due = None;
+        if let Some(kept) = self.pending.take() {
+            self.writes += 1;
+            let dir = self.dir.clone();
+            self.writing = Some(tokio::task::spawn_blocking(move || {
+                if let Err(e) = kept.save(&dir) {
+                    tracing::warn!(error = %e, "cannot keep the live configuration: it holds until the next start");
+                }
+            }));
+        }
+    }
+
+    /// At a stop: the write under way finished, and what is pending written now.
+    pub async fn flush(&mut self) {
+        if let Some(w) = self.writing.take() {
+            let _ = w.await;
+        }
+        self.due = None;
+        if let Some(kept) = self.pending.take() {
+            self.writes += 1;
+            if let Err(e) = kept.save(&self.dir) {
+                tracing::warn!(error = %e, "cannot keep the live configuration: it holds until the next start");
+            }
+        }
+    }
+}
+
 /// The device's side of it: what was set, and the last refusal.
 #[derive(Debug)]
 pub struct Live {
+    /// The configuration of the file and the environment, which the kept settings apply to.
+    pub base: Config,
     pub kept: Overrides,
     pub refusal: Option<Refusal>,
 }
 
-/// Applies one `<id>/config/set` message to the running configuration.
+/// Applies one `<id>/config/set` message: `base` (the file and the environment) with `kept`
+/// and the message's changes.
 ///
 /// # Errors
 /// The message is hostile or malformed, names a key that cannot be set remotely, or a value
 /// `nightlight check` would refuse; nothing changes.
-pub fn set(current: &Config, kept: &Overrides, payload: &[u8]) -> Result<(Config, Overrides), Refusal> {
+pub fn set(base: &Config, kept: &Overrides, payload: &[u8]) -> Result<(Config, Overrides), Refusal> {
     let patch = parse_object(payload)?;
     let mut leaves = Vec::new();
     flatten("", &Value::Object(patch), &mut leaves);
@@ -127,9 +215,13 @@ pub fn set(current: &Config, kept: &Overrides, payload: &[u8]) -> Result<(Config
             };
             return Err(refuse(key, why));
         }
-        next.0.insert(key, value);
+        if value.is_null() {
+            next.0.remove(&key);
+        } else {
+            next.0.insert(key, value);
+        }
     }
-    let cfg = next.apply_to(current).map_err(|r| {
+    let cfg = next.apply_to(base).map_err(|r| {
         // serde names the field, not its table: say which of the message's keys it was.
         if r.key == "(kept configuration)" {
             refuse("(message)", r.reason)
@@ -271,5 +363,37 @@ mod tests {
         assert_eq!(v["led"]["power_on"], "last");
         assert_eq!(v["refused"]["key"], "mqtt.host");
         assert!(v.get("mqtt").is_none(), "nothing else, no secrets");
+    }
+
+    #[test]
+    fn null_removes_a_kept_key_and_the_files_value_holds_again() {
+        let (_, kept) =
+            set(&cfg(), &Overrides::default(), br#"{"sensor": {"interval_ms": 2000}, "server": {"threshold": 250}}"#)
+                .unwrap();
+        let (c, kept) = set(&cfg(), &kept, br#"{"sensor": {"interval_ms": null}}"#).unwrap();
+        assert_eq!(c.sensor.interval_ms, cfg().sensor.interval_ms, "the file's value");
+        assert_eq!(c.server.threshold, 250, "the other kept key stays");
+        assert_eq!(kept_lines(&kept), [("server.threshold".to_owned(), "250".to_owned())]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_changes_is_one_write_of_the_last_one_save_after_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut saver = Saver::new(dir.path());
+        let t0 = tokio::time::Instant::now();
+        let mut kept = Overrides::default();
+        for ms in 0..100u64 {
+            kept =
+                set(&cfg(), &kept, format!(r#"{{"sensor": {{"interval_ms": {}}}}}"#, 1000 + ms).as_bytes()).unwrap().1;
+            saver.changed(&kept, t0 + std::time::Duration::from_millis(ms * 10));
+        }
+        assert_eq!(saver.deadline(), Some(t0 + SAVE_AFTER), "due SAVE_AFTER after the first change");
+        assert_eq!(saver.writes(), 0, "nothing written before");
+        saver.write_due(t0 + SAVE_AFTER);
+        saver.flush().await;
+        assert_eq!(saver.writes(), 1, "one write for the burst");
+        assert_eq!(Overrides::load(dir.path()).unwrap(), kept, "the last of them");
+        saver.flush().await;
+        assert_eq!(saver.writes(), 1, "nothing pending, nothing written");
     }
 }

@@ -17,6 +17,20 @@ fn check_prints_the_effective_config_with_env_overrides() {
 }
 
 #[test]
+fn check_shows_what_the_device_runs_with_including_what_was_set_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("q");
+    std::fs::create_dir(&q).unwrap();
+    let cfg = write_file(dir.path(), "device.toml", &format!("id = \"porch\"\n[queue]\ndir = \"{}\"\n", q.display()));
+    // What the device kept of a `config/set` (the file it writes).
+    std::fs::write(q.join("config.json"), r#"{"sensor.interval_ms": 2000}"#).unwrap();
+    let (code, out, err) = run_to_end(&["check", "--config", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("interval_ms = 2000"), "the effective value, not the file's: {out}");
+    assert!(out.contains("set live over MQTT") && out.contains("sensor.interval_ms = 2000"), "{out}");
+}
+
+#[test]
 fn check_never_prints_the_password() {
     let dir = tempfile::tempdir().unwrap();
     let pw = write_file(dir.path(), "pw", "correct-horse-battery\n");

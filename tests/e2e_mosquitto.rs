@@ -525,3 +525,45 @@ fn with_no_broker_the_led_follows_the_simulated_day_on_its_own() {
     let changed = log.find("mode changed mode=\"local\"").unwrap_or_else(|| panic!("the takeover is logged: {log}"));
     assert!(changed < log.find("local rule: switching").unwrap(), "logged before the first switch: {log}");
 }
+
+#[test]
+fn live_configuration_refuses_a_retained_set_forgets_a_key_on_null_and_writes_nothing_for_a_repeat() {
+    use std::os::unix::fs::MetadataExt;
+    let Rig { broker, dev, obs } = Rig::new(1000);
+    let report = |obs: &Observer, done: &dyn Fn(&serde_json::Value) -> bool| {
+        obs.wait_on(&dev.topic("config"), 10 * S, |m| m.last().is_some_and(|m| done(&m.json())))
+    };
+    // A set left retained on the broker (a script's mistake) would apply again at every session.
+    obs.publish(&dev.topic("config/set"), r#"{"sensor": {"interval_ms": 300}}"#, true);
+    let mut d = dev.spawn();
+    let r = report(&obs, &|v| !v["refused"].is_null());
+    let last = r.last().unwrap().json();
+    assert!(last["refused"]["reason"].as_str().unwrap().contains("retained"), "{last}");
+    assert_eq!(last["sensor"]["interval_ms"], 1000, "nothing changed");
+    obs.publish(&dev.topic("config/set"), "", true);
+
+    // A change is kept; the same change again, a hundred times, writes nothing more.
+    obs.publish(&dev.topic("config/set"), r#"{"sensor": {"interval_ms": 2000}}"#, false);
+    report(&obs, &|v| v["sensor"]["interval_ms"] == 2000);
+    let kept = dev.queue().join("config.json");
+    wait_until(10 * S, || kept.exists(), "the change kept on disk");
+    let written = std::fs::metadata(&kept).unwrap().ino();
+    let reports = obs.on(&dev.topic("config")).len();
+    for _ in 0..100 {
+        obs.publish(&dev.topic("config/set"), r#"{"sensor": {"interval_ms": 2000}}"#, false);
+    }
+    obs.wait_on(&dev.topic("config"), 10 * S, |m| m.len() >= reports + 100);
+    assert_eq!(d.stop_with(libc::SIGTERM, 5 * S).0.code(), Some(0));
+    assert_eq!(std::fs::metadata(&kept).unwrap().ino(), written, "a repeat rewrote the kept file");
+
+    // `null` forgets the key: the file's value again, also after a restart.
+    let late = Observer::new(broker.port, &dev.topic("#"));
+    let mut d = dev.spawn();
+    report(&late, &|v| v["sensor"]["interval_ms"] == 2000);
+    late.publish(&dev.topic("config/set"), r#"{"sensor": {"interval_ms": null}}"#, false);
+    report(&late, &|v| v["sensor"]["interval_ms"] == 1000 && v["refused"].is_null());
+    assert_eq!(d.stop_with(libc::SIGTERM, 5 * S).0.code(), Some(0));
+    let again = Observer::new(broker.port, &dev.topic("#"));
+    let _d = dev.spawn();
+    report(&again, &|v| v["sensor"]["interval_ms"] == 1000);
+}

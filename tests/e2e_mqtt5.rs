@@ -126,15 +126,6 @@ fn a_reading_the_acl_refuses_is_counted_as_denied_kept_and_delivered_once_the_ac
     assert_eq!(d.stderr().matches("disconnected").count(), 0, "a refusal is not a connection problem");
 }
 
-/// Polls `done` every 50 ms until it holds; fails the test after `timeout`.
-fn wait_until(timeout: Duration, done: impl Fn() -> bool, what: &str) {
-    let end = std::time::Instant::now() + timeout;
-    while !done() {
-        assert!(std::time::Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A plain device (no login) with `mqtt.protocol` set to `protocol` through the environment,
 /// which wins over the file and over the 3.1.1 pass of the test command.
 fn device_speaking(port: u16, protocol: &str) -> (DeviceDir, Daemon) {

@@ -107,11 +107,13 @@ pub async fn run_with(
             remote::Overrides::default()
         }
     };
-    let cfg = match kept.apply_to(&cfg) {
-        Ok(c) => c,
+    // The file and the environment, what live settings apply to (`null` goes back to it).
+    let base = cfg;
+    let (cfg, kept) = match kept.apply_to(&base) {
+        Ok(c) => (c, kept),
         Err(r) => {
             warn!(refused = %r, "ignored the kept live configuration");
-            cfg
+            (base.clone(), remote::Overrides::default())
         }
     };
     // A queue in RAM believes it is durable and is not: say so, at start and in health.
@@ -159,7 +161,8 @@ pub async fn run_with(
         discovery_cleared: false,
         notifier,
         local: LocalRule::new(cfg_local.0, cfg_local.1, cfg_local.2, now()),
-        live: remote::Live { kept, refusal: None },
+        live: remote::Live { base, kept, refusal: None },
+        saver: remote::Saver::new(&queue_dir),
         sampler,
         restamp: clock::Restamp::new(run),
         ha_due: Alarm::default(),
@@ -224,6 +227,8 @@ struct Device {
     local: LocalRule,
     /// Live configuration: what was set, the last refusal.
     live: remote::Live,
+    /// Keeps what was set on disk, off the loop.
+    saver: remote::Saver,
     /// The sensor, read every `sensor.interval_ms`.
     sampler: Sampler,
     /// Readings taken before the clock was synchronized: marked, then re-stamped.
@@ -277,10 +282,12 @@ impl Device {
         let mut health = tokio::time::interval_at(tokio::time::Instant::now() + HEALTH_EVERY, HEALTH_EVERY);
         health.set_missed_tick_behavior(MissedTickBehavior::Delay);
         self.poller.start(); // connect
-        let (mut queue_alarm, mut denied_alarm) = (Alarm::default(), Alarm::default());
+        let (mut queue_alarm, mut denied_alarm, mut save_alarm) =
+            (Alarm::default(), Alarm::default(), Alarm::default());
         loop {
             queue_alarm.set(self.queue.next_deadline().map(tokio::time::Instant::from_std));
             denied_alarm.set(self.denial.deadline().map(tokio::time::Instant::from_std));
+            save_alarm.set(self.saver.deadline());
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
@@ -302,6 +309,9 @@ impl Device {
                 _ = denied_alarm.ring(), if denied_alarm.is_set() => {
                     self.denial.retry(now());
                     self.pump(); // the refused readings, again
+                }
+                _ = save_alarm.ring(), if save_alarm.is_set() => {
+                    self.saver.write_due(tokio::time::Instant::now());
                 }
                 _ = self.ha_due.ring(), if self.ha_due.is_set() => {
                     self.ha_due.set(None);
@@ -666,7 +676,7 @@ impl Device {
             return;
         }
         if p.topic == self.topics.config_set {
-            self.on_config_set(&p.payload);
+            self.on_config_set(&p.payload, p.retain);
             return;
         }
         if p.topic == self.topics.commands {
@@ -741,11 +751,20 @@ impl Device {
     }
 
     /// A live change: applied and kept, or refused (counted) with nothing changed; reported.
-    fn on_config_set(&mut self, payload: &[u8]) {
-        match remote::set(&self.cfg, &self.live.kept, payload) {
+    fn on_config_set(&mut self, payload: &[u8], retained: bool) {
+        let outcome = if retained {
+            // Applied again at every new session, long after its sender changed their mind.
+            Err(remote::Refusal {
+                key: "(message)".into(),
+                reason: "retained: live configuration is applied once, as sent; publish it without retain".into(),
+            })
+        } else {
+            remote::set(&self.live.base, &self.live.kept, payload)
+        };
+        match outcome {
             Ok((cfg, kept)) => {
-                if let Err(e) = kept.save(Path::new(&self.cfg.queue.dir)) {
-                    warn!(error = %e, "cannot keep the live configuration: it holds until the next start");
+                if kept != self.live.kept {
+                    self.saver.changed(&kept, tokio::time::Instant::now());
                 }
                 info!(changed = %crate::payload::printable(&String::from_utf8_lossy(payload), 400), "live configuration applied");
                 if cfg.sensor.interval_ms != self.cfg.sensor.interval_ms {
@@ -758,8 +777,8 @@ impl Device {
             }
             Err(refusal) => {
                 let n = self.counters.rejected_commands.fetch_add(1, Ordering::Relaxed) + 1;
-                warn!(topic = %self.topics.config_set, bytes = payload.len(), refused = %refusal, rejected_total = n,
-                    "refused a live configuration change");
+                warn!(topic = %self.topics.config_set, bytes = payload.len(), retained, refused = %refusal,
+                    rejected_total = n, "refused a live configuration change");
                 self.live.refusal = Some(refusal);
             }
         }
@@ -805,6 +824,7 @@ impl Device {
                 self.on_event(ev);
             }
         }
+        self.saver.flush().await;
         let closed = self.queue.close(now());
         let st = self.queue.stats();
         match closed {

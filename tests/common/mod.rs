@@ -703,3 +703,13 @@ fn gate(
     let _ = std::io::copy(&mut up, &mut client);
     let _ = client.shutdown(std::net::Shutdown::Both);
 }
+
+/// Polls `done` until it holds, failing the test after `timeout` (what the file system or a
+/// process shows has no event to wait on).
+pub fn wait_until(timeout: Duration, done: impl Fn() -> bool, what: &str) {
+    let end = std::time::Instant::now() + timeout;
+    while !done() {
+        assert!(std::time::Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
