@@ -8,6 +8,10 @@
 
 use std::collections::HashMap;
 
+/// The most devices one controller keeps track of (about 11 MB of names and state); messages
+/// from more are ignored and counted, so a client that makes up device ids cannot exhaust it.
+pub const MAX_DEVICES: usize = 100_000;
+
 /// A command for one device: publish `{"led_on": on}` to `<id>/commands`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Command {
@@ -33,18 +37,40 @@ pub struct Controller {
     threshold: u16,
     hysteresis: u16,
     devices: HashMap<String, DeviceView>,
+    max_devices: usize,
+    /// Messages ignored because [`MAX_DEVICES`] were known already.
+    ignored: u64,
 }
 
 impl Controller {
     /// LED on below `threshold`, off from `threshold + hysteresis` up.
     pub fn new(threshold: u16, hysteresis: u16) -> Self {
-        Controller { threshold, hysteresis, devices: HashMap::new() }
+        Controller::with_capacity(threshold, hysteresis, MAX_DEVICES)
+    }
+
+    /// As [`Controller::new`], keeping track of at most `max_devices`.
+    pub fn with_capacity(threshold: u16, hysteresis: u16, max_devices: usize) -> Self {
+        Controller { threshold, hysteresis, devices: HashMap::new(), max_devices, ignored: 0 }
+    }
+
+    /// Messages ignored because the controller kept track of as many devices as it may.
+    pub fn ignored(&self) -> u64 {
+        self.ignored
+    }
+
+    /// The device's view, unless it would be one too many.
+    fn view(&mut self, id: &str) -> Option<&mut DeviceView> {
+        if !self.devices.contains_key(id) && self.devices.len() >= self.max_devices {
+            self.ignored += 1;
+            return None;
+        }
+        Some(self.devices.entry(id.to_owned()).or_default())
     }
 
     /// A reading from `<id>/telemetry`.
     pub fn on_reading(&mut self, id: &str, light: u16, ts: u64) -> Option<Command> {
         let (threshold, hysteresis) = (self.threshold, self.hysteresis);
-        let d = self.devices.entry(id.to_owned()).or_default();
+        let d = self.view(id)?;
         if d.wanted.is_some() && ts < d.decided_ts {
             return None; // late, from an offline queue: a newer reading already decided
         }
@@ -61,7 +87,7 @@ impl Controller {
 
     /// A state report from `<id>/state`.
     pub fn on_state(&mut self, id: &str, led_on: bool) -> Option<Command> {
-        let d = self.devices.entry(id.to_owned()).or_default();
+        let d = self.view(id)?;
         d.reported = Some(led_on);
         d.sent = None;
         Self::command_for(id, d)
@@ -136,5 +162,16 @@ mod tests {
         assert_eq!(c.on_reading("a", 100, 1), cmd(true));
         assert_eq!(c.on_reading("b", 100, 1), Some(Command { id: "b".into(), on: true }));
         assert_eq!(c.on_reading("a", 100, 2), None);
+    }
+
+    #[test]
+    fn made_up_device_ids_beyond_the_cap_are_ignored_and_counted_while_known_ones_go_on() {
+        let mut c = Controller::with_capacity(300, 20, 2);
+        assert_eq!(c.on_reading("a", 100, 1), cmd(true));
+        assert!(c.on_reading("b", 100, 1).is_some());
+        assert_eq!(c.on_reading("c", 100, 1), None, "one too many");
+        assert_eq!(c.on_state("d", true), None);
+        assert_eq!(c.ignored(), 2);
+        assert_eq!(c.on_reading("a", 900, 2), cmd(false), "known devices are still decided");
     }
 }

@@ -26,6 +26,10 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+/// The most controllers a device keeps track of; statuses from more are ignored and counted (a
+/// shared group is a handful; only a misbehaving client makes up thousands).
+pub const MAX_CONTROLLERS: usize = 64;
+
 /// The topic filter of the controllers' statuses.
 pub const CONTROLLERS: &str = "nightlight/controller/+/status";
 
@@ -78,6 +82,8 @@ pub struct LocalRule {
     connected: bool,
     /// Controllers (by status topic) that said `online`.
     online: HashSet<String>,
+    /// Statuses ignored because [`MAX_CONTROLLERS`] were online already.
+    ignored: u64,
     /// Since when no controller is reachable; `None` while attended.
     unattended_since: Option<Instant>,
     /// Whether the light is dark (`Some(true)`) or bright, once a reading said so.
@@ -96,6 +102,7 @@ impl LocalRule {
             hysteresis,
             connected: false,
             online: HashSet::new(),
+            ignored: 0,
             unattended_since: Some(now),
             dark: None,
             commanded: false,
@@ -126,6 +133,11 @@ impl LocalRule {
         self.settle(now)
     }
 
+    /// Controllers' `online` ignored because [`MAX_CONTROLLERS`] were online already.
+    pub fn ignored(&self) -> u64 {
+        self.ignored
+    }
+
     /// The number of controllers known to be online.
     pub fn controllers_online(&self) -> usize {
         self.online.len()
@@ -135,7 +147,11 @@ impl LocalRule {
     /// mode changed.
     pub fn controller_status(&mut self, topic: &str, payload: &[u8], now: Instant) -> bool {
         if payload == b"online" {
-            self.online.insert(topic.to_owned());
+            if self.online.len() < MAX_CONTROLLERS || self.online.contains(topic) {
+                self.online.insert(topic.to_owned());
+            } else {
+                self.ignored += 1;
+            }
         } else {
             self.online.remove(topic);
         }
@@ -304,5 +320,19 @@ mod tests {
         let t0 = Instant::now();
         let mut r = LocalRule::new(0, 300, 20, t0);
         assert_eq!(r.reading(100, false, at(t0, 86_400)), Step::default());
+    }
+
+    #[test]
+    fn made_up_controllers_beyond_the_cap_are_ignored_and_counted() {
+        let t0 = Instant::now();
+        let mut r = LocalRule::new(5, 300, 20, t0);
+        r.link(true, false, t0);
+        for i in 0..MAX_CONTROLLERS + 10 {
+            r.controller_status(&controller_status_topic(&format!("c{i}")), b"online", t0);
+        }
+        assert_eq!((r.controllers_online(), r.ignored()), (MAX_CONTROLLERS, 10));
+        r.controller_status(&controller_status_topic("c0"), b"offline", t0);
+        r.controller_status(&controller_status_topic("late"), b"online", t0);
+        assert_eq!(r.controllers_online(), MAX_CONTROLLERS, "room again once one left");
     }
 }

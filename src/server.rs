@@ -68,6 +68,7 @@ pub async fn run(cfg: Config, security: Security, shutdown: impl Future<Output =
     let mut controller = Controller::new(cfg.server.threshold, cfg.server.hysteresis);
     let mut last_error: Option<String> = None;
     let mut connected = false;
+    let mut warned_full = false;
     info!(broker = %broker, threshold = cfg.server.threshold, hysteresis = cfg.server.hysteresis,
         telemetry = %filter, "controller started");
     tokio::pin!(shutdown);
@@ -107,6 +108,11 @@ pub async fn run(cfg: Config, security: Security, shutdown: impl Future<Output =
                         }
                         _ => None,
                     };
+                    if controller.ignored() > 0 && !warned_full {
+                        warned_full = true;
+                        warn!(max = crate::controller::MAX_DEVICES, device = %payload::printable(id, 80),
+                            "tracking as many devices as a controller may: messages from more are ignored (use server.shared_group to share the fleet)");
+                    }
                     if let Some(Command { id, on }) = cmd {
                         info!(device = %id, led_on = on, "sending command");
                         let json = payload::Command { led_on: on, ts: Some(crate::clock::unix_ms()) }.to_json();

@@ -660,7 +660,15 @@ impl Device {
             }
         }
         if local::is_controller_status(&p.topic) {
-            if self.local.controller_status(&p.topic, &p.payload, now()) {
+            let ignored = self.local.ignored();
+            let changed = self.local.controller_status(&p.topic, &p.payload, now());
+            if ignored == 0 && self.local.ignored() > 0 {
+                warn!(
+                    max = local::MAX_CONTROLLERS,
+                    "more controllers say online than a device keeps track of: ignoring the rest"
+                );
+            }
+            if changed {
                 info!(mode = self.local.mode().as_str(), controller = %p.topic, "mode changed");
                 self.publish_state();
             }
