@@ -76,9 +76,9 @@ impl Overrides {
     /// The file exists but is unreadable or not what [`Overrides::save`] writes.
     pub fn load(dir: &Path) -> Result<Self, String> {
         let path: PathBuf = dir.join(Self::FILE);
-        let text = match std::fs::read(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Overrides::default()),
+        let text = match crate::statefile::read_small(&path, 64 * 1024) {
+            Ok(Some(t)) => t,
+            Ok(None) => return Ok(Overrides::default()),
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
         match serde_json::from_slice::<Map<String, Value>>(&text) {

@@ -124,23 +124,6 @@ fn usage_errors_exit_2_and_help_and_version_exit_0() {
 }
 
 #[test]
-fn an_unusable_queue_directory_exits_1_naming_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let blocker = write_file(dir.path(), "not-a-dir", "");
-    let cfg = write_file(
-        dir.path(),
-        "device.toml",
-        &format!("[queue]\ndir = \"{}/sub\"\n[mqtt]\nport = {}\n", blocker.display(), free_port()),
-    );
-    let (code, _, err) = run_to_end(
-        &["run", "--config", cfg.to_str().unwrap()],
-        &[("NIGHTLIGHT__SENSOR__KIND", "virtual"), ("NIGHTLIGHT__LED__KIND", "virtual")],
-    );
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("not-a-dir"), "{err}");
-}
-
-#[test]
 fn a_missing_i2c_bus_exits_1_saying_how_to_enable_i2c() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_file(

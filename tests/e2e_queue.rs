@@ -248,3 +248,63 @@ fn the_watchdog_is_fed_while_the_disk_refuses_every_write() {
     // And it waits between retries: a loop that spins on a past deadline burns a whole core.
     assert!(cpu < 0.5, "{cpu:.2} CPU-s in 2 s on a failing disk: a busy loop");
 }
+
+/// The retained health of `dev` once it satisfies `done`.
+fn health_where(broker: &Mosquitto, dev: &DeviceDir, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let obs = Observer::new(broker.port, &dev.topic("health"));
+    obs.wait_on(&dev.topic("health"), 10 * S, |m| m.last().is_some_and(|m| done(&m.json()))).last().unwrap().json()
+}
+
+#[test]
+fn a_state_directory_that_cannot_be_used_at_all_still_lets_the_nightlight_run_on_memory_and_says_so() {
+    let broker = Mosquitto::start("");
+    let mut dev = DeviceDir::new(broker.port, 100, "");
+    // What a failing card can look like: the path is there, but no directory can be made in it.
+    let blocker = dev.dir.path().join("not-a-dir");
+    std::fs::write(&blocker, "").unwrap();
+    let text = std::fs::read_to_string(dev.config()).unwrap();
+    let q = dev.queue();
+    std::fs::write(dev.config(), text.replace(q.to_str().unwrap(), blocker.join("queue").to_str().unwrap())).unwrap();
+    dev.set_id("unusable");
+    let obs = Observer::new(broker.port, &dev.topic("telemetry"));
+    // With a synchronized clock, which keeps seq unique with nothing on disk (below).
+    let d = Daemon::spawn(&["run", "--config", dev.config().to_str().unwrap()], &[("NIGHTLIGHT_CLOCK_SYNCED", "1")]);
+    obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= 3);
+    let h = health_where(&broker, &dev, |h| h["queue_durable"] == false);
+    assert_eq!(h["seq_durable"], false, "{h}");
+    assert!(h["queue_errors"].as_u64().unwrap() >= 1, "counted: {h}");
+    assert!(d.stderr().contains("not-a-dir"), "names the directory: {}", d.stderr());
+    assert_contiguous(&obs.seqs(&dev.topic("telemetry")));
+}
+
+#[test]
+fn bad_entries_in_the_state_directory_are_skipped_never_followed_and_never_stop_the_start() {
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 100, "");
+    let q = dev.queue();
+    std::fs::create_dir_all(&q).unwrap();
+    // Another user's file, which a planted symlink points at.
+    let victim = dev.dir.path().join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    std::os::unix::fs::symlink(&victim, q.join("00000000000000000001.seg")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", q.join("led")).unwrap();
+    let fifo = std::ffi::CString::new(q.join("config.json").to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    std::fs::create_dir(q.join("meta")).unwrap(); // not a file at all
+    let run = |synced: &str| {
+        Daemon::spawn(&["run", "--config", dev.config().to_str().unwrap()], &[("NIGHTLIGHT_CLOCK_SYNCED", synced)])
+    };
+    // Without the meta file's last run and seq, only a synchronized clock keeps them from
+    // repeating an earlier run's: until NTP answers, the start fails (and systemd retries).
+    let mut early = run("0");
+    assert_eq!(early.wait_exit(10 * S).and_then(|s| s.code()), Some(1));
+    assert!(early.stderr().contains("clock is not synchronized"), "{}", early.stderr());
+    let obs = Observer::new(broker.port, &dev.topic("telemetry"));
+    let mut d = run("1");
+    obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= 3);
+    let h = health_where(&broker, &dev, |h| h["queue_errors"].as_u64().is_some_and(|n| n >= 1));
+    assert_eq!(h["seq_durable"], false, "no meta can be written over a directory: {h}");
+    assert_eq!(d.stop_with(libc::SIGTERM, 5 * S).0.code(), Some(0));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious", "the symlink was followed");
+}

@@ -214,7 +214,14 @@ impl Sim {
             }
             let segment = 256 + self.rng.u64(0..4096);
             let faulty = self.fs.has_faults();
-            let res = DiskQueue::open_in(self.fs.clone(), &self.dir, MAX_BYTES, SPILL, self.instant(), self.wall());
+            let res = DiskQueue::open_in(
+                self.fs.clone(),
+                &self.dir,
+                MAX_BYTES,
+                SPILL,
+                self.instant(),
+                (self.wall(), !self.clockless),
+            );
             if self.fs.is_dead() {
                 drop(res);
                 cut_at = Some(self.now);

@@ -50,10 +50,14 @@ pub struct Memory {
 impl Memory {
     /// Reads the kept state from `dir`; none when there is no file or it cannot be read.
     pub fn open(dir: &Path) -> Self {
-        let kept = match fs::read_to_string(dir.join("led")) {
-            Ok(s) if s.trim() == "on" => Some(true),
-            Ok(s) if s.trim() == "off" => Some(false),
-            _ => None,
+        let kept = match crate::statefile::read_small(&dir.join("led"), 64) {
+            Ok(Some(s)) if s.trim_ascii() == b"on" => Some(true),
+            Ok(Some(s)) if s.trim_ascii() == b"off" => Some(false),
+            Ok(_) => None,
+            Err(e) => {
+                warn!(error = %e, "ignored the LED's kept state");
+                None
+            }
         };
         Memory { dir: dir.to_owned(), kept, file: None }
     }
@@ -100,7 +104,8 @@ impl Memory {
     fn open_file(&self) -> io::Result<fs::File> {
         let path = self.dir.join("led");
         let existed = path.exists();
-        let file = fs::OpenOptions::new().write(true).create(true).truncate(false).open(&path)?;
+        let file =
+            crate::statefile::open_regular(&path, fs::OpenOptions::new().write(true).create(true).truncate(false))?;
         if !existed {
             fs::File::open(&self.dir)?.sync_all()?;
         }

@@ -92,10 +92,13 @@ const META_FLUSH: Duration = Duration::from_secs(1);
 /// A queue that cannot be opened; the device cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    /// The queue directory or a file in it cannot be created or read: check the path and its
-    /// permissions (`queue.dir`).
-    #[error("queue directory {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    /// The meta file (the last run and seq) cannot be read and the clock is not synchronized:
+    /// a start now could hand out seqs an earlier run used. The start is retried.
+    #[error(
+        "cannot read {path} ({source}) and the clock is not synchronized: seq and run could repeat an earlier \
+         run's, so the queue waits for the clock (a start after NTP answers goes on without the file)"
+    )]
+    MetaUnreadable { path: PathBuf, source: io::Error },
     /// Another process (a second `nightlight run`?) has the directory.
     #[error(
         "queue directory {path} is in use by another nightlight process (stop it, or give this one its own queue.dir)"
@@ -206,8 +209,9 @@ pub struct DiskQueue<S: Storage = OsStorage> {
     st: S,
     /// `queue.dir`.
     dir: PathBuf,
-    /// Held while this process owns `dir`.
-    _lock: S::Lock,
+    /// Held while this process owns `dir` (`None` when it cannot be taken: a read-only or
+    /// unusable directory).
+    _lock: Option<S::Lock>,
     /// `queue.max_bytes`: the oldest segments go past it.
     max_bytes: u64,
     /// The readings on disk.
@@ -252,43 +256,78 @@ impl DiskQueue<OsStorage> {
     /// # Errors
     /// The directory cannot be created or read, or another process holds it.
     pub fn open(dir: &Path, max_bytes: u64, spill_after: Duration) -> Result<Self, QueueError> {
-        Self::open_in(OsStorage, dir, max_bytes, spill_after, Instant::now(), crate::clock::unix_ms())
+        let synced = crate::clock::now().1;
+        Self::open_in(OsStorage, dir, max_bytes, spill_after, Instant::now(), (crate::clock::unix_ms(), synced))
     }
 }
 
 impl<S: Storage> DiskQueue<S> {
-    /// Opens the queue in `dir` on `st`; `wall_ms` is the wall clock (Unix ms), for `run` and
-    /// for `seq` when nothing can be made durable.
+    /// Opens the queue in `dir` on `st`; `wall` is the wall clock (Unix ms) and whether it is
+    /// known to be synchronized, for `run` and for `seq` when nothing can be made durable.
     ///
     /// # Errors
-    /// The directory cannot be created or read, or another process holds it.
+    /// Another process holds the directory; or the meta file cannot be read while the clock is
+    /// not synchronized: without either, `seq` and `run` could repeat an earlier run's (a start
+    /// once the clock is synchronized goes on).
     pub fn open_in(
         st: S,
         dir: &Path,
         max_bytes: u64,
         spill_after: Duration,
         now: Instant,
-        wall_ms: u64,
+        wall: (u64, bool),
     ) -> Result<Self, QueueError> {
-        let io_err = |source| QueueError::Io { path: dir.to_path_buf(), source };
-        st.create_dir_all(dir).map_err(io_err)?;
-        let lock = st.lock(dir).map_err(|e| match e.kind() {
-            io::ErrorKind::WouldBlock => QueueError::Locked { path: dir.to_path_buf() },
-            _ => io_err(e),
-        })?;
-        let (file, prior) = match MetaFile::open(&st, dir).map_err(io_err)? {
-            Found::Valid(f, m) => (Some(f), m),
-            Found::Missing => (None, Meta::default()),
-            Found::Unreadable => {
+        let (wall_ms, wall_synced) = wall;
+        // Only another process holding the directory stops a start. Anything else the directory
+        // does wrong (read-only, unreadable entries, not there at all) is logged and counted, and
+        // the queue runs on what it can use: in memory when nothing, with seq from the clock.
+        let mut errors = 0;
+        let mut trouble = |what: &str, e: &io::Error| {
+            errors += 1;
+            error!(dir = %dir.display(), error = %e,
+                "queue: {what}; running on what can be used (health: queue_errors, queue_durable false)");
+        };
+        if let Err(e) = st.create_dir_all(dir) {
+            trouble("cannot create the directory", &e);
+        }
+        let lock = match st.lock(dir) {
+            Ok(l) => Some(l),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(QueueError::Locked { path: dir.to_path_buf() })
+            }
+            Err(e) => {
+                trouble("cannot lock the directory (make sure one device uses it)", &e);
+                None
+            }
+        };
+        let (file, prior) = match MetaFile::open(&st, dir) {
+            Ok(Found::Valid(f, m)) => (Some(f), m),
+            Ok(Found::Missing) => (None, Meta::default()),
+            Ok(Found::Unreadable) => {
                 error!(dir = %dir.display(),
                     "queue: the meta file is unreadable; moved aside as meta.corrupt, seq goes on above the disk and the clock");
                 let _ = st.rename(&dir.join("meta"), &dir.join("meta.corrupt"));
                 (None, Meta::default())
             }
+            Err(e) if !wall_synced => {
+                return Err(QueueError::MetaUnreadable { path: dir.join("meta"), source: e });
+            }
+            Err(e) => {
+                trouble("cannot read the meta file; seq goes on above the disk and the synchronized clock", &e);
+                (None, Meta::default())
+            }
         };
         let segment_bytes = (max_bytes / 8).clamp(4096, 4 * 1024 * 1024);
         let mut segments = Segments::new(dir, segment_bytes);
-        let found = segments.recover(&st, prior.acked_through).map_err(io_err)?;
+        let found = match segments.recover(&st, prior.acked_through) {
+            Ok(found) => found,
+            Err(e) => {
+                trouble("cannot list the segments; what they hold stays on disk, unsent", &e);
+                segments = Segments::new(dir, segment_bytes);
+                store::Recovered::default()
+            }
+        };
+        errors += found.unreadable;
         let next = prior.reserved.max(found.max_seq + 1).max(prior.acked_through + 1).max(wall_ms).max(1);
         let run = (prior.run + 1).max(wall_ms);
         let mut q = DiskQueue {
@@ -312,7 +351,7 @@ impl<S: Storage> DiskQueue<S> {
                 meta_failing: false,
                 capping: false,
                 dropped: found.lost,
-                errors: 0,
+                errors,
             },
         };
         q.reserve(next + SEQ_BLOCK);

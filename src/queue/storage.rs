@@ -11,6 +11,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
@@ -68,7 +69,17 @@ impl Storage for OsStorage {
     }
 
     fn lock(&self, dir: &Path) -> io::Result<DirLock> {
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join("lock"))?;
+        let file = crate::statefile::open_regular(
+            &dir.join("lock"),
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600),
+        )
+        .or_else(|e| match e.raw_os_error() {
+            // A read-only directory (a failing SD card remounted): a lock needs no write.
+            Some(libc::EROFS | libc::EACCES | libc::EPERM) => {
+                crate::statefile::open_regular(&dir.join("lock"), OpenOptions::new().read(true))
+            }
+            _ => Err(e),
+        })?;
         // SAFETY: flock only reads the descriptor, which `file` keeps open.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(io::Error::last_os_error());
@@ -87,11 +98,20 @@ impl Storage for OsStorage {
     }
 
     fn open(&self, path: &Path) -> io::Result<File> {
-        OpenOptions::new().read(true).write(true).open(path)
+        crate::statefile::open_regular(path, OpenOptions::new().read(true).write(true)).or_else(|e| {
+            match e.raw_os_error() {
+                // Read-only (a failing SD card remounted, a file not ours): what it holds is still
+                // sent; writes fail, and are retried like any failing write.
+                Some(libc::EROFS | libc::EACCES | libc::EPERM) => {
+                    crate::statefile::open_regular(path, OpenOptions::new().read(true))
+                }
+                _ => Err(e),
+            }
+        })
     }
 
     fn create(&self, path: &Path) -> io::Result<File> {
-        OpenOptions::new().read(true).write(true).create_new(true).open(path)
+        crate::statefile::open_regular(path, OpenOptions::new().read(true).write(true).create_new(true).mode(0o600))
     }
 
     fn len(&self, file: &File) -> io::Result<u64> {

@@ -55,6 +55,8 @@ pub struct Recovered {
     pub max_seq: u64,
     /// Readings lost to damage (an upper bound where the damage hides how many).
     pub lost: u64,
+    /// Segments that could not be opened or read: left on disk, unsent, counted.
+    pub unreadable: u64,
 }
 
 /// See the module docs.
@@ -119,10 +121,12 @@ impl<S: Storage> Segments<S> {
         self.unsynced.as_ref().map(|u| u.since)
     }
 
-    /// Scans the segments in `dir`. Records up to `acked_through` are skipped.
+    /// Scans the segments in `dir`. Records up to `acked_through` are skipped. A segment that
+    /// cannot be opened or read (a bad block, a file not ours, a symlink) is left alone,
+    /// counted in [`Recovered::unreadable`], and its first seq still counts for `max_seq`.
     ///
     /// # Errors
-    /// A segment cannot be listed, opened or read: the caller fails to open (nothing is changed).
+    /// The directory cannot be listed: the caller goes on without segments.
     pub fn recover(&mut self, st: &S, acked_through: u64) -> io::Result<Recovered> {
         let mut ids: Vec<u64> =
             st.list(&self.dir)?.iter().filter_map(|n| n.strip_suffix(".seg")?.parse().ok()).collect();
@@ -132,11 +136,24 @@ impl<S: Storage> Segments<S> {
             let last = i + 1 == ids.len();
             let next_id = ids.get(i + 1).copied();
             let path = self.path(id);
-            let file = st.open(&path)?;
-            let file_len = st.len(&file)?;
-            // A run killed before its sync left bytes only in the page cache: make them durable.
-            st.sync(&file)?;
-            let scan = scan(st, &file, file_len, acked_through, found.max_seq)?;
+            let scanned = st.open(&path).and_then(|file| {
+                let file_len = st.len(&file)?;
+                // A run killed before its sync left bytes only in the page cache: make them
+                // durable (best effort: a read-only segment is still read).
+                let _ = st.sync(&file);
+                let scan = scan(st, &file, file_len, acked_through, found.max_seq)?;
+                Ok((file, file_len, scan))
+            });
+            let (file, file_len, scan) = match scanned {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(segment = %path.display(), error = %e,
+                        "queue: cannot read a segment; left as it is, its readings unsent (health: queue_errors)");
+                    found.unreadable += 1;
+                    found.max_seq = found.max_seq.max(id);
+                    continue;
+                }
+            };
             found.max_seq = found.max_seq.max(scan.last_seq);
             let mut lost = scan.lost_in_holes;
             let mut len = file_len;
@@ -159,8 +176,8 @@ impl<S: Storage> Segments<S> {
             }
             found.lost += lost;
             if scan.acked_records == scan.records {
-                st.remove(&path)?;
-                st.sync_dir(&self.dir)?;
+                // Best effort: a segment that cannot be removed now is removed at a later start.
+                let _ = st.remove(&path).and_then(|()| st.sync_dir(&self.dir));
                 continue;
             }
             if self.list.is_empty() {
@@ -177,7 +194,9 @@ impl<S: Storage> Segments<S> {
         if !self.list.is_empty() {
             // A segment made by a run that died before its directory sync may be here only in
             // the page cache: make every name found durable before appending to it.
-            st.sync_dir(&self.dir)?;
+            if let Err(e) = st.sync_dir(&self.dir) {
+                warn!(dir = %self.dir.display(), error = %e, "queue: cannot sync the directory");
+            }
         }
         Ok(found)
     }

@@ -19,7 +19,7 @@ fn sim_dir() -> PathBuf {
 }
 
 fn open_sim(fs: &SimFs, now: Instant) -> DiskQueue<SimFs> {
-    DiskQueue::open_in(fs.clone(), &sim_dir(), 1 << 20, Duration::from_millis(1000), now, WALL).unwrap()
+    DiskQueue::open_in(fs.clone(), &sim_dir(), 1 << 20, Duration::from_millis(1000), now, (WALL, true)).unwrap()
 }
 
 /// Sends everything unsent and returns the seqs, acking none.
@@ -130,7 +130,8 @@ fn a_start_with_the_clock_behind_still_goes_on_above_the_reservation() {
     fs.kill();
     // The clock went back an hour (a Pi without a real-time clock, before NTP).
     let mut q =
-        DiskQueue::open_in(fs.clone(), &sim_dir(), 1 << 20, Duration::from_secs(1), t, WALL - 3_600_000).unwrap();
+        DiskQueue::open_in(fs.clone(), &sim_dir(), 1 << 20, Duration::from_secs(1), t, (WALL - 3_600_000, false))
+            .unwrap();
     assert!(q.push(t, 1, 1, None) > a);
 }
 
@@ -143,7 +144,8 @@ fn a_disk_full_from_the_first_start_never_repeats_a_seq_or_a_run() {
     let mut runs = vec![];
     for start in 0..3u64 {
         let wall = WALL + start * 3_000;
-        let mut q = DiskQueue::open_in(fs.clone(), &sim_dir(), 1 << 20, Duration::from_secs(1), t, wall).unwrap();
+        let mut q =
+            DiskQueue::open_in(fs.clone(), &sim_dir(), 1 << 20, Duration::from_secs(1), t, (wall, true)).unwrap();
         assert!(!q.stats().seq_durable, "health says seq is not from a synced reservation");
         q.connected();
         runs.push(q.run());
@@ -370,4 +372,26 @@ fn a_read_error_while_draining_is_retried_not_dropped() {
     q.tick(retry);
     assert_eq!(send_all(&mut q), seqs);
     assert_eq!(q.stats().dropped, 0);
+}
+
+#[test]
+fn a_meta_file_that_cannot_be_read_waits_for_a_synchronized_clock_and_then_goes_on_above_it() {
+    let fs = SimFs::new();
+    let t = Instant::now();
+    let mut q = open_sim(&fs, t);
+    let a = q.push(t, 1, 1, None);
+    let run = q.run();
+    drop(q);
+    fs.kill();
+    // The meta file cannot be read now (a bad block), and the clock is an hour behind.
+    fs.fail(Call::Read, io::ErrorKind::Other, 1);
+    let behind =
+        DiskQueue::open_in(fs.clone(), &sim_dir(), 1 << 20, Duration::from_secs(1), t, (WALL - 3_600_000, false));
+    assert!(matches!(behind, Err(QueueError::MetaUnreadable { .. })), "no seq from a clock behind");
+    // Once the clock is synchronized, the start goes on: above everything before.
+    fs.fail(Call::Read, io::ErrorKind::Other, 1);
+    let later = WALL + 60_000;
+    let mut q = DiskQueue::open_in(fs.clone(), &sim_dir(), 1 << 20, Duration::from_secs(1), t, (later, true)).unwrap();
+    assert!(q.run() > run);
+    assert!(q.push(t, 1, 1, None) > a);
 }
