@@ -109,6 +109,29 @@ fn demo_runs_headless_shows_both_commands_to_outside_clients_and_stops_on_sigint
 }
 
 #[test]
+fn the_demo_keeps_its_state_in_a_new_directory_of_its_own_and_removes_it() {
+    use std::os::unix::fs::PermissionsExt;
+    // A shared machine: another user may create paths in the temporary directory first.
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut d = Daemon::spawn(
+        &["demo", "--port", &port.to_string(), "--web-port", "0"],
+        &[("TMPDIR", tmp.path().to_str().unwrap())],
+    );
+    let obs = Observer::new(port, "demo/telemetry");
+    obs.wait_on("demo/telemetry", 10 * S, |m| !m.is_empty());
+    let dirs: Vec<std::path::PathBuf> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let name = dirs[0].file_name().unwrap().to_str().unwrap().to_owned();
+    assert!(name.starts_with(&format!("nightlight-demo-{}-", d.pid())), "not guessable from the pid alone: {name}");
+    let meta = std::fs::symlink_metadata(&dirs[0]).unwrap();
+    assert!(meta.is_dir(), "a directory, not a symlink");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o700, "this user's alone");
+    assert_eq!(d.stop_with(libc::SIGINT, 5 * S).0.code(), Some(0));
+    assert!(!dirs[0].exists(), "removed at the end");
+}
+
+#[test]
 fn demo_on_a_busy_port_says_so_and_exits_1() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();

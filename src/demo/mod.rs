@@ -11,7 +11,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail};
+use anyhow::{anyhow, bail, Context};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -54,7 +54,7 @@ pub async fn run(port: u16, web_port: u16, shutdown: impl Future<Output = ()>) -
     let (device_addr, network, relay) = relay::bind(addr).await?;
     let relay = tokio::spawn(relay);
 
-    let queue_dir = std::env::temp_dir().join(format!("nightlight-demo-{}", std::process::id()));
+    let queue_dir = private_dir().context("cannot make the demo's state directory")?;
     let mut cfg = Config { id: DEMO_ID.into(), ..Config::default() };
     cfg.mqtt.host = "127.0.0.1".into();
     cfg.mqtt.port = device_addr.port();
@@ -121,4 +121,22 @@ pub async fn run(port: u16, web_port: u16, shutdown: impl Future<Output = ()>) -
     d.map_err(|e| anyhow!("device task: {e}"))??;
     c.map_err(|e| anyhow!("controller task: {e}"))??;
     Ok(())
+}
+
+/// A new directory of this user's alone (mode 0700) under the temporary directory, with a name
+/// nobody can guess: a path another local user made first (a directory of symlinks to the
+/// victim's files, say) is never taken over, since `mkdir` refuses one that exists.
+fn private_dir() -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut last = None;
+    for _ in 0..16 {
+        let path =
+            std::env::temp_dir().join(format!("nightlight-demo-{}-{:016x}", std::process::id(), fastrand::u64(..)));
+        match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+            Ok(()) => return Ok(path),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.expect("the loop ran"))
 }
