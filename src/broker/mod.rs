@@ -35,9 +35,64 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Messages waiting for a slow client; beyond this they are dropped (the demo's clients read
 /// promptly; a stopped `mosquitto_sub | less` must not grow the broker without bound).
 const OUTBOX: usize = 1024;
+/// Bytes waiting for one slow client, at most (1024 messages of 1 MiB would be 1 GiB).
+const OUTBOX_BYTES: usize = 4 * 1024 * 1024;
+/// Bytes of retained messages (topics and payloads) the broker keeps, at most; a retained
+/// message beyond it is delivered but not kept.
+pub const RETAINED_BYTES: usize = 8 * 1024 * 1024;
+/// Connections at once, at most; one more is closed at once.
+pub const MAX_CONNECTIONS: usize = 256;
+/// A client that turned keep-alive off (0) is closed after this long without a packet.
+const IDLE_WITHOUT_KEEP_ALIVE: Duration = Duration::from_secs(600);
 
-/// A connection's outbox: what the router hands to its connection task.
-pub type Outbox = mpsc::Sender<Publish>;
+/// A connection's outbox: what the router hands to its connection task, bounded in messages and
+/// in bytes.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Publish>,
+    /// Payload bytes handed and not yet taken by the connection task.
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Outbox {
+    /// A new outbox and the connection task's end of it.
+    pub fn new(messages: usize) -> (Self, Inbox) {
+        let (tx, rx) = mpsc::channel(messages);
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        (Outbox { tx, queued: queued.clone() }, Inbox { rx, queued })
+    }
+
+    /// Hands `p` over unless the client already has [`OUTBOX`] messages or [`OUTBOX_BYTES`]
+    /// waiting (or is gone); false when dropped.
+    pub fn try_send(&self, p: Publish) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let size = p.payload.len() + p.topic.len();
+        if self.queued.load(Relaxed) + size > OUTBOX_BYTES {
+            return false;
+        }
+        self.queued.fetch_add(size, Relaxed);
+        if self.tx.try_send(p).is_err() {
+            self.queued.fetch_sub(size, Relaxed);
+            return false;
+        }
+        true
+    }
+}
+
+/// The connection task's end of an [`Outbox`].
+#[derive(Debug)]
+pub struct Inbox {
+    rx: mpsc::Receiver<Publish>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Inbox {
+    pub async fn recv(&mut self) -> Option<Publish> {
+        let p = self.rx.recv().await?;
+        self.queued.fetch_sub(p.payload.len() + p.topic.len(), std::sync::atomic::Ordering::Relaxed);
+        Some(p)
+    }
+}
 
 /// One subscription of one client.
 #[derive(Debug)]
@@ -62,6 +117,10 @@ struct Session {
 pub struct Router {
     sessions: BTreeMap<String, Session>,
     retained: BTreeMap<String, Publish>,
+    /// Topic and payload bytes in `retained`, at most [`RETAINED_BYTES`].
+    retained_bytes: usize,
+    /// Retained messages not kept for want of room (logged once).
+    retained_refused: u64,
     next_conn: u64,
     /// Rotates the member of a shared group that gets the next message.
     share_turn: usize,
@@ -133,10 +192,21 @@ impl Router {
     /// allow; one member per shared group).
     pub fn publish(&mut self, publish: &Publish) -> Vec<(Outbox, Publish)> {
         if publish.retain {
-            if publish.payload.is_empty() {
-                self.retained.remove(&publish.topic);
-            } else {
-                self.retained.insert(publish.topic.clone(), publish.clone());
+            let size = |p: &Publish| p.topic.len() + p.payload.len();
+            if let Some(old) = self.retained.remove(&publish.topic) {
+                self.retained_bytes -= size(&old);
+            }
+            if !publish.payload.is_empty() {
+                if self.retained_bytes + size(publish) <= RETAINED_BYTES {
+                    self.retained_bytes += size(publish);
+                    self.retained.insert(publish.topic.clone(), publish.clone());
+                } else {
+                    self.retained_refused += 1;
+                    if self.retained_refused == 1 {
+                        tracing::warn!(limit = RETAINED_BYTES, topic = %crate::payload::printable(&publish.topic, 100),
+                            "the demo broker keeps no more retained bytes: delivered, not kept");
+                    }
+                }
             }
         }
         let mut direct: Vec<(&Session, QoS)> = Vec::new();
@@ -218,14 +288,20 @@ impl Broker {
 
     /// Accepts connections until the task is dropped; each is served by its own task.
     pub async fn run(self) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
             match self.listener.accept().await {
                 Ok((stream, peer)) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        debug!(%peer, max = MAX_CONNECTIONS, "too many connections: closed");
+                        continue;
+                    };
                     let router = self.router.clone();
                     tokio::spawn(async move {
                         if let Err(e) = serve(stream, router).await {
                             debug!(%peer, error = %e, "connection closed");
                         }
+                        drop(slot);
                     });
                 }
                 Err(e) => {
@@ -322,7 +398,7 @@ async fn serve(stream: TcpStream, router: Arc<Mutex<Router>>) -> Result<(), Conn
     } else {
         connect.client_id.clone()
     };
-    let (outbox, mut inbox) = mpsc::channel(OUTBOX);
+    let (outbox, mut inbox) = Outbox::new(OUTBOX);
     let id = lock(&router).connect(&client_id, outbox);
     debug!(client_id, conn = id, version = ?conn.version, "client connected");
     let result = session(&mut conn, &router, &client_id, connect.keep_alive, &mut inbox).await;
@@ -341,15 +417,13 @@ async fn session(
     router: &Mutex<Router>,
     client_id: &str,
     keep_alive_s: u16,
-    inbox: &mut mpsc::Receiver<Publish>,
+    inbox: &mut Inbox,
 ) -> Result<(), ConnectionError> {
     conn.write(Out::ConnAck { accepted: true }).await?;
     // MQTT 3.1.1 and 5: the server may close a connection silent for 1.5 times its keep-alive.
-    let grace = if keep_alive_s == 0 {
-        Duration::from_secs(86_400 * 365)
-    } else {
-        Duration::from_millis(1500 * u64::from(keep_alive_s))
-    };
+    // Keep-alive off is allowed, but not for ever on a shared machine.
+    let grace =
+        if keep_alive_s == 0 { IDLE_WITHOUT_KEEP_ALIVE } else { Duration::from_millis(1500 * u64::from(keep_alive_s)) };
     // Counted from the last packet read, not from the last message sent to the client.
     let mut silent_until = tokio::time::Instant::now() + grace;
     let mut pkid: u16 = 0;
@@ -411,7 +485,7 @@ async fn send(conn: &mut Conn, pkid: &mut u16, mut p: Publish) -> Result<(), Con
 
 fn deliver(router: &Mutex<Router>, publish: &Publish) {
     for (outbox, copy) in lock(router).publish(publish) {
-        if outbox.try_send(copy).is_err() {
+        if !outbox.try_send(copy) {
             debug!(topic = %publish.topic, "a client's outbox is full or gone: message dropped for it");
         }
     }
@@ -447,8 +521,8 @@ pub fn matches(topic: &str, filter: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn client(router: &mut Router, id: &str) -> (u64, mpsc::Receiver<Publish>) {
-        let (tx, rx) = mpsc::channel(8);
+    fn client(router: &mut Router, id: &str) -> (u64, Inbox) {
+        let (tx, rx) = Outbox::new(8);
         (router.connect(id, tx), rx)
     }
 
@@ -549,7 +623,7 @@ mod tests {
             got.extend(out.into_iter().map(|(tx, _)| tx));
         }
         let (c1, c2) = (&r.sessions["c1"].outbox, &r.sessions["c2"].outbox);
-        assert!(got.iter().any(|tx| tx.same_channel(c1)) && got.iter().any(|tx| tx.same_channel(c2)));
+        assert!(got.iter().any(|tx| tx.tx.same_channel(&c1.tx)) && got.iter().any(|tx| tx.tx.same_channel(&c2.tx)));
     }
 
     #[test]
@@ -580,5 +654,32 @@ mod tests {
         assert_eq!(r.publish(&msg("x", QoS::AtMostOnce, "1", false)).len(), 1);
         r.unsubscribe("d", &["x".into()]);
         assert!(r.publish(&msg("x", QoS::AtMostOnce, "1", false)).is_empty());
+    }
+
+    #[test]
+    fn retained_bytes_and_a_slow_clients_outbox_are_bounded() {
+        let mut r = Router::default();
+        let big = "x".repeat(1024 * 1024 - 16);
+        for i in 0..20 {
+            r.publish(&msg(&format!("r/{i}"), QoS::AtMostOnce, &big, true));
+        }
+        assert!(r.retained_bytes <= RETAINED_BYTES, "{}", r.retained_bytes);
+        assert_eq!(r.retained.len(), 8, "8 MiB of retained messages, the rest delivered but not kept");
+        assert_eq!(r.retained_refused, 12);
+        r.publish(&msg("r/0", QoS::AtMostOnce, "", true));
+        r.publish(&msg("r/late", QoS::AtMostOnce, "fits again", true));
+        assert!(r.retained.contains_key("r/late"), "clearing one made room");
+
+        // A subscriber that stopped reading: at most OUTBOX_BYTES wait for it.
+        let (_, _stalled) = client(&mut r, "stalled");
+        r.subscribe("stalled", &[("big/#".into(), QoS::AtMostOnce)]);
+        let (outbox, _) = (r.sessions["stalled"].outbox.clone(), ());
+        let mut taken = 0;
+        for _ in 0..8 {
+            if outbox.try_send(msg("big/x", QoS::AtMostOnce, &big, false)) {
+                taken += 1;
+            }
+        }
+        assert_eq!(taken, OUTBOX_BYTES / (1024 * 1024), "4 MiB wait, the rest is dropped");
     }
 }

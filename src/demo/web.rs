@@ -49,10 +49,22 @@ pub struct App {
 }
 
 /// Serves `app` on `listener` until the task is dropped.
+///
+/// Bounded for a shared machine: at most [`MAX_CONNECTIONS`] at once (one more is closed at
+/// once), [`HEADER_TIMEOUT`] to send a request's headers, and a failed accept (out of file
+/// descriptors, say) waits before the next instead of spinning.
 pub async fn serve(listener: TcpListener, app: Arc<App>) {
     let Ok(addr) = listener.local_addr() else { return };
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(_) => {
+                tokio::time::sleep(ACCEPT_PAUSE).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
         let app = app.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
@@ -60,10 +72,22 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
                 async move { Ok::<_, Infallible>(handle(&app, addr, &req)) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(io, service)
+                .await;
+            drop(slot);
         });
     }
 }
+
+/// Connections the page serves at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client has to send a request's headers.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The pause after a failed accept.
+pub const ACCEPT_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 type Reply = Response<Either<Full<Bytes>, Events>>;
 
