@@ -35,6 +35,26 @@ pub fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Whether the wall clock can be trusted to be above every earlier run's `seq` and `run`:
+/// synchronized, or `boot_wait` after boot with no NTP answer (a Pi that is never online; waiting
+/// longer would keep it from working for good). A seam that says "not synchronized" stands for
+/// a machine just booted.
+pub fn trusted(boot_wait: std::time::Duration) -> bool {
+    let (_, synced) = now();
+    let seamed = std::env::var_os(SEAM).is_some() || std::env::var_os(SYNCED).is_some();
+    synced || (!seamed && since_boot() >= boot_wait)
+}
+
+/// How long the machine has been up (`CLOCK_BOOTTIME`: suspend included, no `/proc` needed).
+pub fn since_boot() -> std::time::Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// `unix_s` as RFC 3339 in UTC (`2026-12-02T15:23:10Z`), what Home Assistant's timestamp
 /// sensors read. Days to a civil date as in Howard Hinnant's `civil_from_days`.
 pub fn rfc3339_utc(unix_s: u64) -> String {

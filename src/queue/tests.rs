@@ -312,7 +312,13 @@ fn an_unreadable_meta_is_not_a_reset_to_seq_1() {
     q.close(t).unwrap();
     drop(q);
     fs::write(dir.path().join("meta"), vec![0xAAu8; 8192]).unwrap();
-    let mut q = open(dir.path());
+    let open_at =
+        |wall: (u64, bool)| DiskQueue::open_in(OsStorage, dir.path(), 1 << 20, Duration::from_millis(1000), t, wall);
+    // A clock an hour behind, not synchronized: no seq can be trusted to be new, so no start.
+    let behind = open_at((crate::clock::unix_ms() - 3_600_000, false));
+    assert!(matches!(behind, Err(QueueError::MetaUnreadable { .. })), "seq from a clock behind");
+    assert!(!dir.path().join("meta.corrupt").exists(), "kept for the next start");
+    let mut q = open_at((crate::clock::unix_ms(), true)).unwrap();
     assert!(q.push(t, 1, 1, None) > a, "seq went back after the meta was destroyed");
     assert!(dir.path().join("meta.corrupt").exists());
 }
