@@ -567,3 +567,33 @@ fn live_configuration_refuses_a_retained_set_forgets_a_key_on_null_and_writes_no
     let _d = dev.spawn();
     report(&again, &|v| v["sensor"]["interval_ms"] == 1000);
 }
+
+#[test]
+fn under_3_1_1_a_retained_message_too_large_to_read_cannot_keep_the_device_reconnecting() {
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 100, "");
+    // 17 MiB retained on a topic the device subscribes to: more than it can read even to reject.
+    let big = dev.dir.path().join("big");
+    std::fs::write(&big, vec![b'x'; 17 << 20]).unwrap();
+    let topic = dev.topic("config/set");
+    let port = broker.port.to_string();
+    let sent = std::process::Command::new("mosquitto_pub")
+        .args(["-p", &port, "-t", &topic, "-r", "-f", big.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    // (Not `#`: the observer could not read that message either.)
+    let obs = Observer::new(broker.port, &dev.topic("telemetry"));
+    let status = Observer::new(broker.port, &dev.topic("status"));
+    let d =
+        Daemon::spawn(&["run", "--config", dev.config().to_str().unwrap()], &[("NIGHTLIGHT__MQTT__PROTOCOL", "3.1.1")]);
+    // Readings flow (each observed once the broker took it), commands still arrive.
+    obs.wait_on(&dev.topic("telemetry"), 30 * S, |m| {
+        m.iter().filter_map(|m| m.json()["seq"].as_u64()).collect::<std::collections::BTreeSet<_>>().len() >= 30
+    });
+    obs.publish(&dev.topic("commands"), r#"{"led_on": true}"#, false);
+    assert!(d.wait_stdout_lines(1, 5 * S).iter().any(|l| l.starts_with("led on")));
+    let connects = status.on(&dev.topic("status")).iter().filter(|m| m.text() == "online").count();
+    assert!(connects <= 4, "{connects} connections: the oversized message kept it reconnecting");
+    assert!(d.stderr().contains(&format!("subscription {topic}")), "names the subscription: {}", d.stderr());
+}

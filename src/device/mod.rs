@@ -15,6 +15,7 @@
 
 mod alarm;
 mod denial;
+mod oversized;
 mod sampler;
 
 use std::collections::{HashSet, VecDeque};
@@ -173,6 +174,7 @@ pub async fn run_with(
         subacks: VecDeque::new(),
         started_wall: None,
         // The unit's ProcSubset=pid hides /proc/device-tree; sysfs has the same file.
+        oversized: oversized::Oversized::default(),
         hw_version: ["/sys/firmware/devicetree/base/model", "/proc/device-tree/model"]
             .iter()
             .find_map(|p| homeassistant::board_model(Path::new(p))),
@@ -252,6 +254,8 @@ struct Device {
     started_wall: Option<(u64, bool)>,
     /// The board's model, for Home Assistant's `hw`.
     hw_version: Option<String>,
+    /// Subscriptions that bring a retained message too large to read, left out for a while.
+    oversized: oversized::Oversized,
 }
 
 /// A SUBSCRIBE in flight.
@@ -398,6 +402,9 @@ impl Device {
             Ok(Event::Message(m)) => self.on_message(&m),
             Ok(Event::Subscribed { refused }) => match self.subacks.pop_front() {
                 Some(Subscribe::Topics(topics)) => {
+                    if let [only] = &topics[..] {
+                        self.oversized.subacked(only);
+                    }
                     let refused: Vec<&String> =
                         refused.iter().zip(&topics).filter(|(r, _)| **r).map(|(_, t)| t).collect();
                     if !refused.is_empty() {
@@ -463,11 +470,16 @@ impl Device {
         self.notifier.connected(self.queue.stats().readings);
         // A session the broker kept still has our subscriptions; re-subscribing would make it
         // deliver retained messages again.
+        self.oversized.connected();
         if !session_present {
             let topics = self.subscriptions();
-            match self.client.subscribe(&topics) {
-                Ok(()) => self.subacks.push_back(Subscribe::Topics(topics)),
-                Err(e) => warn!(error = %e, "cannot subscribe to commands"),
+            // Probing (module doc of [`oversized`]): one filter per SUBSCRIBE.
+            let packets = if self.oversized.probing() { topics.chunks(1).collect() } else { vec![&topics[..]] };
+            for packet in packets {
+                match self.client.subscribe(packet) {
+                    Ok(()) => self.subacks.push_back(Subscribe::Topics(packet.to_vec())),
+                    Err(e) => warn!(error = %e, "cannot subscribe to commands"),
+                }
             }
         }
         self.publish_other(&self.topics.status.clone(), ONLINE.as_bytes().to_vec(), true);
@@ -639,6 +651,15 @@ impl Device {
                 );
                 self.oversize = Some(Oversize::Discard);
                 el.set_clean(true);
+                if let Some(filter) = self.oversized.too_large(now()) {
+                    let why = format!(
+                        "the broker holds a retained message larger than {} MiB for the subscription {filter}: left out \
+                         for an hour (clear it: mosquitto_pub -r -n -t <its topic>)",
+                        link::MAX_RECOVERY_BYTES >> 20
+                    );
+                    error!(filter = %filter, left_out_total = self.oversized.count(), "{why}");
+                    self.counters.set_last_error(format!("mqtt: {why}"));
+                }
             }
         }
         self.inflight.clear();
@@ -746,7 +767,7 @@ impl Device {
     /// What the device subscribes to, in this order: its commands, the controllers' statuses
     /// (the local rule), its live configuration, when simulated its light, and Home Assistant's
     /// status when discovery is on.
-    fn subscriptions(&self) -> Vec<String> {
+    fn subscriptions(&mut self) -> Vec<String> {
         let mut topics =
             vec![self.topics.commands.clone(), local::CONTROLLERS.to_owned(), self.topics.config_set.clone()];
         if self.simulated_topic {
@@ -755,6 +776,8 @@ impl Device {
         if self.cfg.homeassistant.enabled {
             topics.push(homeassistant::ha_status_topic(&self.cfg));
         }
+        let now = now();
+        topics.retain(|t| self.oversized.keep(t, now));
         topics
     }
 
