@@ -190,6 +190,8 @@ pub struct Live {
     pub base: Config,
     pub kept: Overrides,
     pub refusal: Option<Refusal>,
+    /// Keeps what was set on disk, off the loop.
+    pub saver: Saver,
 }
 
 /// Applies one `<id>/config/set` message: `base` (the file and the environment) with `kept`

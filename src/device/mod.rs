@@ -15,6 +15,7 @@
 
 mod alarm;
 mod denial;
+mod discovery;
 mod oversized;
 mod sampler;
 
@@ -158,26 +159,24 @@ pub async fn run_with(
         stopping: false,
         refused_topics: HashSet::new(),
         last_failure: None,
-        started: now(),
-        discovery_cleared: false,
+        started: Started { at: now(), wall: None },
         notifier,
         local: LocalRule::new(cfg_local.0, cfg_local.1, cfg_local.2, now()),
-        live: remote::Live { base, kept, refusal: None },
-        saver: remote::Saver::new(&queue_dir),
+        live: remote::Live { base, kept, refusal: None, saver: remote::Saver::new(&queue_dir) },
         sampler,
         restamp: clock::Restamp::new(run),
         ha_due: Alarm::default(),
         clock_wait: Alarm::default(),
         queue_on_storage: medium.is_durable(),
-        last_reading: None,
-        ha_probe: None,
         subacks: VecDeque::new(),
-        started_wall: None,
         // The unit's ProcSubset=pid hides /proc/device-tree; sysfs has the same file.
         oversized: oversized::Oversized::default(),
-        hw_version: ["/sys/firmware/devicetree/base/model", "/proc/device-tree/model"]
-            .iter()
-            .find_map(|p| homeassistant::board_model(Path::new(p))),
+        // The unit's ProcSubset=pid hides /proc/device-tree; sysfs has the same file.
+        ha: discovery::Discovery::new(
+            ["/sys/firmware/devicetree/base/model", "/proc/device-tree/model"]
+                .iter()
+                .find_map(|p| homeassistant::board_model(Path::new(p))),
+        ),
     };
     device.run(shutdown).await
 }
@@ -219,18 +218,14 @@ struct Device {
     refused_topics: HashSet<String>,
     /// The last connection failure, so a retry that fails the same way is not logged again.
     last_failure: Option<String>,
-    /// For `uptime_s` in health.
-    started: Instant,
-    /// Discovery is disabled and its retained configs were removed in this run.
-    discovery_cleared: bool,
+    /// When this run started, for health's `uptime_s` and `started`.
+    started: Started,
     /// READY, the watchdog and the status line systemd shows.
     notifier: Notifier,
     /// Whether a controller or the device itself switches the LED.
     local: LocalRule,
     /// Live configuration: what was set, the last refusal.
     live: remote::Live,
-    /// Keeps what was set on disk, off the loop.
-    saver: remote::Saver,
     /// The sensor, read every `sensor.interval_ms`.
     sampler: Sampler,
     /// Readings taken before the clock was synchronized: marked, then re-stamped.
@@ -242,20 +237,33 @@ struct Device {
     clock_wait: Alarm,
     /// `queue.dir` is on storage, not in memory ([`crate::queue::medium`]).
     queue_on_storage: bool,
-    /// The last reading as `<id>/reading` carries it, for the next connection and Home
-    /// Assistant's next birth.
-    last_reading: Option<Vec<u8>>,
-    /// Looking up which per-entity discovery configs of earlier releases the broker holds,
-    /// before the device message ([`homeassistant`]'s module doc).
-    ha_probe: Option<Probe>,
+    /// Home Assistant: what to announce, and when.
+    ha: discovery::Discovery,
     /// What each SUBSCRIBE not yet answered asked for, oldest first.
     subacks: VecDeque<Subscribe>,
-    /// When this run started by the wall clock, and whether the clock was synchronized then.
-    started_wall: Option<(u64, bool)>,
-    /// The board's model, for Home Assistant's `hw`.
-    hw_version: Option<String>,
     /// Subscriptions that bring a retained message too large to read, left out for a while.
     oversized: oversized::Oversized,
+}
+
+/// When the run started: by the monotonic clock, and by the wall clock as health reports it.
+#[derive(Debug)]
+struct Started {
+    at: Instant,
+    /// Unix seconds, and whether the wall clock was synchronized when they were worked out.
+    wall: Option<(u64, bool)>,
+}
+
+impl Started {
+    /// The uptime at `now`, and the start in RFC 3339: worked out at the first call, and again
+    /// once the wall clock (`(unix ms, synchronized)`) is synchronized.
+    fn now(&mut self, now: Instant, (wall_ms, synced): (u64, bool)) -> (Duration, String) {
+        let uptime = now.duration_since(self.at);
+        if self.wall.is_none_or(|(_, was_synced)| synced && !was_synced) {
+            self.wall = Some((wall_ms.saturating_sub(uptime.as_millis() as u64) / 1000, synced));
+        }
+        let (unix_s, _) = self.wall.expect("set above");
+        (uptime, clock::rfc3339_utc(unix_s))
+    }
 }
 
 /// A SUBSCRIBE in flight.
@@ -265,15 +273,6 @@ enum Subscribe {
     Topics(Vec<String>),
     /// The look-up of old discovery configs.
     Probe,
-}
-
-/// The look-up of the old per-entity discovery configs under way.
-#[derive(Debug, Default)]
-struct Probe {
-    /// The old topics that hold a config.
-    found: Vec<String>,
-    /// The broker refused the look-up (its ACL): which it holds is unknown.
-    blind: bool,
 }
 
 impl Device {
@@ -291,7 +290,7 @@ impl Device {
         loop {
             queue_alarm.set(self.queue.next_deadline().map(tokio::time::Instant::from_std));
             denied_alarm.set(self.denial.deadline().map(tokio::time::Instant::from_std));
-            save_alarm.set(self.saver.deadline());
+            save_alarm.set(self.live.saver.deadline());
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
@@ -315,13 +314,15 @@ impl Device {
                     self.pump(); // the refused readings, again
                 }
                 _ = save_alarm.ring(), if save_alarm.is_set() => {
-                    self.saver.write_due(tokio::time::Instant::now());
+                    self.live.saver.write_due(tokio::time::Instant::now());
                 }
                 _ = self.ha_due.ring(), if self.ha_due.is_set() => {
                     self.ha_due.set(None);
                     self.publish_discovery();
                     self.publish_state();
-                    self.publish_reading(Qos::AtLeastOnce);
+                    if let Some(out) = self.ha.last_reading(&self.cfg, Qos::AtLeastOnce) {
+                        self.publish_retained(out);
+                    }
                 }
                 _ = self.clock_wait.ring(), if self.clock_wait.is_set() => {
                     if clock::now().1 {
@@ -359,25 +360,21 @@ impl Device {
         if first || step.switch.is_some() || step.mode_changed {
             self.publish_state();
         }
-        self.last_reading = Some(payload::reading_json(reading.light, reading.lux, ts));
-        self.publish_reading(Qos::AtMostOnce);
+        if let Some(out) = self.ha.reading(&self.cfg, payload::reading_json(reading.light, reading.lux, ts)) {
+            self.publish_retained(out);
+        }
         self.queue.push_stamped(now(), reading.light, ts, ts_ok, reading.lux);
         self.pump();
     }
 
-    /// The retained `<id>/reading` for Home Assistant, when discovery is on: at QoS 0 after
-    /// each reading (the next one replaces a lost one), at QoS 1 on a connect and Home
-    /// Assistant's birth (so a broker's refusal is logged).
-    fn publish_reading(&mut self, qos: Qos) {
-        if self.connected.is_none() || !self.cfg.homeassistant.enabled {
+    /// A retained message of Home Assistant's part ([`discovery`]), when connected.
+    fn publish_retained(&mut self, out: discovery::Out) {
+        if self.connected.is_none() {
             return;
         }
-        if let Some(r) = self.last_reading.clone() {
-            let topic = self.topics.reading.clone();
-            match self.client.publish(&topic, qos, true, r) {
-                Ok(()) => self.inflight.handed(Sent::Other(topic)),
-                Err(e) => debug!(topic, error = %e, "cannot publish"),
-            }
+        match self.client.publish(&out.topic, out.qos, true, out.payload) {
+            Ok(()) => self.inflight.handed(Sent::Other(out.topic)),
+            Err(e) => warn!(topic = %out.topic, error = %e, "cannot publish"),
         }
     }
 
@@ -411,17 +408,15 @@ impl Device {
                         warn!(topics = ?refused, "the broker refused subscriptions (check its ACL): nothing arrives on these");
                     }
                 }
-                Some(Subscribe::Probe) => {
-                    if let (Some(probe), true) = (&mut self.ha_probe, refused.iter().any(|r| *r)) {
-                        debug!("the broker does not let us look up old discovery configs: migrating every old topic");
-                        probe.blind = true;
-                    }
+                Some(Subscribe::Probe) if refused.iter().any(|r| *r) => {
+                    debug!("the broker does not let us look up old discovery configs: migrating every old topic");
+                    self.ha.look_up_refused();
                 }
-                None => {}
+                Some(Subscribe::Probe) | None => {}
             },
             Ok(Event::Unsubscribed) => {
-                if let Some(probe) = self.ha_probe.take() {
-                    self.finish_discovery(probe);
+                if let Some(out) = self.ha.looked_up(&self.cfg) {
+                    self.migrated(out);
                 }
             }
             Ok(_) => {}
@@ -489,59 +484,37 @@ impl Device {
         self.publish_state();
         self.publish_config();
         self.publish_discovery();
-        self.publish_reading(Qos::AtLeastOnce);
+        if let Some(out) = self.ha.last_reading(&self.cfg, Qos::AtLeastOnce) {
+            self.publish_retained(out);
+        }
         self.publish_health();
     }
 
-    /// Home Assistant discovery (module doc of [`homeassistant`]): the device message on every
-    /// connect and after Home Assistant's birth; once per state directory, first, a look-up of
-    /// the per-entity configs of earlier releases, migrated and cleared where the broker holds
-    /// one; when disabled, every message emptied once.
+    /// Home Assistant discovery ([`discovery`]): on every connect and Home Assistant's birth.
     fn publish_discovery(&mut self) {
-        if self.cfg.homeassistant.enabled {
-            if self.ha_probe.is_some() {
-                return; // the device message follows the look-up
-            }
-            if !Path::new(&self.cfg.queue.dir).join("ha-migrated").exists() {
-                match self.client.look_up_retained(&homeassistant::legacy_filter(&self.cfg)) {
-                    Ok(()) => {
-                        self.subacks.push_back(Subscribe::Probe);
-                        self.ha_probe = Some(Probe::default());
-                        return;
-                    }
-                    Err(e) => warn!(error = %e, "cannot look up old discovery configs: migrating every old topic"),
+        let migrated = Path::new(&self.cfg.queue.dir).join("ha-migrated").exists();
+        match self.ha.announce(&self.cfg, migrated) {
+            discovery::Announce::Publish(out) => out.into_iter().for_each(|o| self.publish_retained(o)),
+            discovery::Announce::LookUp(filter) => match self.client.look_up_retained(&filter) {
+                Ok(()) => self.subacks.push_back(Subscribe::Probe),
+                Err(e) => {
+                    warn!(error = %e, "cannot look up old discovery configs: migrating every old topic");
+                    let out = self.ha.look_up_failed(&self.cfg);
+                    self.migrated(out);
                 }
-                return self.finish_discovery(Probe { found: Vec::new(), blind: true });
-            }
-            let d = homeassistant::device_discovery(&self.cfg, self.hw_version.as_deref());
-            self.publish_other(&d.topic, d.payload.to_string().into_bytes(), true);
-        } else if !self.discovery_cleared {
-            let mut topics = homeassistant::legacy_topics(&self.cfg);
-            topics.push(self.topics.reading.clone());
-            topics.push(homeassistant::device_discovery(&self.cfg, None).topic);
-            for topic in topics {
-                self.publish_other(&topic, Vec::new(), true);
-            }
-            self.discovery_cleared = true;
+            },
         }
     }
 
-    /// The look-up is answered: migrate, clear, then the device message (a clear after it shares
-    /// a discovery id with one of its components, and Home Assistant logs each such clear as a
-    /// conflicting discovery message); noted in the state directory.
-    fn finish_discovery(&mut self, probe: Probe) {
-        let old = if probe.blind { homeassistant::legacy_topics(&self.cfg) } else { probe.found };
-        if !old.is_empty() {
-            info!(topics = old.len(), "migrating Home Assistant's per-entity discovery configs of an earlier release");
+    /// The migration's messages published, noted in the state directory.
+    fn migrated(&mut self, out: Vec<discovery::Out>) {
+        if out.len() > 1 {
+            info!(
+                messages = out.len(),
+                "migrating Home Assistant's per-entity discovery configs of an earlier release"
+            );
         }
-        for topic in &old {
-            self.publish_other(topic, homeassistant::MIGRATE.as_bytes().to_vec(), true);
-        }
-        for topic in &old {
-            self.publish_other(topic, Vec::new(), true);
-        }
-        let d = homeassistant::device_discovery(&self.cfg, self.hw_version.as_deref());
-        self.publish_other(&d.topic, d.payload.to_string().into_bytes(), true);
+        out.into_iter().for_each(|o| self.publish_retained(o));
         if let Err(e) = crate::statefile::write_atomic(Path::new(&self.cfg.queue.dir), "ha-migrated", b"1\n") {
             warn!(error = %e, "cannot note the discovery migration; it runs again at the next connect");
         }
@@ -550,14 +523,10 @@ impl Device {
     fn publish_health(&mut self) {
         let q = self.queue.stats();
         let c = &self.counters;
-        let uptime = now().duration_since(self.started);
-        let (wall_ms, synced) = clock::now();
-        if self.started_wall.is_none_or(|(_, was_synced)| synced && !was_synced) {
-            self.started_wall = Some((wall_ms.saturating_sub(uptime.as_millis() as u64) / 1000, synced));
-        }
+        let (uptime, started) = self.started.now(now(), clock::now());
         let h = Health {
             uptime_s: uptime.as_secs(),
-            started: self.started_wall.map(|(s, _)| clock::rfc3339_utc(s)),
+            started: Some(started),
             queue_readings: q.readings,
             queue_bytes: q.bytes,
             dropped: q.dropped,
@@ -664,21 +633,15 @@ impl Device {
         }
         self.inflight.clear();
         self.subacks.clear();
-        self.ha_probe = None; // looked up again at the next connect
+        self.ha.disconnected(); // a look-up under way is made again at the next connect
         self.denial.disconnected();
         self.queue.disconnected(now());
         self.poller.start_after(delay);
     }
 
     fn on_message(&mut self, p: &Message) {
-        if let Some(probe) = &mut self.ha_probe {
-            if !p.payload.is_empty()
-                && homeassistant::legacy_topics(&self.cfg).contains(&p.topic)
-                && !probe.found.contains(&p.topic)
-            {
-                probe.found.push(p.topic.clone());
-                return;
-            }
+        if self.ha.message(&self.cfg, &p.topic, &p.payload) {
+            return; // an old discovery config, looked up
         }
         if local::is_controller_status(&p.topic) {
             let ignored = self.local.ignored();
@@ -795,7 +758,7 @@ impl Device {
         match outcome {
             Ok((cfg, kept)) => {
                 if kept != self.live.kept {
-                    self.saver.changed(&kept, tokio::time::Instant::now());
+                    self.live.saver.changed(&kept, tokio::time::Instant::now());
                 }
                 info!(changed = %crate::payload::printable(&String::from_utf8_lossy(payload), 400), "live configuration applied");
                 if cfg.sensor.interval_ms != self.cfg.sensor.interval_ms {
@@ -855,7 +818,7 @@ impl Device {
                 self.on_event(ev);
             }
         }
-        self.saver.flush().await;
+        self.live.saver.flush().await;
         let closed = self.queue.close(now());
         let st = self.queue.stats();
         match closed {
