@@ -84,6 +84,8 @@ pub struct LocalRule {
     online: HashSet<String>,
     /// Statuses ignored because [`MAX_CONTROLLERS`] were online already.
     ignored: u64,
+    /// The controllers' retained statuses were asked for in this process (a subscription made).
+    asked: bool,
     /// Since when no controller is reachable; `None` while attended.
     unattended_since: Option<Instant>,
     /// Whether the light is dark (`Some(true)`) or bright, once a reading said so.
@@ -103,6 +105,7 @@ impl LocalRule {
             connected: false,
             online: HashSet::new(),
             ignored: 0,
+            asked: false,
             unattended_since: Some(now),
             dark: None,
             commanded: false,
@@ -129,8 +132,21 @@ impl LocalRule {
             // New subscriptions: the controllers' retained statuses arrive again. A resumed
             // session delivers what they said meanwhile, so what is known stays.
             self.online.clear();
+            self.asked = true;
         }
         self.settle(now)
+    }
+
+    /// Whether this process has yet to ask for the controllers' retained statuses: after a
+    /// restart that resumed the broker's session, the broker sends them only to a new
+    /// SUBSCRIBE (which the device then makes, [`LocalRule::asking`]).
+    pub fn must_ask(&self) -> bool {
+        !self.asked
+    }
+
+    /// The device subscribed to [`CONTROLLERS`] again.
+    pub fn asking(&mut self) {
+        self.asked = true;
     }
 
     /// Controllers' `online` ignored because [`MAX_CONTROLLERS`] were online already.
@@ -334,5 +350,18 @@ mod tests {
         r.controller_status(&controller_status_topic("c0"), b"offline", t0);
         r.controller_status(&controller_status_topic("late"), b"online", t0);
         assert_eq!(r.controllers_online(), MAX_CONTROLLERS, "room again once one left");
+    }
+
+    #[test]
+    fn a_restart_that_resumes_the_session_asks_for_the_statuses_once() {
+        let t0 = Instant::now();
+        let mut r = LocalRule::new(5, 300, 20, t0);
+        r.link(true, true, t0); // a new process, the broker kept its session
+        assert!(r.must_ask(), "nothing known and nothing coming: ask");
+        r.asking();
+        assert!(!r.must_ask());
+        let mut fresh = LocalRule::new(5, 300, 20, t0);
+        fresh.link(true, false, t0);
+        assert!(!fresh.must_ask(), "a new session's subscription brings them");
     }
 }

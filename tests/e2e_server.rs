@@ -400,3 +400,26 @@ fn a_reconnect_that_resumes_the_session_keeps_the_controller_in_charge() {
     let since: Vec<String> = obs.on(&dev.topic("state"))[states..].iter().map(|m| m.text()).collect();
     assert!(since.iter().all(|s| !s.contains("local")), "went local with its controller online: {since:?}");
 }
+
+#[test]
+fn a_restart_that_resumes_the_session_learns_that_the_controller_is_online() {
+    let broker = Mosquitto::start("");
+    let dev = DeviceDir::new(broker.port, 100, ""); // a constant 123: dark
+    let obs = Observer::new(broker.port, "#");
+    let config = dev.config();
+    let spawn =
+        || Daemon::spawn(&["run", "--config", config.to_str().unwrap()], &[("NIGHTLIGHT__LED__LOCAL_AFTER_S", "1")]);
+    let _srv = server(broker.port, &[]);
+    let mut d = spawn();
+    mode_is(&obs, &dev, "remote", true);
+    assert_eq!(d.stop_with(libc::SIGTERM, 5 * S).0.code(), Some(0));
+    // The broker kept the device's session: it connects to it again, and the controller's
+    // retained `online` is not sent again unless asked for.
+    let d = spawn();
+    d.wait_stderr("session_present=true", 10 * S);
+    let states = obs.on(&dev.topic("state")).len();
+    let at = obs.on(&dev.topic("telemetry")).len();
+    obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= at + 30);
+    let since: Vec<String> = obs.on(&dev.topic("state"))[states..].iter().map(|m| m.text()).collect();
+    assert!(since.iter().all(|s| !s.contains("local")), "went local with its controller online: {since:?}");
+}

@@ -477,10 +477,22 @@ impl Device {
                 }
             }
         }
-        self.publish_other(&self.topics.status.clone(), ONLINE.as_bytes().to_vec(), true);
         if self.local.link(true, session_present, now()) {
             info!(mode = self.local.mode().as_str(), "mode changed");
         }
+        if self.local.must_ask() {
+            // A restart that resumed the session: the controllers' retained statuses come only
+            // with a new SUBSCRIBE (the other subscriptions stand).
+            let topics = vec![local::CONTROLLERS.to_owned()];
+            match self.client.subscribe(&topics) {
+                Ok(()) => {
+                    self.subacks.push_back(Subscribe::Topics(topics));
+                    self.local.asking();
+                }
+                Err(e) => warn!(error = %e, "cannot subscribe to the controllers' statuses"),
+            }
+        }
+        self.publish_other(&self.topics.status.clone(), ONLINE.as_bytes().to_vec(), true);
         self.publish_state();
         self.publish_config();
         self.publish_discovery();
