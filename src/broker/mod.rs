@@ -29,6 +29,8 @@ use tracing::debug;
 
 pub use wire::MAX_PACKET;
 use wire::{Connect, In, Out, Version, WireError};
+/// The pause after a failed accept ([`accept`]).
+pub const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
 /// How long a new connection has to send CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -290,24 +292,31 @@ impl Broker {
     pub async fn run(self) {
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
-            match self.listener.accept().await {
-                Ok((stream, peer)) => {
-                    let Ok(slot) = slots.clone().try_acquire_owned() else {
-                        debug!(%peer, max = MAX_CONNECTIONS, "too many connections: closed");
-                        continue;
-                    };
-                    let router = self.router.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = serve(stream, router).await {
-                            debug!(%peer, error = %e, "connection closed");
-                        }
-                        drop(slot);
-                    });
+            let (stream, peer) = accept(&self.listener).await;
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                debug!(%peer, max = MAX_CONNECTIONS, "too many connections: closed");
+                continue;
+            };
+            let router = self.router.clone();
+            tokio::spawn(async move {
+                if let Err(e) = serve(stream, router).await {
+                    debug!(%peer, error = %e, "connection closed");
                 }
-                Err(e) => {
-                    debug!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                drop(slot);
+            });
+        }
+    }
+}
+
+/// The next connection on `listener`. A failed accept (out of file descriptors, say) waits
+/// [`ACCEPT_PAUSE`] before the next try instead of spinning; the demo's page and relay use it too.
+pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                debug!(error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_PAUSE).await;
             }
         }
     }

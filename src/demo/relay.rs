@@ -35,11 +35,7 @@ pub async fn bind(broker: SocketAddr) -> std::io::Result<(SocketAddr, Network, i
 
 async fn serve(listener: TcpListener, broker: SocketAddr, up: watch::Receiver<bool>) {
     loop {
-        let Ok((device, _)) = listener.accept().await else {
-            // Out of file descriptors, say: wait rather than spin.
-            tokio::time::sleep(super::web::ACCEPT_PAUSE).await;
-            continue;
-        };
+        let (device, _) = crate::broker::accept(&listener).await;
         if !*up.borrow() {
             drop(device); // unplugged: the connection closes at once
             continue;

@@ -57,13 +57,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
     let Ok(addr) = listener.local_addr() else { return };
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(_) => {
-                tokio::time::sleep(ACCEPT_PAUSE).await;
-                continue;
-            }
-        };
+        let (stream, _) = crate::broker::accept(&listener).await;
         let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
         let app = app.clone();
         tokio::spawn(async move {
@@ -86,8 +80,6 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
 pub const MAX_CONNECTIONS: usize = 64;
 /// How long a client has to send a request's headers.
 pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-/// The pause after a failed accept.
-pub const ACCEPT_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 type Reply = Response<Either<Full<Bytes>, Events>>;
 

@@ -60,6 +60,17 @@ pub struct DirLock {
     _file: File,
 }
 
+/// Opens a regular file with `options`, or read-only where writing is refused (a read-only
+/// filesystem, a file not ours).
+fn open_or_read_only(path: &Path, options: &mut OpenOptions) -> io::Result<File> {
+    crate::statefile::open_regular(path, options).or_else(|e| match e.raw_os_error() {
+        Some(libc::EROFS | libc::EACCES | libc::EPERM) => {
+            crate::statefile::open_regular(path, OpenOptions::new().read(true))
+        }
+        _ => Err(e),
+    })
+}
+
 impl Storage for OsStorage {
     type File = File;
     type Lock = DirLock;
@@ -69,17 +80,11 @@ impl Storage for OsStorage {
     }
 
     fn lock(&self, dir: &Path) -> io::Result<DirLock> {
-        let file = crate::statefile::open_regular(
+        // A read-only directory (a failing SD card remounted): a lock needs no write.
+        let file = open_or_read_only(
             &dir.join("lock"),
             OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600),
-        )
-        .or_else(|e| match e.raw_os_error() {
-            // A read-only directory (a failing SD card remounted): a lock needs no write.
-            Some(libc::EROFS | libc::EACCES | libc::EPERM) => {
-                crate::statefile::open_regular(&dir.join("lock"), OpenOptions::new().read(true))
-            }
-            _ => Err(e),
-        })?;
+        )?;
         // SAFETY: flock only reads the descriptor, which `file` keeps open.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(io::Error::last_os_error());
@@ -98,16 +103,9 @@ impl Storage for OsStorage {
     }
 
     fn open(&self, path: &Path) -> io::Result<File> {
-        crate::statefile::open_regular(path, OpenOptions::new().read(true).write(true)).or_else(|e| {
-            match e.raw_os_error() {
-                // Read-only (a failing SD card remounted, a file not ours): what it holds is still
-                // sent; writes fail, and are retried like any failing write.
-                Some(libc::EROFS | libc::EACCES | libc::EPERM) => {
-                    crate::statefile::open_regular(path, OpenOptions::new().read(true))
-                }
-                _ => Err(e),
-            }
-        })
+        // Read-only (a failing SD card remounted, a file not ours): what it holds is still sent;
+        // writes fail, and are retried like any failing write.
+        open_or_read_only(path, OpenOptions::new().read(true).write(true))
     }
 
     fn create(&self, path: &Path) -> io::Result<File> {
