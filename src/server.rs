@@ -68,7 +68,6 @@ pub async fn run(cfg: Config, security: Security, shutdown: impl Future<Output =
     let mut controller = Controller::new(cfg.server.threshold, cfg.server.hysteresis);
     let mut last_error: Option<String> = None;
     let mut connected = false;
-    let mut warned_full = false;
     info!(broker = %broker, threshold = cfg.server.threshold, hysteresis = cfg.server.hysteresis,
         telemetry = %filter, "controller started");
     tokio::pin!(shutdown);
@@ -95,6 +94,7 @@ pub async fn run(cfg: Config, security: Security, shutdown: impl Future<Output =
                 }
                 Ok(Event::Message(m)) => {
                     let Some((id, leaf)) = m.topic.rsplit_once('/') else { continue };
+                    let ignored = controller.ignored();
                     let cmd = match leaf {
                         "telemetry" => match serde_json::from_slice::<Reading>(&m.payload) {
                             Ok(r) => controller.on_reading(id, r.light, r.ts),
@@ -108,8 +108,7 @@ pub async fn run(cfg: Config, security: Security, shutdown: impl Future<Output =
                         }
                         _ => None,
                     };
-                    if controller.ignored() > 0 && !warned_full {
-                        warned_full = true;
+                    if ignored == 0 && controller.ignored() > 0 {
                         warn!(max = crate::controller::MAX_DEVICES, device = %payload::printable(id, 80),
                             "tracking as many devices as a controller may: messages from more are ignored (use server.shared_group to share the fleet)");
                     }

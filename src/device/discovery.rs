@@ -9,6 +9,7 @@
 use crate::config::Config;
 use crate::homeassistant;
 use crate::link::Qos;
+use crate::payload::Topics;
 
 /// One retained message to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,7 +67,7 @@ impl Discovery {
                 return Announce::Publish(Vec::new());
             }
             let mut topics = homeassistant::legacy_topics(cfg);
-            topics.push(format!("{}/reading", cfg.id));
+            topics.push(Topics::new(&cfg.id).reading);
             topics.push(homeassistant::device_discovery(cfg, None).topic);
             return Announce::Publish(topics.into_iter().map(|t| retained(t, Vec::new())).collect());
         }
@@ -135,7 +136,7 @@ impl Discovery {
     /// refusal is logged), when discovery is on and there is one.
     pub fn last_reading(&self, cfg: &Config, qos: Qos) -> Option<Out> {
         let json = self.last_reading.clone().filter(|_| cfg.homeassistant.enabled)?;
-        Some(Out { topic: format!("{}/reading", cfg.id), payload: json, qos })
+        Some(Out { topic: Topics::new(&cfg.id).reading, payload: json, qos })
     }
 
     fn device_message(&self, cfg: &Config) -> Out {

@@ -369,12 +369,8 @@ impl Device {
 
     /// A retained message of Home Assistant's part ([`discovery`]), when connected.
     fn publish_retained(&mut self, out: discovery::Out) {
-        if self.connected.is_none() {
-            return;
-        }
-        match self.client.publish(&out.topic, out.qos, true, out.payload) {
-            Ok(()) => self.inflight.handed(Sent::Other(out.topic)),
-            Err(e) => warn!(topic = %out.topic, error = %e, "cannot publish"),
+        if self.connected.is_some() {
+            self.publish_at(&out.topic, out.qos, true, out.payload);
         }
     }
 
@@ -810,7 +806,13 @@ impl Device {
     }
 
     fn publish_other(&mut self, topic: &str, payload: Vec<u8>, retain: bool) {
-        match self.client.publish(topic, Qos::AtLeastOnce, retain, payload) {
+        self.publish_at(topic, Qos::AtLeastOnce, retain, payload);
+    }
+
+    /// Anything but a reading: handed to the client and noted in flight (a QoS 0 one is done
+    /// when written).
+    fn publish_at(&mut self, topic: &str, qos: Qos, retain: bool, payload: Vec<u8>) {
+        match self.client.publish(topic, qos, retain, payload) {
             Ok(()) => self.inflight.handed(Sent::Other(topic.to_owned())),
             Err(e) => warn!(topic, error = %e, "cannot publish"),
         }
