@@ -304,13 +304,8 @@ fn home_assistants_commands_hold_until_dusk_or_dawn_and_with_none_the_led_follow
     let broker = Mosquitto::start("");
     let dev = DeviceDir::new(broker.port, 100, ""); // a constant 123: dark
     let obs = Observer::new(broker.port, "#");
-    let config = dev.config();
-    let d = Daemon::spawn(&["run", "--config", config.to_str().unwrap()], &[("NIGHTLIGHT__LED__LOCAL_AFTER_S", "1")]);
-    let state_is = |mode: &str, on: bool| {
-        obs.wait_on(&dev.topic("state"), 10 * S, |m| {
-            m.last().is_some_and(|m| m.json()["mode"] == mode && m.json()["led_on"] == on)
-        })
-    };
+    let d = dev.spawn_with(&[("NIGHTLIGHT__LED__LOCAL_AFTER_S", "1")]);
+    let state_is = |mode: &str, on: bool| state_is(&obs, &dev, mode, on);
     let light = |v: &str| {
         obs.publish(&dev.topic("virtual/light"), v, false);
         obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| {

@@ -39,8 +39,7 @@ fn telemetry_has_contract_fields_and_cadence() {
 #[test]
 fn at_qos_0_a_reading_is_done_when_written_and_never_reaches_the_disk_while_online() {
     let Rig { broker: _broker, dev, obs } = Rig::new(100);
-    let config = dev.config();
-    let _d = Daemon::spawn(&["run", "--config", config.to_str().unwrap()], &[("NIGHTLIGHT__MQTT__QOS", "0")]);
+    let _d = dev.spawn_with(&[("NIGHTLIGHT__MQTT__QOS", "0")]);
     // Three seconds of readings: any still counted in flight after queue.spill_ms (1 s) would
     // have been written to a segment file.
     let msgs = obs.wait_on(&dev.topic("telemetry"), 20 * S, |m| m.len() >= 30);
@@ -502,10 +501,9 @@ fn readings_taken_before_the_clock_is_synchronized_are_marked_and_the_queued_one
 #[test]
 fn with_no_broker_the_led_follows_the_simulated_day_on_its_own() {
     let dev = DeviceDir::new(free_port(), 300, ""); // nothing listens there
-    let config = dev.config();
-    // A 4 s day starting at dusk (400, falling): dark, then light, then dark again. Failed
-    // connections every 20 ms, so the takeover at 1 s is noticed at one of them, between the
-    // readings at 0.9 s and 1.2 s.
+                                                    // A 4 s day starting at dusk (400, falling): dark, then light, then dark again. Failed
+                                                    // connections every 20 ms, so the takeover at 1 s is noticed at one of them, between the
+                                                    // readings at 0.9 s and 1.2 s.
     let env = [
         ("NIGHTLIGHT__MQTT__RECONNECT_MIN_MS", "20"),
         ("NIGHTLIGHT__MQTT__RECONNECT_MAX_MS", "20"),
@@ -515,7 +513,7 @@ fn with_no_broker_the_led_follows_the_simulated_day_on_its_own() {
         ("NIGHTLIGHT__SENSOR__VIRTUAL__VALUE", "400"),
         ("NIGHTLIGHT__LED__POWER_ON", "off"),
     ];
-    let d = Daemon::spawn(&["run", "--config", config.to_str().unwrap()], &env);
+    let d = dev.spawn_with(&env);
     let lines = d.wait_stdout_lines(3, 10 * S);
     assert!(
         lines[0].starts_with("led on") && lines[1].starts_with("led off") && lines[2].starts_with("led on"),
@@ -585,8 +583,7 @@ fn under_3_1_1_a_retained_message_too_large_to_read_cannot_keep_the_device_recon
     // (Not `#`: the observer could not read that message either.)
     let obs = Observer::new(broker.port, &dev.topic("telemetry"));
     let status = Observer::new(broker.port, &dev.topic("status"));
-    let d =
-        Daemon::spawn(&["run", "--config", dev.config().to_str().unwrap()], &[("NIGHTLIGHT__MQTT__PROTOCOL", "3.1.1")]);
+    let d = dev.spawn_with(&[("NIGHTLIGHT__MQTT__PROTOCOL", "3.1.1")]);
     // Readings flow (each observed once the broker took it), commands still arrive.
     obs.wait_on(&dev.topic("telemetry"), 30 * S, |m| {
         m.iter().filter_map(|m| m.json()["seq"].as_u64()).collect::<std::collections::BTreeSet<_>>().len() >= 30

@@ -139,7 +139,7 @@ impl TinyDisk {
         let queue = self.0.path().join("queue");
         let mut all = vec![("NIGHTLIGHT__QUEUE__DIR", queue.to_str().unwrap())];
         all.extend_from_slice(env);
-        Daemon::spawn(&["run", "--config", dev.config().to_str().unwrap()], &all)
+        dev.spawn_with(&all)
     }
 
     /// Fills the disk to the last byte; returns the file that does it.
@@ -268,7 +268,7 @@ fn a_state_directory_that_cannot_be_used_at_all_still_lets_the_nightlight_run_on
     dev.set_id("unusable");
     let obs = Observer::new(broker.port, &dev.topic("telemetry"));
     // With a synchronized clock, which keeps seq unique with nothing on disk (below).
-    let d = Daemon::spawn(&["run", "--config", dev.config().to_str().unwrap()], &[("NIGHTLIGHT_CLOCK_SYNCED", "1")]);
+    let d = dev.spawn_with(&[("NIGHTLIGHT_CLOCK_SYNCED", "1")]);
     obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= 3);
     let h = health_where(&broker, &dev, |h| h["queue_durable"] == false);
     assert_eq!(h["seq_durable"], false, "{h}");
@@ -292,9 +292,7 @@ fn bad_entries_in_the_state_directory_are_skipped_never_followed_and_never_stop_
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
     std::fs::create_dir(q.join("meta")).unwrap(); // not a file at all
-    let run = |synced: &str| {
-        Daemon::spawn(&["run", "--config", dev.config().to_str().unwrap()], &[("NIGHTLIGHT_CLOCK_SYNCED", synced)])
-    };
+    let run = |synced: &str| dev.spawn_with(&[("NIGHTLIGHT_CLOCK_SYNCED", synced)]);
     // Without the meta file's last run and seq, only a synchronized clock keeps them from
     // repeating an earlier run's: until NTP answers, the start fails (and systemd retries).
     let mut early = run("0");

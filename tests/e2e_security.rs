@@ -30,10 +30,6 @@ fn client_cert(pki: &Pki, cert: &str, key: &str) -> String {
     )
 }
 
-fn device_with(dir: &DeviceDir, env: &[(&str, &str)]) -> Daemon {
-    Daemon::spawn(&["run", "--config", dir.config().to_str().unwrap()], env)
-}
-
 fn tls_toml(tls_port: u16, host: &str, extra: &str) -> String {
     format!("[mqtt]\nport = {tls_port}\nhost = \"{host}\"\nreconnect_min_ms = 50\nreconnect_max_ms = 400\n[mqtt.tls]\nenabled = true\n{extra}")
 }
@@ -56,7 +52,7 @@ fn tls_with_the_right_ca_delivers_telemetry() {
     let obs = Observer::new(broker.port, "#");
     for host in ["127.0.0.1", "localhost"] {
         let dev = device_dir(&tls_toml(tls_port, host, &format!("ca_file = {:?}\n", pki.path("ca.pem"))));
-        let _d = device_with(&dev, &[]);
+        let _d = dev.spawn_with(&[]);
         obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= 3);
     }
 }
@@ -69,7 +65,7 @@ fn a_broker_certificate_from_an_untrusted_ca_is_refused_clearly_and_nothing_goes
     let (broker, tls_port) = tls_broker(&pki, "server", false);
     let obs = Observer::new(broker.port, "#");
     let dev = device_dir(&tls_toml(tls_port, "127.0.0.1", &format!("ca_file = {:?}\n", other.path("other.pem"))));
-    let mut d = device_with(&dev, &[]);
+    let mut d = dev.spawn_with(&[]);
     d.wait_stderr("not signed by a trusted CA", 10 * S);
     std::thread::sleep(1500 * Duration::from_millis(1));
     assert!(obs.on(&dev.topic("telemetry")).is_empty(), "telemetry went out over an untrusted link");
@@ -88,7 +84,7 @@ fn a_broker_certificate_for_another_host_is_refused_naming_the_host() {
     pki.issue("ca", "server", "DNS:elsewhere.example", false);
     let (_broker, tls_port) = tls_broker(&pki, "server", false);
     let dev = device_dir(&tls_toml(tls_port, "127.0.0.1", &format!("ca_file = {:?}\n", pki.path("ca.pem"))));
-    let d = device_with(&dev, &[]);
+    let d = dev.spawn_with(&[]);
     d.wait_stderr("not valid for 127.0.0.1", 10 * S);
     assert!(d.stderr().contains("subjectAltName=IP:127.0.0.1"), "says how to make one: {}", d.stderr());
 }
@@ -101,11 +97,11 @@ fn mutual_tls_works_with_a_client_certificate_and_is_refused_without_one() {
     let (broker, tls_port) = tls_broker(&pki, "server", true);
     let obs = Observer::new(broker.port, "#");
     let with_cert = device_dir(&tls_toml(tls_port, "127.0.0.1", &client_cert(&pki, "client", "client")));
-    let _a = device_with(&with_cert, &[]);
+    let _a = with_cert.spawn_with(&[]);
     obs.wait_on(&with_cert.topic("telemetry"), 10 * S, |m| m.len() >= 3);
 
     let without = device_dir(&tls_toml(tls_port, "127.0.0.1", &format!("ca_file = {:?}\n", pki.path("ca.pem"))));
-    let b = device_with(&without, &[]);
+    let b = without.spawn_with(&[]);
     b.wait_stderr("client certificate", 10 * S);
     std::thread::sleep(S);
     assert!(obs.on(&without.topic("telemetry")).is_empty());
@@ -120,7 +116,7 @@ fn mutual_tls_works_with_a_client_certificate_made_by_the_mosquitto_tls_recipe()
     let (broker, tls_port) = tls_broker(&pki, "server", true);
     let obs = Observer::new(broker.port, "#");
     let dev = device_dir(&tls_toml(tls_port, "127.0.0.1", &client_cert(&pki, "client", "client")));
-    let d = device_with(&dev, &[]);
+    let d = dev.spawn_with(&[]);
     obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= 3);
     assert!(!d.stderr().contains("WARN"), "{}", d.stderr());
 }
@@ -143,7 +139,7 @@ fn a_version_1_broker_certificate_is_refused_saying_so_and_how_to_make_one_that_
     assert!(version.starts_with("Version: 1"), "{version}");
     let (_broker, tls_port) = tls_broker(&pki, "server", false);
     let dev = device_dir(&tls_toml(tls_port, "127.0.0.1", &format!("ca_file = {:?}\n", pki.path("ca.pem"))));
-    let d = device_with(&dev, &[]);
+    let d = dev.spawn_with(&[]);
     d.wait_stderr("X.509 version 1 certificate", 10 * S);
     assert!(d.stderr().contains("-extfile <(printf 'subjectAltName=IP:127.0.0.1')"), "{}", d.stderr());
 }
@@ -158,11 +154,11 @@ fn the_right_password_works_a_wrong_one_is_refused_clearly_and_never_printed() {
         broker.port, pwfile
     ));
     dev.set_id("porch");
-    let good = device_with(&dev, &[]);
+    let good = dev.spawn_with(&[]);
     obs.wait_on("porch/telemetry", 10 * S, |m| m.len() >= 2);
     drop(good);
 
-    let mut bad = device_with(&dev, &[("NIGHTLIGHT__MQTT__PASSWORD", "wrong-secret-99")]);
+    let mut bad = dev.spawn_with(&[("NIGHTLIGHT__MQTT__PASSWORD", "wrong-secret-99")]);
     bad.wait_stderr("wrong username or password", 10 * S);
     assert!(bad.is_running());
     let all = format!("{}{:?}", bad.stderr(), bad.stdout());
@@ -199,7 +195,7 @@ fn under_the_readme_acl_device_and_controller_do_their_job_and_a_device_cannot_s
         format!("[mqtt]\nport = {port}\nhost = \"127.0.0.1\"\nusername = \"porch\"\npassword_file = {:?}\n", pwfile);
     let mut dev = device_dir(&mqtt);
     dev.set_id("porch");
-    let d = device_with(&dev, &[]);
+    let d = dev.spawn_with(&[]);
     // The whole job: telemetry, discovery, health, the controller's command (123 is dark), state.
     obs.wait_on("porch/telemetry", 10 * S, |m| m.len() >= 3);
     assert!(d.wait_stdout_lines(1, 10 * S)[0].starts_with("led on"), "the controller's command arrived");
@@ -210,7 +206,7 @@ fn under_the_readme_acl_device_and_controller_do_their_job_and_a_device_cannot_s
     // The porch's credentials with the garage's id: the broker drops everything it publishes.
     let mut spoof = device_dir(&mqtt);
     spoof.set_id("garage");
-    let s = device_with(&spoof, &[("NIGHTLIGHT__MQTT__CLIENT_ID", "spoofer")]);
+    let s = spoof.spawn_with(&[("NIGHTLIGHT__MQTT__CLIENT_ID", "spoofer")]);
     s.wait_stderr("connected", 10 * S);
     // Mosquitto 2.0 drops denied publishes silently under MQTT 3.1.1 (and acknowledges them):
     // the proof is that nothing arrives.
@@ -259,14 +255,11 @@ fn a_certificate_refused_while_the_clock_is_behind_names_the_clock_and_connects_
     // yet". The backoff is a minute, so only the clock's own news can bring the link up sooner.
     let seam = dev.queue().with_file_name("clock-seam");
     std::fs::write(&seam, format!("-{}", 365 * 24 * 3600 * 1000u64)).unwrap();
-    let d = device_with(
-        &dev,
-        &[
-            ("NIGHTLIGHT_CLOCK_SEAM", seam.to_str().unwrap()),
-            ("NIGHTLIGHT__MQTT__RECONNECT_MIN_MS", "60000"),
-            ("NIGHTLIGHT__MQTT__RECONNECT_MAX_MS", "60000"),
-        ],
-    );
+    let d = dev.spawn_with(&[
+        ("NIGHTLIGHT_CLOCK_SEAM", seam.to_str().unwrap()),
+        ("NIGHTLIGHT__MQTT__RECONNECT_MIN_MS", "60000"),
+        ("NIGHTLIGHT__MQTT__RECONNECT_MAX_MS", "60000"),
+    ]);
     d.wait_stderr("clock is not synchronized", 10 * S);
     assert!(d.stderr().contains("not valid yet"), "{}", d.stderr());
     assert!(obs.on(&dev.topic("telemetry")).is_empty(), "nothing goes out while the certificate is refused");

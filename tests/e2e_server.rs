@@ -283,10 +283,12 @@ fn the_demo_page_answers_only_itself_and_moves_nothing_for_another_origin() {
     assert!(status.ends_with("204 No Content"), "{status}");
 }
 
-fn mode_is(obs: &Observer, dev: &DeviceDir, mode: &str, led_on: bool) {
-    obs.wait_on(&dev.topic("state"), 10 * S, |m| {
-        m.last().is_some_and(|m| m.json()["mode"] == mode && m.json()["led_on"] == led_on)
-    });
+/// Waits for 30 more readings; fails if any state since the first `states` said `local`.
+fn stays_remote_for_30_readings(obs: &Observer, dev: &DeviceDir, states: usize) {
+    let at = obs.on(&dev.topic("telemetry")).len();
+    obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= at + 30);
+    let since: Vec<String> = obs.on(&dev.topic("state"))[states..].iter().map(|m| m.text()).collect();
+    assert!(since.iter().all(|s| !s.contains("local")), "went local with its controller online: {since:?}");
 }
 
 #[test]
@@ -294,12 +296,11 @@ fn with_no_controller_online_the_device_switches_the_led_itself_until_a_controll
     let broker = Mosquitto::start("");
     let dev = DeviceDir::new(broker.port, 100, ""); // a constant 123: dark
     let obs = Observer::new(broker.port, "#");
-    let config = dev.config();
-    let d = Daemon::spawn(&["run", "--config", config.to_str().unwrap()], &[("NIGHTLIGHT__LED__LOCAL_AFTER_S", "1")]);
+    let d = dev.spawn_with(&[("NIGHTLIGHT__LED__LOCAL_AFTER_S", "1")]);
     // Connected, but no controller online: after 1 s the device's own rule switches it on.
     let lines = d.wait_stdout_lines(1, 10 * S);
     assert!(lines[0].starts_with("led on"), "{lines:?}");
-    mode_is(&obs, &dev, "local", true);
+    state_is(&obs, &dev, "local", true);
     d.wait_stderr("local rule: switching the LED", 5 * S);
 
     // A controller announces itself (retained `online`): the device hands over at once.
@@ -309,17 +310,17 @@ fn with_no_controller_online_the_device_switches_the_led_itself_until_a_controll
     let late = Observer::new(broker.port, "nightlight/controller/+/status");
     let kept = late.wait_on(&status[0].topic, 5 * S, |m| !m.is_empty());
     assert!(kept[0].retain && kept[0].text() == "online", "retained, for devices that connect later");
-    mode_is(&obs, &dev, "remote", true);
+    state_is(&obs, &dev, "remote", true);
     // Bright now: the controller, not the device, turns it off.
     obs.publish(&dev.topic("virtual/light"), "900", false);
-    mode_is(&obs, &dev, "remote", false);
+    state_is(&obs, &dev, "remote", false);
     assert_eq!(commands(&obs, &dev.topic("commands")), vec![false], "the controller's command");
 
     // The controller dies: its Last Will says offline, and 1 s later the device is in charge.
     drop(srv);
     obs.wait_on(&status[0].topic, 10 * S, |m| m.last().is_some_and(|m| m.text() == "offline"));
     obs.publish(&dev.topic("virtual/light"), "100", false);
-    mode_is(&obs, &dev, "local", true);
+    state_is(&obs, &dev, "local", true);
     assert_eq!(commands(&obs, &dev.topic("commands")), vec![false], "no controller sent it");
 }
 
@@ -371,10 +372,9 @@ fn a_reconnect_that_resumes_the_session_keeps_the_controller_in_charge() {
     let broker = Mosquitto::start("");
     let dev = DeviceDir::new(broker.port, 100, ""); // a constant 123: dark
     let obs = Observer::new(broker.port, "#");
-    let config = dev.config();
-    let d = Daemon::spawn(&["run", "--config", config.to_str().unwrap()], &[("NIGHTLIGHT__LED__LOCAL_AFTER_S", "1")]);
+    let d = dev.spawn_with(&[("NIGHTLIGHT__LED__LOCAL_AFTER_S", "1")]);
     let _srv = server(broker.port, &[]);
-    mode_is(&obs, &dev, "remote", true);
+    state_is(&obs, &dev, "remote", true);
     let online = |m: &[Msg]| m.iter().filter(|m| m.text() == "online").count();
     let connects = online(&obs.on(&dev.topic("status")));
 
@@ -392,13 +392,8 @@ fn a_reconnect_that_resumes_the_session_keeps_the_controller_in_charge() {
     drop(conn);
     obs.wait_on(&dev.topic("status"), 10 * S, |m| online(m) > connects);
     d.wait_stderr("session_present=true", 10 * S);
-    let states = obs.on(&dev.topic("state")).len();
-
     // More than led.local_after_s later the controller is still known to be online.
-    let at = obs.on(&dev.topic("telemetry")).len();
-    obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= at + 30);
-    let since: Vec<String> = obs.on(&dev.topic("state"))[states..].iter().map(|m| m.text()).collect();
-    assert!(since.iter().all(|s| !s.contains("local")), "went local with its controller online: {since:?}");
+    stays_remote_for_30_readings(&obs, &dev, obs.on(&dev.topic("state")).len());
 }
 
 #[test]
@@ -406,20 +401,14 @@ fn a_restart_that_resumes_the_session_learns_that_the_controller_is_online() {
     let broker = Mosquitto::start("");
     let dev = DeviceDir::new(broker.port, 100, ""); // a constant 123: dark
     let obs = Observer::new(broker.port, "#");
-    let config = dev.config();
-    let spawn =
-        || Daemon::spawn(&["run", "--config", config.to_str().unwrap()], &[("NIGHTLIGHT__LED__LOCAL_AFTER_S", "1")]);
+    let spawn = || dev.spawn_with(&[("NIGHTLIGHT__LED__LOCAL_AFTER_S", "1")]);
     let _srv = server(broker.port, &[]);
     let mut d = spawn();
-    mode_is(&obs, &dev, "remote", true);
+    state_is(&obs, &dev, "remote", true);
     assert_eq!(d.stop_with(libc::SIGTERM, 5 * S).0.code(), Some(0));
     // The broker kept the device's session: it connects to it again, and the controller's
     // retained `online` is not sent again unless asked for.
     let d = spawn();
     d.wait_stderr("session_present=true", 10 * S);
-    let states = obs.on(&dev.topic("state")).len();
-    let at = obs.on(&dev.topic("telemetry")).len();
-    obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= at + 30);
-    let since: Vec<String> = obs.on(&dev.topic("state"))[states..].iter().map(|m| m.text()).collect();
-    assert!(since.iter().all(|s| !s.contains("local")), "went local with its controller online: {since:?}");
+    stays_remote_for_30_readings(&obs, &dev, obs.on(&dev.topic("state")).len());
 }

@@ -19,7 +19,12 @@ fn sim_dir() -> PathBuf {
 }
 
 fn open_sim(fs: &SimFs, now: Instant) -> DiskQueue<SimFs> {
-    DiskQueue::open_in(fs.clone(), &sim_dir(), 1 << 20, Duration::from_millis(1000), now, (WALL, true)).unwrap()
+    open_sim_at(fs, now, (WALL, true)).unwrap()
+}
+
+/// Opens the simulated queue with the wall clock at `wall` (Unix ms, trusted or not).
+fn open_sim_at(fs: &SimFs, now: Instant, wall: (u64, bool)) -> Result<DiskQueue<SimFs>, QueueError> {
+    DiskQueue::open_in(fs.clone(), &sim_dir(), 1 << 20, Duration::from_millis(1000), now, wall)
 }
 
 /// Sends everything unsent and returns the seqs, acking none.
@@ -129,9 +134,7 @@ fn a_start_with_the_clock_behind_still_goes_on_above_the_reservation() {
     drop(q);
     fs.kill();
     // The clock went back an hour (a Pi without a real-time clock, before NTP).
-    let mut q =
-        DiskQueue::open_in(fs.clone(), &sim_dir(), 1 << 20, Duration::from_secs(1), t, (WALL - 3_600_000, false))
-            .unwrap();
+    let mut q = open_sim_at(&fs, t, (WALL - 3_600_000, false)).unwrap();
     assert!(q.push(t, 1, 1, None) > a);
 }
 
@@ -144,8 +147,7 @@ fn a_disk_full_from_the_first_start_never_repeats_a_seq_or_a_run() {
     let mut runs = vec![];
     for start in 0..3u64 {
         let wall = WALL + start * 3_000;
-        let mut q =
-            DiskQueue::open_in(fs.clone(), &sim_dir(), 1 << 20, Duration::from_secs(1), t, (wall, true)).unwrap();
+        let mut q = open_sim_at(&fs, t, (wall, true)).unwrap();
         assert!(!q.stats().seq_durable, "health says seq is not from a synced reservation");
         q.connected();
         runs.push(q.run());
@@ -391,13 +393,12 @@ fn a_meta_file_that_cannot_be_read_waits_for_a_synchronized_clock_and_then_goes_
     fs.kill();
     // The meta file cannot be read now (a bad block), and the clock is an hour behind.
     fs.fail(Call::Read, io::ErrorKind::Other, 1);
-    let behind =
-        DiskQueue::open_in(fs.clone(), &sim_dir(), 1 << 20, Duration::from_secs(1), t, (WALL - 3_600_000, false));
+    let behind = open_sim_at(&fs, t, (WALL - 3_600_000, false));
     assert!(matches!(behind, Err(QueueError::MetaUnreadable { .. })), "no seq from a clock behind");
     // Once the clock is synchronized, the start goes on: above everything before.
     fs.fail(Call::Read, io::ErrorKind::Other, 1);
     let later = WALL + 60_000;
-    let mut q = DiskQueue::open_in(fs.clone(), &sim_dir(), 1 << 20, Duration::from_secs(1), t, (later, true)).unwrap();
+    let mut q = open_sim_at(&fs, t, (later, true)).unwrap();
     assert!(q.run() > run);
     assert!(q.push(t, 1, 1, None) > a);
 }

@@ -304,7 +304,12 @@ impl DeviceDir {
     }
 
     pub fn spawn(&self) -> Daemon {
-        Daemon::spawn(&["run", "--config", self.config().to_str().unwrap()], &[])
+        self.spawn_with(&[])
+    }
+
+    /// `nightlight run` on this directory's config, with `env` set besides.
+    pub fn spawn_with(&self, env: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn(&["run", "--config", self.config().to_str().unwrap()], env)
     }
 }
 
@@ -323,6 +328,13 @@ impl Rig {
         let obs = Observer::new(broker.port, "#");
         Rig { broker, dev, obs }
     }
+}
+
+/// Waits until `dev`'s retained state says `mode` and the LED `on`; the states seen so far.
+pub fn state_is(obs: &Observer, dev: &DeviceDir, mode: &str, on: bool) -> Vec<Msg> {
+    obs.wait_on(&dev.topic("state"), 10 * S, |m| {
+        m.last().is_some_and(|m| m.json()["mode"] == mode && m.json()["led_on"] == on)
+    })
 }
 
 /// The `nightlight` binary, its stdout and stderr captured line by line; killed on drop.
