@@ -128,6 +128,9 @@ pub struct EventLoop {
     kind: Kind,
     /// `mqtt.protocol = "auto"`: how to build the other protocol's loop, and what was seen.
     auto: Option<Box<Auto>>,
+    /// The error that ended the connection, held back while rumqttc still holds events it read
+    /// before it (see [`EventLoop::poll`]).
+    ended: Option<LinkError>,
 }
 
 enum Kind {
@@ -171,7 +174,7 @@ pub fn build(mqtt: &MqttConfig, security: &Security, spec: &Spec) -> (Client, Ev
             settled: None,
         })
     });
-    (Client { slot }, EventLoop { kind, auto })
+    (Client { slot }, EventLoop { kind, auto, ended: None })
 }
 
 fn build_kind(protocol: Protocol, mqtt: &MqttConfig, security: &Security, spec: &Spec) -> (Handle, Kind) {
@@ -339,11 +342,43 @@ impl EventLoop {
     ///
     /// # Errors
     /// The connection failed or ended.
+    ///
+    /// rumqttc reads packets in bulk: a SUBACK or PUBACK read in the same bulk as a packet that
+    /// ends the connection (one too large, say) is still in its buffer when the error comes, and
+    /// rumqttc would hand it out after the next CONNACK, as if the new connection had sent it.
+    /// So what was read before the error comes first, then the error: every event belongs to the
+    /// connection that brought it.
     pub async fn poll(&mut self) -> Result<Event, LinkError> {
+        if let Some(e) = self.ended.take() {
+            if let Some(ev) = self.pop_buffered() {
+                self.ended = Some(e);
+                return Ok(ev);
+            }
+            return self.observed(Err(e));
+        }
         let r = match &mut self.kind {
             Kind::V4(el) => el.poll().await.map(translate_v4).map_err(LinkError::from),
             Kind::V5(el) => el.poll().await.map(translate_v5).map_err(LinkError::from),
         };
+        match r {
+            Err(e) if self.has_buffered_events() => {
+                self.ended = Some(e);
+                Ok(self.pop_buffered().unwrap_or(Event::Other))
+            }
+            r => self.observed(r),
+        }
+    }
+
+    /// An event rumqttc read and has not handed out yet.
+    fn pop_buffered(&mut self) -> Option<Event> {
+        match &mut self.kind {
+            Kind::V4(el) => el.state.events.pop_front().map(translate_v4),
+            Kind::V5(el) => el.state.events.pop_front().map(translate_v5),
+        }
+    }
+
+    /// `r`, once `mqtt.protocol = "auto"` has seen it.
+    fn observed(&mut self, r: Result<Event, LinkError>) -> Result<Event, LinkError> {
         let now = self.protocol();
         if let Some(auto) = self.auto.as_mut() {
             if let Some(next) = auto.observe(now, &r) {
@@ -357,6 +392,9 @@ impl EventLoop {
 
     /// Whether rumqttc holds events already read (polling again returns at once).
     pub fn has_buffered_events(&self) -> bool {
+        if self.ended.is_some() {
+            return true;
+        }
         match &self.kind {
             Kind::V4(el) => !el.state.events.is_empty(),
             Kind::V5(el) => !el.state.events.is_empty(),
@@ -365,6 +403,7 @@ impl EventLoop {
 
     /// Forgets everything rumqttc would replay or still send.
     pub fn forget_unsent(&mut self) {
+        self.ended = None;
         match &mut self.kind {
             Kind::V4(el) => {
                 el.clean();

@@ -229,4 +229,59 @@ mod tests {
             assert!(cleared, "{protocol:?}: a parked publish would stop the next connection sending");
         }
     }
+
+    /// A broker of one connection at a time on loopback: answers CONNECT with CONNACK and the
+    /// first SUBSCRIBE with its SUBACK and, in the same write, the head of a 20 MiB PUBLISH.
+    async fn suback_then_oversized(listener: tokio::net::TcpListener, protocol: Protocol) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let v5 = protocol == Protocol::V5;
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let mut buf = [0u8; 512];
+            let _ = sock.read(&mut buf).await; // CONNECT
+            let connack: &[u8] = if v5 { &[0x20, 3, 0, 0, 0] } else { &[0x20, 2, 0, 0] };
+            if sock.write_all(connack).await.is_err() {
+                continue;
+            }
+            let Ok(n) = sock.read(&mut buf).await else { continue };
+            if n < 4 || buf[0] != 0x82 {
+                continue;
+            }
+            let pkid = [buf[2], buf[3]]; // remaining length < 128: one byte
+            let mut out = if v5 { vec![0x90, 4, pkid[0], pkid[1], 0, 0] } else { vec![0x90, 3, pkid[0], pkid[1], 0] };
+            out.extend_from_slice(&[0x30, 0x80, 0x80, 0x80, 0x0a, 0, 1, b'a']); // PUBLISH of 20 MiB
+            let _ = sock.write_all(&out).await;
+            let _ = sock.read(&mut buf).await; // until the client hangs up
+        }
+    }
+
+    #[tokio::test]
+    async fn what_was_read_before_the_error_that_ends_a_connection_comes_before_that_error() {
+        for protocol in [Protocol::V311, Protocol::V5] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let broker = tokio::spawn(suback_then_oversized(listener, protocol));
+            let mqtt = MqttConfig { protocol, port, host: "127.0.0.1".into(), ..MqttConfig::default() };
+            let (client, mut el) = build(&mqtt, &Security::default(), &Spec::new(&mqtt, "t".into(), true));
+            let mut seen = Vec::new();
+            loop {
+                let ev = tokio::time::timeout(Duration::from_secs(10), el.poll()).await.expect("the link answers");
+                match ev {
+                    Ok(Event::Connected { .. }) => {
+                        seen.push("connected");
+                        client.subscribe(&["a".to_owned()]).unwrap();
+                    }
+                    Ok(Event::Subscribed { .. }) => seen.push("subscribed"),
+                    Ok(_) => {}
+                    Err(_) => {
+                        seen.push("ended");
+                        break;
+                    }
+                }
+            }
+            // rumqttc alone hands the SUBACK out after the next CONNACK, as the new connection's.
+            assert_eq!(seen, ["connected", "subscribed", "ended"], "{protocol:?}");
+            broker.abort();
+        }
+    }
 }
