@@ -85,11 +85,13 @@ pub async fn run(cfg: Config, security: Security, shutdown: impl Future<Output =
                     last_error = None;
                     connected = true;
                     backoff.reset();
-                    if let Err(e) = client.publish(&status_topic, Qos::AtLeastOnce, true, b"online".to_vec()) {
-                        warn!(topic = %status_topic, error = %e, "cannot announce this controller");
-                    }
+                    // Listening first, then `online`: the broker handles a connection's packets
+                    // in order, so a device that sees this controller online is already heard.
                     if let Err(e) = client.subscribe(&[filter.clone(), "+/state".to_owned()]) {
                         warn!(error = %e, "cannot subscribe");
+                    }
+                    if let Err(e) = client.publish(&status_topic, Qos::AtLeastOnce, true, b"online".to_vec()) {
+                        warn!(topic = %status_topic, error = %e, "cannot announce this controller");
                     }
                 }
                 Ok(Event::Message(m)) => {
