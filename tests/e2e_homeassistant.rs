@@ -255,7 +255,8 @@ fn health_after_an_outage_counts_the_reconnect_and_the_queue_and_status_prints_i
     let _d = dev.spawn();
     obs_online(&broker, &dev);
     broker.stop();
-    std::thread::sleep(S);
+    let stored = readings_on_disk(&dev.queue());
+    wait_readings_on_disk(&dev.queue(), stored + 6, 20 * S);
     broker.restart();
     let obs = Observer::new(broker.port, &dev.topic("health"));
     let h = obs.wait_on(&dev.topic("health"), 10 * S, |m| !m.is_empty());

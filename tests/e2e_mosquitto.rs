@@ -121,7 +121,8 @@ fn device_rides_out_a_broker_restart_and_delivers_what_it_read_meanwhile() {
     let mut d = dev.spawn();
     obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= 3);
     broker.stop();
-    std::thread::sleep(1500 * Duration::from_millis(1));
+    let before = readings_on_disk(&dev.queue());
+    wait_readings_on_disk(&dev.queue(), before + 12, 20 * S);
     assert!(d.is_running(), "a vanished broker must not stop the device");
     broker.restart();
     // Readings taken during the outage arrive, none missing, in order.
@@ -147,7 +148,7 @@ fn device_starts_while_the_broker_is_down_and_connects_when_it_comes() {
     broker.stop();
     let mut d = dev.spawn();
     d.wait_stderr("cannot connect", 5 * S);
-    std::thread::sleep(Duration::from_millis(800));
+    wait_readings_on_disk(&dev.queue(), 8, 20 * S);
     let back = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
     broker.restart();
     let msgs = obs.wait_on(&dev.topic("telemetry"), 15 * S, |m| m.len() >= 10);
@@ -197,7 +198,6 @@ fn commands_sent_while_the_device_was_away_arrive_when_it_returns() {
     obs.wait_on(&dev.topic("status"), 10 * S, |m| m.iter().any(|m| m.text() == "online"));
     d.stop_with(libc::SIGTERM, 5 * S);
     obs.publish(&dev.topic("commands"), r#"{"led_on": true}"#, false);
-    std::thread::sleep(Duration::from_millis(300));
     let d = dev.spawn();
     let lines = d.wait_stdout_lines(1, 10 * S);
     assert!(lines[0].starts_with("led on"), "{lines:?}");
@@ -211,7 +211,6 @@ fn an_oversized_message_held_by_the_broker_does_not_trap_the_device() {
     d.stop_with(libc::SIGTERM, 5 * S);
     // Queued in the device's persistent session: re-delivered on every reconnect, unless handled.
     obs.publish(&dev.topic("commands"), vec![b'x'; 600 * 1024], false);
-    std::thread::sleep(Duration::from_millis(300));
     obs.clear();
     let mut d = dev.spawn();
     obs.wait_on(&dev.topic("telemetry"), 15 * S, |m| m.len() >= 20);
@@ -229,21 +228,31 @@ fn an_oversized_message_held_by_the_broker_does_not_trap_the_device() {
 #[test]
 fn simulated_light_can_be_set_and_made_to_fail_at_run_time() {
     let Rig { broker: _broker, dev, obs } = Rig::new(100);
-    let d = dev.spawn();
+    let d = dev.spawn_with(&[("RUST_LOG", "info,nightlight::device::sampler=debug")]);
     obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| !m.is_empty());
     obs.publish(&dev.topic("virtual/light"), "777", false);
     obs.wait_on(&dev.topic("telemetry"), 5 * S, |m| m.last().is_some_and(|m| m.json()["light"] == 777));
     obs.publish(&dev.topic("virtual/light"), "fail", false);
     d.wait_stderr("sensor read failed", 5 * S);
-    std::thread::sleep(Duration::from_millis(300));
-    let during = obs.on(&dev.topic("telemetry")).len();
-    std::thread::sleep(Duration::from_millis(600));
-    assert!(obs.on(&dev.topic("telemetry")).len() <= during + 1, "no readings while the sensor fails");
+    let failing_since = now_ms();
+    // The sensor fails until the device has tried it a few more times.
+    d.wait_stderr("failed_reads=4", 10 * S);
+    let recovering_at = now_ms();
+    let recovered = |e: &str| e.lines().find(|l| l.contains("sensor recovered")).map(str::to_owned);
     obs.publish(&dev.topic("virtual/light"), "55", false);
     d.wait_stderr("sensor recovered", 5 * S);
+    let line = recovered(&d.stderr()).unwrap();
+    let failed: u64 = line.split("failed_reads=").nth(1).and_then(|s| s.split(' ').next()).unwrap().parse().unwrap();
+    assert!(failed >= 3, "the sensor was read and failed meanwhile: {line}");
     let msgs = obs.wait_on(&dev.topic("telemetry"), 5 * S, |m| m.last().is_some_and(|m| m.json()["light"] == 55));
     let lights: Vec<i64> = msgs.iter().map(|m| m.json()["light"].as_i64().unwrap()).collect();
     assert!(lights.iter().all(|l| [123, 777, 55].contains(l)), "no bogus reading: {lights:?}");
+    let during: Vec<String> = msgs
+        .iter()
+        .filter(|m| (failing_since..recovering_at).contains(&m.json()["ts"].as_u64().unwrap()))
+        .map(Msg::text)
+        .collect();
+    assert!(during.is_empty(), "no readings while the sensor fails: {during:?}");
     let seqs = obs.seqs(&dev.topic("telemetry"));
     assert_contiguous(&seqs);
     assert_eq!(d.stderr().matches("sensor read failed").count(), 1, "one warning per streak");
@@ -422,10 +431,7 @@ fn live_configuration_changes_the_interval_at_once_is_kept_across_a_restart_and_
 
     obs.publish(&dev.topic("config/set"), r#"{"sensor": {"interval_ms": 200}}"#, false);
     report(&obs, &|v| v["sensor"]["interval_ms"] == 200);
-    let before = obs.on(&dev.topic("telemetry")).len();
-    std::thread::sleep(2 * S);
-    let got = obs.on(&dev.topic("telemetry")).len() - before;
-    assert!((7..=13).contains(&got), "one reading every 200 ms: {got} in 2 s");
+    assert_interval(&obs, &dev.topic("telemetry"), 200);
 
     // The broker, the identity and the queue can never be set; a refusal changes nothing.
     obs.publish(
@@ -445,10 +451,19 @@ fn live_configuration_changes_the_interval_at_once_is_kept_across_a_restart_and_
     let late = Observer::new(broker.port, &dev.topic("#"));
     let _d = dev.spawn();
     late.wait_on(&dev.topic("config"), 10 * S, |m| m.last().is_some_and(|m| m.json()["sensor"]["interval_ms"] == 200));
-    let before = late.on(&dev.topic("telemetry")).len();
-    std::thread::sleep(2 * S);
-    let got = late.on(&dev.topic("telemetry")).len() - before;
-    assert!((7..=13).contains(&got), "still every 200 ms after a restart: {got} in 2 s");
+    assert_interval(&late, &dev.topic("telemetry"), 200);
+}
+
+/// Waits for the next ten readings on `topic` and checks they were taken `ms` apart: the
+/// time each was taken (`ts`), not when it arrived, so a slow machine changes nothing.
+fn assert_interval(obs: &Observer, topic: &str, ms: u64) {
+    let before = obs.on(topic).len();
+    let msgs = obs.wait_on(topic, 20 * S, |m| m.len() >= before + 11);
+    let ts: Vec<u64> = msgs[before..].iter().map(|m| m.json()["ts"].as_u64().unwrap()).collect();
+    let mut gaps: Vec<u64> = ts.windows(2).map(|w| w[1].saturating_sub(w[0])).collect();
+    gaps.sort();
+    let median = gaps[gaps.len() / 2];
+    assert!(median.abs_diff(ms) <= ms / 4, "one reading every {ms} ms: taken {gaps:?} ms apart");
 }
 
 #[test]
@@ -474,10 +489,13 @@ fn readings_taken_before_the_clock_is_synchronized_are_marked_and_the_queued_one
     // Offline, readings queue with the wrong time; then NTP answers; then the broker is back.
     broker.stop();
     let outage = now_ms();
-    std::thread::sleep(S);
+    let stored = readings_on_disk(&dev.queue());
+    wait_readings_on_disk(&dev.queue(), stored + 8, 20 * S);
     let synced_at = now_ms();
     std::fs::remove_file(&seam).unwrap();
-    std::thread::sleep(1500 * Duration::from_millis(1));
+    // The device has seen the clock synchronized once it stores a reading not marked unsynced.
+    let synced_on_disk = || flags_on_disk(&dev.queue()).last().is_some_and(|f| f & 2 == 0);
+    wait_until(20 * S, synced_on_disk, "a reading taken by the synchronized clock on disk");
     broker.restart();
     obs.wait_on(&topic, 15 * S, |m| m.iter().any(|m| m.json()["ts"].as_u64().unwrap() > now_ms() - 1_000));
     let runs = obs.runs(&topic);

@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 
 /// A device with the id `porch` (its ACL username), logging in with its password, speaking
@@ -26,12 +24,12 @@ fn porch(port: u16, protocol: &str) -> DeviceDir {
     d
 }
 
-/// Sends 20 commands 100 ms apart, on and off in turn, and waits for the LED to follow all of
-/// them: the LED lines the device printed since `before`.
+/// Sends 20 commands, on and off in turn, each once the LED has followed the one before: the
+/// LED lines the device printed since `before`.
 fn twenty_commands(ctl: &Observer, d: &Daemon, before: usize) -> Vec<String> {
     for i in 0..20 {
         ctl.publish("porch/commands", format!(r#"{{"led_on": {}}}"#, i % 2 == 0), false);
-        std::thread::sleep(Duration::from_millis(100));
+        d.wait_stdout_lines(before + i + 1, 10 * S);
     }
     let lines = d.wait_stdout_lines(before + 20, 10 * S);
     lines[before..].iter().map(|l| l.split(' ').take(2).collect::<Vec<_>>().join(" ")).collect()
@@ -60,7 +58,6 @@ fn behind_a_400_kb_command_retained_or_not_20_valid_commands_all_switch_the_led_
             // Waiting on the broker before the device ever subscribes: it comes with the
             // subscription, at every start with a new session.
             ctl.publish("porch/commands", big.clone(), true);
-            std::thread::sleep(Duration::from_millis(300));
         }
         let mut d = dev.spawn();
         subscribed(&ctl);

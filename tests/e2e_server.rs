@@ -77,7 +77,8 @@ fn two_controllers_in_a_shared_group_never_both_act_on_one_reading() {
     let obs = Observer::new(broker.port, "#");
     let _a = server(broker.port, &[("NIGHTLIGHT__SERVER__SHARED_GROUP", "fleet")]);
     let _b = server(broker.port, &[("NIGHTLIGHT__SERVER__SHARED_GROUP", "fleet")]);
-    std::thread::sleep(Duration::from_millis(300));
+    // Each controller says `online` once it has subscribed.
+    obs.wait_on_prefix("nightlight/controller/", 10 * S, 2);
     // One dark reading for each of 20 devices: each reading reaches one controller only.
     for i in 0..20 {
         obs.publish(&format!("fleet{i}/telemetry"), r#"{"light": 50, "ts": 1, "seq": 1}"#, false);
@@ -349,18 +350,37 @@ fn under_mqtt_5_every_command_carries_a_message_expiry_of_command_max_age_s() {
     let broker = Mosquitto::start("");
     let p = broker.port.to_string();
     // mosquitto_sub prints the remaining expiry (%E) a broker forwards with the message.
-    let watcher = std::process::Command::new("mosquitto_sub")
-        .args(["-V", "5", "-p", &p, "-t", "+/commands", "-F", "%E %p", "-C", "1", "-W", "10"])
+    // `-d` prints the SUBACK: from then on the broker forwards it what it routes.
+    // (`stdbuf -oL`: line by line into the pipe, not at exit.)
+    let mut watcher = std::process::Command::new("stdbuf")
+        .args([
+            "-oL",
+            "mosquitto_sub",
+            "-d",
+            "-V",
+            "5",
+            "-p",
+            &p,
+            "-t",
+            "+/commands",
+            "-F",
+            "%E %p",
+            "-C",
+            "1",
+            "-W",
+            "10",
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("mosquitto_sub runs");
-    std::thread::sleep(Duration::from_millis(300));
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(watcher.stdout.take().unwrap()));
+    lines.by_ref().map_while(Result::ok).find(|l| l.contains("received SUBACK")).expect("mosquitto_sub subscribed");
     let _srv =
         server(broker.port, &[("NIGHTLIGHT__MQTT__PROTOCOL", "5"), ("NIGHTLIGHT__LED__COMMAND_MAX_AGE_S", "120")]);
     let obs = Observer::new(broker.port, "#");
     obs.publish("porch/telemetry", r#"{"light": 10, "seq": 1}"#, false); // dark: a command
-    let out = watcher.wait_with_output().unwrap();
-    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let line = lines.map_while(Result::ok).find(|l| l.contains("led_on")).unwrap_or_default();
+    let _ = watcher.wait();
     let (expiry, payload) = line.split_once(' ').unwrap_or_else(|| panic!("no command seen: {line:?}"));
     let expiry: u32 = expiry.parse().unwrap_or_else(|_| panic!("no expiry on {line:?}"));
     assert!((100..=120).contains(&expiry), "{line}");

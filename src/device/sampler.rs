@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::Counters;
 use crate::clock;
@@ -116,6 +116,8 @@ impl Sampler {
                 self.counters.set_last_error(format!("sensor: {e}"));
                 if self.failed_reads == 0 {
                     warn!(error = %e, "sensor read failed; skipping readings until it recovers");
+                } else {
+                    debug!(failed_reads = self.failed_reads + 1, "sensor still failing");
                 }
                 self.failed_reads += 1;
                 None

@@ -148,6 +148,8 @@ impl Msg {
 pub struct Observer {
     client: Client,
     msgs: Arc<Mutex<Vec<Msg>>>,
+    /// PUBACKs received: the broker has routed each of this observer's messages by then.
+    acks: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Observer {
@@ -174,8 +176,9 @@ impl Observer {
         }
         let (client, mut conn) = Client::new(opts, 100);
         let msgs = Arc::new(Mutex::new(Vec::new()));
+        let acks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (sub_client, sink, filter) = (client.clone(), msgs.clone(), filter.to_string());
+        let (sub_client, sink, filter, acked) = (client.clone(), msgs.clone(), filter.to_string(), acks.clone());
         thread::spawn(move || {
             for ev in conn.iter() {
                 match ev {
@@ -184,6 +187,9 @@ impl Observer {
                     }
                     Ok(Event::Incoming(Incoming::SubAck(_))) => {
                         let _ = ready_tx.send(());
+                    }
+                    Ok(Event::Incoming(Incoming::PubAck(_))) => {
+                        acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     }
                     Ok(Event::Incoming(Incoming::Publish(p))) => sink.lock().unwrap().push(Msg {
                         topic: p.topic.clone(),
@@ -196,11 +202,17 @@ impl Observer {
             }
         });
         ready_rx.recv_timeout(Duration::from_secs(10)).expect("observer subscribed");
-        Observer { client, msgs }
+        Observer { client, msgs, acks }
     }
 
+    /// Publishes at QoS 1 and returns once the broker has acknowledged it: Mosquitto routes a
+    /// message (retains it, queues it for offline sessions) before it sends the PUBACK, so what
+    /// comes next in the test sees it there.
     pub fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>, retain: bool) {
+        let before = self.acks.load(std::sync::atomic::Ordering::SeqCst);
         self.client.publish(topic, QoS::AtLeastOnce, retain, payload.into()).unwrap();
+        let acked = || self.acks.load(std::sync::atomic::Ordering::SeqCst) > before;
+        wait_until(10 * S, acked, &format!("the broker to acknowledge a message on {topic}"));
     }
 
     pub fn all(&self) -> Vec<Msg> {
@@ -718,6 +730,39 @@ fn gate(
     });
     let _ = std::io::copy(&mut up, &mut client);
     let _ = client.shutdown(std::net::Shutdown::Both);
+}
+
+/// The flags byte of each reading the queue in `dir` holds on disk, segment by segment
+/// (`src/queue/frame.rs`: a length byte, a 4-byte checksum, the body with its flags at 18; bit 1
+/// set: taken by a clock not known to be synchronized), read without the device's lock.
+pub fn flags_on_disk(dir: &Path) -> Vec<u8> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut segs: Vec<PathBuf> =
+        entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "seg")).collect();
+    segs.sort();
+    let mut flags = Vec::new();
+    for seg in segs {
+        let bytes = std::fs::read(seg).unwrap_or_default();
+        let mut at = 0;
+        while at < bytes.len() && bytes[at] > 18 && at + 5 + bytes[at] as usize <= bytes.len() {
+            flags.push(bytes[at + 5 + 18]);
+            at += 5 + bytes[at] as usize;
+        }
+    }
+    flags
+}
+
+/// How many readings the queue in `dir` holds on disk. While the broker is away this only
+/// grows, so a test waits on it for "the device has taken and stored n readings" instead of
+/// sleeping for n intervals.
+pub fn readings_on_disk(dir: &Path) -> u64 {
+    flags_on_disk(dir).len() as u64
+}
+
+/// Waits until the queue in `dir` holds at least `n` readings on disk; returns how many it holds.
+pub fn wait_readings_on_disk(dir: &Path, n: u64, timeout: Duration) -> u64 {
+    wait_until(timeout, || readings_on_disk(dir) >= n, &format!("{n} readings on disk in {}", dir.display()));
+    readings_on_disk(dir)
 }
 
 /// Polls `done` until it holds, failing the test after `timeout` (what the file system or a
