@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 pub use wire::MAX_PACKET;
-use wire::{Connect, In, Out, Version, WireError};
+use wire::{Connect, In, Out, Props, Version, WireError};
 /// The pause after a failed accept ([`accept`]).
 pub const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
 /// How long a new connection has to send CONNECT.
@@ -51,7 +51,7 @@ const IDLE_WITHOUT_KEEP_ALIVE: Duration = Duration::from_secs(600);
 /// in bytes.
 #[derive(Debug, Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<Publish>,
+    tx: mpsc::Sender<(Publish, Props)>,
     /// Payload bytes handed and not yet taken by the connection task.
     queued: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -67,13 +67,18 @@ impl Outbox {
     /// Hands `p` over unless the client already has [`OUTBOX`] messages or [`OUTBOX_BYTES`]
     /// waiting (or is gone); false when dropped.
     pub fn try_send(&self, p: Publish) -> bool {
+        self.try_send_with(p, Props::default())
+    }
+
+    /// As [`try_send`](Self::try_send), with the MQTT 5 properties it forwards.
+    pub fn try_send_with(&self, p: Publish, props: Props) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
         let size = p.payload.len() + p.topic.len();
         if self.queued.load(Relaxed) + size > OUTBOX_BYTES {
             return false;
         }
         self.queued.fetch_add(size, Relaxed);
-        if self.tx.try_send(p).is_err() {
+        if self.tx.try_send((p, props)).is_err() {
             self.queued.fetch_sub(size, Relaxed);
             return false;
         }
@@ -84,15 +89,15 @@ impl Outbox {
 /// The connection task's end of an [`Outbox`].
 #[derive(Debug)]
 pub struct Inbox {
-    rx: mpsc::Receiver<Publish>,
+    rx: mpsc::Receiver<(Publish, Props)>,
     queued: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Inbox {
-    pub async fn recv(&mut self) -> Option<Publish> {
-        let p = self.rx.recv().await?;
+    pub async fn recv(&mut self) -> Option<(Publish, Props)> {
+        let (p, props) = self.rx.recv().await?;
         self.queued.fetch_sub(p.payload.len() + p.topic.len(), std::sync::atomic::Ordering::Relaxed);
-        Some(p)
+        Some((p, props))
     }
 }
 
@@ -414,7 +419,7 @@ async fn serve(stream: TcpStream, router: Arc<Mutex<Router>>) -> Result<(), Conn
     lock(&router).disconnect(&client_id, id);
     if result.is_err() {
         if let Some(will) = connect.will {
-            deliver(&router, &will);
+            deliver(&router, &will, &Props::default());
         }
     }
     result
@@ -441,14 +446,14 @@ async fn session(
             packet = tokio::time::timeout_at(silent_until, conn.read()) => {
                 silent_until = tokio::time::Instant::now() + grace;
                 let reply = match packet.map_err(|_| ConnectionError::KeepAlive)?? {
-                    In::Publish(p) => {
+                    In::Publish(p, props) => {
                         let reply = match p.qos {
                             QoS::AtMostOnce => None,
                             QoS::AtLeastOnce => Some(Out::PubAck(p.pkid)),
                             QoS::ExactlyOnce => Some(Out::PubRec(p.pkid)),
                         };
                         if valid_topic(&p.topic) && !p.topic.is_empty() {
-                            deliver(router, &p);
+                            deliver(router, &p, &props);
                         }
                         reply
                     }
@@ -458,7 +463,7 @@ async fn session(
                         conn.write(Out::SubAck { pkid: sub, codes }).await?;
                         for mut p in retained {
                             p.retain = true;
-                            send(conn, &mut pkid, p).await?;
+                            send(conn, &mut pkid, p, Props::default()).await?; // (retained: none kept)
                         }
                         None
                     }
@@ -476,7 +481,7 @@ async fn session(
                 }
             }
             next = inbox.recv() => match next {
-                Some(p) => send(conn, &mut pkid, p).await?,
+                Some((p, props)) => send(conn, &mut pkid, p, props).await?,
                 None => return Err(ConnectionError::TakenOver),
             },
         }
@@ -484,17 +489,17 @@ async fn session(
 }
 
 /// Writes a message to this client, numbering it when it is QoS 1.
-async fn send(conn: &mut Conn, pkid: &mut u16, mut p: Publish) -> Result<(), ConnectionError> {
+async fn send(conn: &mut Conn, pkid: &mut u16, mut p: Publish, props: Props) -> Result<(), ConnectionError> {
     if p.qos != QoS::AtMostOnce {
         *pkid = pkid.checked_add(1).unwrap_or(1);
         p.pkid = *pkid;
     }
-    conn.write(Out::Publish(p)).await
+    conn.write(Out::Publish(p, props)).await
 }
 
-fn deliver(router: &Mutex<Router>, publish: &Publish) {
+fn deliver(router: &Mutex<Router>, publish: &Publish, props: &Props) {
     for (outbox, copy) in lock(router).publish(publish) {
-        if !outbox.try_send(copy) {
+        if !outbox.try_send_with(copy, props.clone()) {
             debug!(topic = %publish.topic, "a client's outbox is full or gone: message dropped for it");
         }
     }

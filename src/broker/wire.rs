@@ -1,7 +1,8 @@
 //! The embedded broker's wire: MQTT 3.1.1 and MQTT 5 packets, through rumqttc's two codecs,
 //! to and from the few packets the broker handles. A connection speaks the version of its
-//! CONNECT; MQTT 5 properties are read and dropped (the demo needs none of them), and reason
-//! codes are only ever "success" or a refused subscription.
+//! CONNECT; MQTT 5 properties are read and dropped but for a PUBLISH's Response Topic and
+//! Correlation Data (request/response: `<id>/read`), which go on to MQTT 5 subscribers, and
+//! reason codes are only ever "success" or a refused subscription.
 //!
 //! Messages travel inside the broker as 3.1.1 [`Publish`]es whatever their sender spoke.
 
@@ -29,11 +30,18 @@ pub struct Connect {
     pub will: Option<Publish>,
 }
 
+/// What of a PUBLISH's MQTT 5 properties the broker forwards: MQTT 5's request/response.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Props {
+    pub response_topic: Option<String>,
+    pub correlation: Option<bytes::Bytes>,
+}
+
 /// A packet from a client.
 #[derive(Debug)]
 pub enum In {
     Connect(Connect),
-    Publish(Publish),
+    Publish(Publish, Props),
     PubRel(u16),
     Subscribe {
         pkid: u16,
@@ -68,7 +76,7 @@ pub enum Out {
         count: usize,
     },
     PingResp,
-    Publish(Publish),
+    Publish(Publish, Props),
 }
 
 /// A packet that cannot be read or written.
@@ -153,7 +161,7 @@ fn from_v4(p: Packet) -> In {
                 p
             }),
         }),
-        Packet::Publish(p) => In::Publish(p),
+        Packet::Publish(p) => In::Publish(p, Props::default()),
         Packet::PubRel(r) => In::PubRel(r.pkid),
         Packet::Subscribe(s) => {
             In::Subscribe { pkid: s.pkid, filters: s.filters.into_iter().map(|f| (f.path, f.qos)).collect() }
@@ -176,7 +184,7 @@ fn to_v4(p: Out) -> Packet {
         Out::SubAck { pkid, codes } => Packet::SubAck(SubAck::new(pkid, codes)),
         Out::UnsubAck { pkid, .. } => Packet::UnsubAck(UnsubAck::new(pkid)),
         Out::PingResp => Packet::PingResp,
-        Out::Publish(p) => Packet::Publish(p),
+        Out::Publish(p, _) => Packet::Publish(p), // 3.1.1 has no properties
     }
 }
 
@@ -212,7 +220,11 @@ fn from_v5(p: p5::Packet) -> In {
         p5::Packet::Publish(p) => {
             let mut out = Publish::from_bytes(topic(&p.topic), qos_from_v5(p.qos), p.payload);
             (out.retain, out.pkid, out.dup) = (p.retain, p.pkid, p.dup);
-            In::Publish(out)
+            let props = p.properties.map_or_else(Props::default, |pr| Props {
+                response_topic: pr.response_topic,
+                correlation: pr.correlation_data,
+            });
+            In::Publish(out, props)
         }
         p5::Packet::PubRel(r) => In::PubRel(r.pkid),
         p5::Packet::Subscribe(s) => In::Subscribe {
@@ -257,8 +269,13 @@ fn to_v5(p: Out) -> p5::Packet {
             properties: None,
         }),
         Out::PingResp => p5::Packet::PingResp(p5::PingResp),
-        Out::Publish(p) => {
-            let mut out = p5::Publish::new(p.topic, qos_to_v5(p.qos), p.payload, None);
+        Out::Publish(p, props) => {
+            let props = (props != Props::default()).then(|| p5::PublishProperties {
+                response_topic: props.response_topic,
+                correlation_data: props.correlation,
+                ..Default::default()
+            });
+            let mut out = p5::Publish::new(p.topic, qos_to_v5(p.qos), p.payload, props);
             (out.retain, out.pkid, out.dup) = (p.retain, p.pkid, p.dup);
             p5::Packet::Publish(out)
         }
@@ -306,8 +323,13 @@ mod tests {
         p.retain = true;
         p.pkid = 7;
         let mut out = BytesMut::new();
-        write(Version::V5, &mut out, Out::Publish(p.clone())).unwrap();
-        let In::Publish(back) = read(Version::V5, &mut out).unwrap() else { panic!("not a publish") };
+        let props = Props { response_topic: Some("laptop/answers".into()), correlation: Some("q-1".into()) };
+        write(Version::V5, &mut out, Out::Publish(p.clone(), props.clone())).unwrap();
+        let In::Publish(back, back_props) = read(Version::V5, &mut out).unwrap() else { panic!("not a publish") };
         assert_eq!(back, p);
+        assert_eq!(back_props, props, "request/response goes on between MQTT 5 clients");
+        write(Version::V311, &mut out, Out::Publish(p.clone(), props)).unwrap();
+        let In::Publish(back, back_props) = read(Version::V311, &mut out).unwrap() else { panic!("not a publish") };
+        assert_eq!((back, back_props), (p, Props::default()), "3.1.1 has no properties");
     }
 }

@@ -67,6 +67,17 @@ pub struct Message {
     pub payload: Bytes,
     /// Sent from the broker's retained store (a subscription's first message), not live.
     pub retain: bool,
+    /// MQTT 5 request/response: where the sender wants the answer (3.1.1 has no such thing).
+    pub reply: Option<Reply>,
+    /// MQTT 5: the Correlation Data on this message (an answer carries the request's back).
+    pub correlation: Option<Bytes>,
+}
+
+/// An MQTT 5 request's Response Topic and Correlation Data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub topic: String,
+    pub correlation: Option<Bytes>,
 }
 
 /// What the event loop reports, the same under both protocols.
@@ -245,6 +256,41 @@ impl Client {
     /// The channel is full or the event loop is gone.
     pub fn publish(&self, topic: &str, qos: Qos, retain: bool, payload: Vec<u8>) -> Result<(), RequestError> {
         self.publish_expiring(topic, qos, retain, payload, None)
+    }
+
+    /// An MQTT 5 request: `payload` to `topic` (QoS 1), asking for the answer on `reply`'s topic
+    /// with its correlation data. Under 3.1.1 a plain publish: no answer comes.
+    ///
+    /// # Errors
+    /// The channel is full or the event loop is gone.
+    pub fn publish_request(&self, topic: &str, reply: &Reply, payload: Vec<u8>) -> Result<(), RequestError> {
+        match &*self.handle() {
+            Handle::V4(c) => c.try_publish(topic, QoS4::AtLeastOnce, false, payload).map_err(request_error),
+            Handle::V5(c) => {
+                let props = p5::PublishProperties {
+                    response_topic: Some(reply.topic.clone()),
+                    correlation_data: reply.correlation.clone(),
+                    ..Default::default()
+                };
+                c.try_publish_with_properties(topic, QoS5::AtLeastOnce, false, payload, props).map_err(request_error)
+            }
+        }
+    }
+
+    /// The answer to an MQTT 5 request: to its Response Topic with its Correlation Data, QoS 1,
+    /// not retained. (Under 3.1.1 no request carries a reply, so there is none to send.)
+    ///
+    /// # Errors
+    /// The channel is full or the event loop is gone.
+    pub fn publish_reply(&self, reply: &Reply, payload: Vec<u8>) -> Result<(), RequestError> {
+        match &*self.handle() {
+            Handle::V4(_) => Ok(()),
+            Handle::V5(c) => {
+                let props = p5::PublishProperties { correlation_data: reply.correlation.clone(), ..Default::default() };
+                c.try_publish_with_properties(reply.topic.as_str(), QoS5::AtLeastOnce, false, payload, props)
+                    .map_err(request_error)
+            }
+        }
     }
 
     /// As [`publish`](Self::publish); under MQTT 5 the broker discards the message if it cannot
@@ -521,7 +567,13 @@ fn translate_v4(ev: rumqttc::Event) -> Event {
     use rumqttc::{Event as E, Incoming as I, SubscribeReasonCode as R};
     match ev {
         E::Incoming(I::ConnAck(a)) => Event::Connected { session_present: a.session_present },
-        E::Incoming(I::Publish(p)) => Event::Message(Message { topic: p.topic, payload: p.payload, retain: p.retain }),
+        E::Incoming(I::Publish(p)) => Event::Message(Message {
+            topic: p.topic,
+            payload: p.payload,
+            retain: p.retain,
+            reply: None,
+            correlation: None,
+        }),
         E::Incoming(I::PubAck(a)) => Event::Answered { pkid: a.pkid, refused: None },
         E::Incoming(I::SubAck(a)) => {
             Event::Subscribed { refused: a.return_codes.iter().map(|c| matches!(c, R::Failure)).collect() }
@@ -538,11 +590,19 @@ fn translate_v5(ev: rumqttc::v5::Event) -> Event {
     use rumqttc::v5::{Event as E, Incoming as I};
     match ev {
         E::Incoming(I::ConnAck(a)) => Event::Connected { session_present: a.session_present },
-        E::Incoming(I::Publish(p)) => Event::Message(Message {
-            topic: String::from_utf8_lossy(&p.topic).into_owned(),
-            payload: p.payload,
-            retain: p.retain,
-        }),
+        E::Incoming(I::Publish(p)) => {
+            let correlation = p.properties.as_ref().and_then(|props| props.correlation_data.clone());
+            let reply = p.properties.as_ref().and_then(|props| {
+                Some(Reply { topic: props.response_topic.clone()?, correlation: correlation.clone() })
+            });
+            Event::Message(Message {
+                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                payload: p.payload,
+                retain: p.retain,
+                reply,
+                correlation,
+            })
+        }
         E::Incoming(I::PubAck(a)) => Event::Answered {
             pkid: a.pkid,
             refused: (!matches!(a.reason, A::Success | A::NoMatchingSubscribers)).then(|| format!("{:?}", a.reason)),

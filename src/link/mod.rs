@@ -42,7 +42,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 pub use backoff::Backoff;
-pub use client::{build, Client, Event, EventLoop, Message, Qos, Spec};
+pub use client::{build, Client, Event, EventLoop, Message, Qos, Reply, Spec};
 pub use error::{LinkError, RequestError};
 pub use inflight::{InFlight, Sent};
 pub use security::{Security, SecurityError};
