@@ -39,6 +39,12 @@ enum Command {
         /// Print JSON instead of text
         #[arg(long)]
         json: bool,
+        /// Ask the device for a reading now (`<id>/read`) and print it instead
+        #[arg(long)]
+        read: bool,
+        /// With --read: how long to wait for the answer, in seconds
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        timeout_s: u64,
     },
     /// The lesson's controller: send `led_on` commands to every device from its telemetry
     Server,
@@ -84,7 +90,8 @@ pub fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => check(&loaded),
         Command::Run => run(loaded, security),
-        Command::Status { json } => status(&loaded.config, &security, json),
+        Command::Status { json, read: false, .. } => status(&loaded.config, &security, json),
+        Command::Status { json, read: true, timeout_s } => read(&loaded.config, &security, json, timeout_s),
         Command::Server => serve(|shutdown| crate::server::run(loaded.config, security, shutdown)),
         #[cfg(feature = "virtual")]
         Command::Demo { .. } => unreachable!("handled before the configuration is loaded"),
@@ -160,6 +167,32 @@ fn status(cfg: &Config, security: &Security, json: bool) -> ExitCode {
     }
     if snap.status.is_none() && snap.state.is_none() && snap.health.is_none() {
         eprintln!("nightlight: the broker at {broker} holds nothing for {}: has the device ever connected?", cfg.id);
+        return ExitCode::from(EXIT_FAILURE);
+    }
+    ExitCode::SUCCESS
+}
+
+fn read(cfg: &Config, security: &Security, json: bool, timeout_s: u64) -> ExitCode {
+    let wait = std::time::Duration::from_secs(timeout_s);
+    let answer =
+        runtime().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(crate::status::read(cfg, security, wait)));
+    let v = match answer {
+        Ok(crate::status::Answer::Reply(v)) => v,
+        Ok(crate::status::Answer::Telemetry(v)) => {
+            eprintln!("nightlight: MQTT 3.1.1 has no response topic: this is the first reading after asking");
+            v
+        }
+        Err(e) => {
+            eprintln!("nightlight: {e:#}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    if json {
+        println!("{v}");
+    } else {
+        print!("{}", crate::status::render_reading(&v));
+    }
+    if v.get("error").is_some() {
         return ExitCode::from(EXIT_FAILURE);
     }
     ExitCode::SUCCESS

@@ -103,6 +103,8 @@ pub enum SensorKind {
 pub struct SensorConfig {
     pub kind: SensorKind,
     pub interval_ms: u64,
+    /// At most one reading on request (`<id>/read`) per this many ms.
+    pub min_request_ms: u64,
     pub i2c_bus: u8,
     /// The chip's I2C address; `None` means the chip's default (grove probes 0x04 then 0x08).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -243,6 +245,7 @@ impl Default for SensorConfig {
         SensorConfig {
             kind: if cfg!(feature = "hardware") { SensorKind::Grove } else { SensorKind::Virtual },
             interval_ms: 5000,
+            min_request_ms: 200,
             i2c_bus: 1,
             address: None,
             channel: 0,
@@ -441,6 +444,9 @@ impl Config {
         // Ranges no wider than Home Assistant's numbers offer: live configuration sets them too.
         if !(10..=3_600_000).contains(&s.interval_ms) {
             return Err(bad("sensor.interval_ms", format!("{} is not in 10-3600000 (an hour)", s.interval_ms)));
+        }
+        if !(10..=60_000).contains(&s.min_request_ms) {
+            return Err(bad("sensor.min_request_ms", format!("{} is not in 10-60000", s.min_request_ms)));
         }
         if s.channel > 7 {
             return Err(bad("sensor.channel", format!("{} is not in 0-7", s.channel)));

@@ -96,6 +96,13 @@ pub fn device_discovery(cfg: &Config, hw_version: Option<&str>) -> Discovery {
             "unit_of_measurement": "‰",
         }),
     );
+    // A reading at once (`<id>/read`): the light level above moves without waiting the interval.
+    add(
+        "read",
+        "button",
+        "Read now",
+        json!({ "command_topic": t.read, "payload_press": "read", "retain": false, "icon": "mdi:refresh" }),
+    );
     if cfg.sensor.kind == SensorKind::Bh1750 {
         add(
             "lux",
@@ -290,6 +297,10 @@ pub struct Health {
     /// Readings the broker refused (MQTT 5 PUBACK reason codes); each stays queued.
     #[serde(default)]
     pub denied: u64,
+    /// Requests on `<id>/read` held back by `sensor.min_request_ms` (answered by a reading
+    /// asked for earlier or at the window's end, or dropped when too many wait).
+    #[serde(default)]
+    pub requests_limited: u64,
     /// The last connection or sensor error, if any.
     pub last_error: Option<String>,
     /// Who switches the LED: `remote` (a controller's commands) or `local` (the local rule).
@@ -332,7 +343,7 @@ mod tests {
             assert_eq!(c["default_entity_id"], format!("{platform}.porch_{key}"));
             assert!(c.get("object_id").is_none(), "object_id is no longer honoured: {key}");
             match platform {
-                "light" | "number" => assert!(c["command_topic"].is_string(), "{key}"),
+                "light" | "number" | "button" => assert!(c["command_topic"].is_string(), "{key}"),
                 "select" => assert!(c["command_topic"].is_string() && c["options"].is_array(), "{key}"),
                 "sensor" => assert!(c["state_topic"].is_string(), "{key}"),
                 other => panic!("{key}: unexpected platform {other}"),
@@ -353,9 +364,11 @@ mod tests {
             "power_on",
             "local_after",
             "command_max_age",
+            "read",
         ] {
             assert!(cmps.contains_key(key), "no {key}");
         }
+        assert_eq!(cmps["read"]["command_topic"], "porch/read", "Read now asks for a reading");
         assert_eq!(cmps["mode"]["device_class"], "enum");
         assert_eq!(cmps["mode"]["options"], json!(["remote", "local"]), "every mode the state can say");
         assert_eq!(cmps["started"]["device_class"], "timestamp", "never stale, unlike an uptime");

@@ -17,6 +17,8 @@ pub struct Topics {
     pub status: String,
     pub health: String,
     pub virtual_light: String,
+    /// A reading on request in (`read`).
+    pub read: String,
     /// Live configuration in (`config/set`) and its report out (`config`).
     pub config_set: String,
     pub config: String,
@@ -34,6 +36,7 @@ impl Topics {
             status: format!("{id}/status"),
             health: format!("{id}/health"),
             virtual_light: format!("{id}/virtual/light"),
+            read: format!("{id}/read"),
             config_set: format!("{id}/config/set"),
             config: format!("{id}/config"),
             reading: format!("{id}/reading"),

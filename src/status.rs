@@ -68,6 +68,92 @@ pub async fn fetch(cfg: &Config, security: &Security) -> anyhow::Result<Snapshot
     Ok(snap)
 }
 
+/// How `nightlight status --read` got its reading.
+#[derive(Debug, PartialEq)]
+pub enum Answer {
+    /// MQTT 5: the device's answer on our response topic (telemetry's fields, or `error`).
+    Reply(serde_json::Value),
+    /// MQTT 3.1.1 has no response topic: the first reading on `<id>/telemetry` after asking.
+    Telemetry(serde_json::Value),
+}
+
+/// Asks the device for a reading now (`<id>/read`) and waits up to `wait` for it: under MQTT 5
+/// with a response topic of our own below `<id>/reply/` (where the README's ACL lets a device
+/// answer) and random correlation data.
+///
+/// # Errors
+/// The broker cannot be reached, or no answer came in time (the message says what to check).
+pub async fn read(cfg: &Config, security: &Security, wait: Duration) -> anyhow::Result<Answer> {
+    let topics = Topics::new(&cfg.id);
+    let broker = format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port);
+    let spec = Spec::observer(&format!("{}-read", cfg.id));
+    let reply = link::Reply {
+        topic: format!("{}/reply/{}", cfg.id, spec.client_id),
+        correlation: Some(bytes::Bytes::from(format!("{:016x}", fastrand::u64(..)))),
+    };
+    let (client, eventloop) = link::build(&cfg.mqtt, security, &spec);
+    let mut poller = Poller::new(eventloop);
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT + wait;
+    let mut v5 = false;
+    let answer = 'read: loop {
+        poller.start();
+        let Ok(events) = tokio::time::timeout_at(deadline, poller.next()).await else { break None };
+        for ev in events {
+            match ev {
+                Err(e) => bail!("cannot read from the broker at {broker}: {}", e.describe(&cfg.mqtt.host)),
+                Ok(Event::Connected { .. }) => {
+                    v5 = client.protocol() == crate::config::Protocol::V5;
+                    let listen = if v5 { reply.topic.clone() } else { topics.telemetry.clone() };
+                    client.subscribe(&[listen])?;
+                }
+                // Listening: now ask.
+                Ok(Event::Subscribed { .. }) => client.publish_request(&topics.read, &reply, b"read".to_vec())?,
+                Ok(Event::Message(m)) => {
+                    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) else { continue };
+                    if v5 && m.topic == reply.topic && m.correlation == reply.correlation {
+                        break 'read Some(Answer::Reply(v));
+                    }
+                    if !v5 && m.topic == topics.telemetry {
+                        break 'read Some(Answer::Telemetry(v));
+                    }
+                }
+                Ok(_) => {}
+            }
+        }
+    };
+    poller.close(&client, Duration::from_millis(300)).await;
+    match answer {
+        Some(a) => Ok(a),
+        None => bail!(
+            "no reading from {} within {} s: is it online (nightlight status), and may it write {}/reply/# (the README's ACL)?",
+            cfg.id,
+            wait.as_secs(),
+            cfg.id
+        ),
+    }
+}
+
+/// A reading for a person: `light 412 (0-1000)`, lux if any, when it was taken and its seq.
+pub fn render_reading(v: &serde_json::Value) -> String {
+    if let Some(e) = v["error"].as_str() {
+        return format!("the sensor failed: {}\n", payload::printable(e, 200));
+    }
+    let mut out = format!("light {} (0-1000)", v["light"]);
+    if let Some(lux) = v["lux"].as_f64() {
+        out += &format!(", {lux:.1} lx");
+    }
+    if let Some(ts) = v["ts"].as_u64() {
+        out += &format!(", taken {}", crate::clock::rfc3339_utc(ts / 1000));
+    }
+    if v["ts_ok"] == false {
+        out += " (by a clock not yet synchronized)";
+    }
+    if let Some(seq) = v["seq"].as_u64() {
+        out += &format!(", seq {seq}");
+    }
+    out + "\n"
+}
+
 /// The snapshot for a person.
 pub fn render(snap: &Snapshot, broker: &str) -> String {
     let mut out = format!("{:<14}{} (broker {broker})\n", "device", snap.id);
@@ -136,6 +222,7 @@ mod tests {
                 rejected_commands: 1,
                 reconnects: 3,
                 denied: 0,
+                requests_limited: 0,
                 last_error: None,
                 mode: "local".into(),
                 protocol: "5".into(),

@@ -432,3 +432,22 @@ fn a_restart_that_resumes_the_session_learns_that_the_controller_is_online() {
     d.wait_stderr("session_present=true", 10 * S);
     stays_remote_for_30_readings(&obs, &dev, obs.on(&dev.topic("state")).len());
 }
+
+#[test]
+fn mosquitto_rr_gets_a_reading_from_the_demo_through_its_embedded_broker() {
+    let (_d, port) = demo();
+    // The demo's device listens once it has said its state (it subscribes first).
+    Observer::new(port, "demo/state").wait_on("demo/state", 10 * S, |m| !m.is_empty());
+    let asked = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let out = std::process::Command::new("mosquitto_rr")
+        .args(["-V", "5", "-p", &port.to_string(), "-t", "demo/read", "-e", "laptop/rr", "-m", "", "-W", "10"])
+        .args(["-D", "publish", "correlation-data", "q-9", "-F", "%D %p"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    let (correlation, json) = text.trim().split_once(' ').unwrap_or_else(|| panic!("{text:?}"));
+    assert_eq!(correlation, "q-9", "the embedded broker forwards the correlation data");
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert!(v["ts"].as_u64().unwrap() >= asked && v["light"].is_u64(), "{v}");
+}

@@ -17,6 +17,7 @@ mod alarm;
 mod denial;
 mod discovery;
 mod oversized;
+mod request;
 mod sampler;
 
 use std::collections::{HashSet, VecDeque};
@@ -138,6 +139,7 @@ pub async fn run_with(
     notifier.ready();
     let cfg_local = (cfg.led.local_after_s, cfg.server.threshold, cfg.server.hysteresis);
     let run = queue.run();
+    let requests = request::Requests::new(&cfg.id, Duration::from_millis(cfg.sensor.min_request_ms));
     let backoff = (Duration::from_millis(cfg.mqtt.reconnect_min_ms), Duration::from_millis(cfg.mqtt.reconnect_max_ms));
     let mut device = Device {
         backoff: Backoff::new(backoff.0, backoff.1),
@@ -169,8 +171,9 @@ pub async fn run_with(
         clock_wait: Alarm::default(),
         queue_on_storage: medium.is_durable(),
         subacks: VecDeque::new(),
-        // The unit's ProcSubset=pid hides /proc/device-tree; sysfs has the same file.
         oversized: oversized::Oversized::default(),
+        requests,
+        request_due: Alarm::default(),
         // The unit's ProcSubset=pid hides /proc/device-tree; sysfs has the same file.
         ha: discovery::Discovery::new(
             ["/sys/firmware/devicetree/base/model", "/proc/device-tree/model"]
@@ -243,6 +246,9 @@ struct Device {
     subacks: VecDeque<Subscribe>,
     /// Subscriptions that bring a retained message too large to read, left out for a while.
     oversized: oversized::Oversized,
+    /// Readings on request ([`request`]), and when a request held back is due.
+    requests: request::Requests,
+    request_due: Alarm,
 }
 
 /// When the run started: by the monotonic clock, and by the wall clock as health reports it.
@@ -300,7 +306,7 @@ impl Device {
                 }
                 // Before the link: ready once an interval, it cannot starve it, and a backlog
                 // draining as fast as the broker acknowledges must not delay a reading.
-                (reading, stamp) = self.sampler.next() => self.on_reading(reading, stamp),
+                sample = self.sampler.next() => self.on_sample(sample),
                 events = self.poller.next() => {
                     self.on_events(events);
                     self.poller.start(); // unless a reconnect waits its backoff
@@ -324,6 +330,12 @@ impl Device {
                         self.publish_retained(out);
                     }
                 }
+                _ = self.request_due.ring(), if self.request_due.is_set() => {
+                    self.request_due.set(None);
+                    debug!("a reading on request");
+                    self.requests.fire(now());
+                    self.sampler.request();
+                }
                 _ = self.clock_wait.ring(), if self.clock_wait.is_set() => {
                     if clock::now().1 {
                         info!("the clock is synchronized: connecting again now");
@@ -344,8 +356,53 @@ impl Device {
         self.stop().await
     }
 
-    /// A reading: the local rule, the state when it changed, then queued and sent.
-    fn on_reading(&mut self, reading: Reading, stamp: sampler::Stamp) {
+    /// A reading (or a failed read on request): handled, and its answer to whoever asked.
+    fn on_sample(&mut self, sample: sampler::Sample) {
+        let answer = match sample.result {
+            Ok(reading) => self.on_reading(reading, sample.stamp).to_json(),
+            Err(e) => serde_json::json!({ "error": e.to_string() }).to_string().into_bytes(),
+        };
+        if sample.requested {
+            let waiting = self.requests.taken();
+            if self.connected.is_none() {
+                return; // asked over a connection that is gone: the asker has given up on it
+            }
+            for reply in waiting {
+                match self.client.publish_reply(&reply, answer.clone()) {
+                    Ok(()) => self.inflight.handed(Sent::Other(reply.topic)),
+                    Err(e) => warn!(error = %e, "cannot answer a request for a reading"),
+                }
+            }
+        }
+    }
+
+    /// A request on `<id>/read` ([`request`]).
+    fn on_read_request(&mut self, p: &Message) {
+        let verdict = self.requests.request(now(), p.retain, p.payload.len(), p.reply.clone());
+        match verdict {
+            request::Verdict::Read => {
+                debug!("a reading on request");
+                self.sampler.request();
+            }
+            request::Verdict::Later(at) => {
+                debug!("a request inside sensor.min_request_ms: read at the window's end");
+                self.request_due.set(Some(tokio::time::Instant::from_std(at)));
+            }
+            request::Verdict::Joined => debug!("a request joins the reading asked for"),
+            request::Verdict::Dropped => {
+                debug!(limited_total = self.requests.limited(), "a request dropped: too many wait for one reading")
+            }
+            request::Verdict::Refused(why) => {
+                let n = self.counters.rejected_commands.fetch_add(1, Ordering::Relaxed) + 1;
+                let to = p.reply.as_ref().map(|r| payload::printable(&r.topic, 80));
+                warn!(topic = %p.topic, reply_to = ?to, reason = why, rejected_total = n, "ignored a request for a reading");
+            }
+        }
+    }
+
+    /// A reading: the local rule, the state when it changed, then queued and sent. Returns it
+    /// as telemetry.
+    fn on_reading(&mut self, reading: Reading, stamp: sampler::Stamp) -> payload::Telemetry {
         let ts = stamp.ts;
         let ts_ok = self.restamp.observe(ts, stamp.mono_ms, stamp.synced);
         let first = self.led.reading(reading.light).is_some();
@@ -363,8 +420,9 @@ impl Device {
         if let Some(out) = self.ha.reading(&self.cfg, payload::reading_json(reading.light, reading.lux, ts)) {
             self.publish_retained(out);
         }
-        self.queue.push_stamped(now(), reading.light, ts, ts_ok, reading.lux);
+        let seq = self.queue.push_stamped(now(), reading.light, ts, ts_ok, reading.lux);
         self.pump();
+        payload::Telemetry { light: reading.light, ts, seq, run: self.queue.run(), lux: reading.lux, ts_ok }
     }
 
     /// A retained message of Home Assistant's part ([`discovery`]), when connected.
@@ -545,6 +603,7 @@ impl Device {
             rejected_commands: c.rejected_commands.load(Ordering::Relaxed),
             reconnects: c.reconnects.load(Ordering::Relaxed),
             denied: self.denial.count(),
+            requests_limited: self.requests.limited(),
             last_error: c.last_error.lock().expect("lock").clone(),
             mode: self.local.mode().as_str().into(),
             protocol: if self.client.protocol() == crate::config::Protocol::V311 { "3.1.1" } else { "5" }.into(),
@@ -679,6 +738,10 @@ impl Device {
             self.on_config_set(&p.payload, p.retain);
             return;
         }
+        if p.topic == self.topics.read {
+            self.on_read_request(p);
+            return;
+        }
         if p.topic == self.topics.commands {
             let (wall, synced) = clock::now();
             let now_ms = synced.then_some(wall);
@@ -739,8 +802,12 @@ impl Device {
     /// (the local rule), its live configuration, when simulated its light, and Home Assistant's
     /// status when discovery is on.
     fn subscriptions(&mut self) -> Vec<String> {
-        let mut topics =
-            vec![self.topics.commands.clone(), local::CONTROLLERS.to_owned(), self.topics.config_set.clone()];
+        let mut topics = vec![
+            self.topics.commands.clone(),
+            local::CONTROLLERS.to_owned(),
+            self.topics.config_set.clone(),
+            self.topics.read.clone(),
+        ];
         if self.simulated_topic {
             topics.push(self.topics.virtual_light.clone());
         }

@@ -30,6 +30,8 @@ pub(super) struct Stamp {
     pub ts: u64,
     pub mono_ms: u64,
     pub synced: bool,
+    /// Taken on request.
+    pub requested: bool,
 }
 
 /// What a read on the blocking pool hands back: the sensor, and what it read.
@@ -45,6 +47,17 @@ pub(super) struct Sampler {
     clock: clock::Reader,
     failed_reads: u64,
     counters: Arc<Counters>,
+    /// A reading on request is due at once.
+    requested: bool,
+}
+
+/// What [`Sampler::next`] hands over: a reading, or a read on request that failed (a failed
+/// scheduled read is counted and skipped).
+pub(super) struct Sample {
+    pub result: Result<Reading, SensorError>,
+    pub stamp: Stamp,
+    /// Taken on request ([`Sampler::request`]), not on the interval.
+    pub requested: bool,
 }
 
 impl Sampler {
@@ -57,6 +70,7 @@ impl Sampler {
             clock: clock::Reader::default(),
             failed_reads: 0,
             counters,
+            requested: false,
         }
     }
 
@@ -65,9 +79,16 @@ impl Sampler {
         self.ticker = Ticker::new(Instant::now() + interval, interval);
     }
 
-    /// The next reading. Failed reads are counted and skipped. Cancel-safe: a tick is taken
-    /// whole, and a blocking read in flight is kept for the next call.
-    pub async fn next(&mut self) -> (Reading, Stamp) {
+    /// A reading now, outside the interval; the next scheduled one keeps its time. (A read
+    /// already in flight finishes first: the requested one starts right after it.)
+    pub fn request(&mut self) {
+        self.requested = true;
+    }
+
+    /// The next reading. Failed reads are counted; a failed scheduled one is skipped, a failed
+    /// one on request is handed over (someone waits for its answer). Cancel-safe: a tick is
+    /// taken whole, and a blocking read in flight is kept for the next call.
+    pub async fn next(&mut self) -> Sample {
         loop {
             let (result, stamp) = match self.reading.as_mut() {
                 Some((handle, stamp)) => {
@@ -79,9 +100,12 @@ impl Sampler {
                     (result, stamp)
                 }
                 None => {
-                    self.ticker.tick().await;
+                    let requested = std::mem::take(&mut self.requested);
+                    if !requested {
+                        self.ticker.tick().await;
+                    }
                     let (ts, synced) = self.clock.now();
-                    let stamp = Stamp { ts, mono_ms: clock::monotonic_ms(), synced };
+                    let stamp = Stamp { ts, mono_ms: clock::monotonic_ms(), synced, requested };
                     let mut sensor = self.sensor.take().expect("the sensor is in hand between reads");
                     if sensor.blocks() {
                         let handle = tokio::task::spawn_blocking(move || {
@@ -96,20 +120,23 @@ impl Sampler {
                     (result, stamp)
                 }
             };
-            if let Some(reading) = self.judge(result) {
-                return (reading, stamp);
+            let requested = stamp.requested;
+            let result = self.judge(result);
+            if result.is_ok() || requested {
+                return Sample { result, stamp, requested };
             }
         }
     }
 
-    fn judge(&mut self, result: Result<Reading, SensorError>) -> Option<Reading> {
+    /// Counts and logs a failed read.
+    fn judge(&mut self, result: Result<Reading, SensorError>) -> Result<Reading, SensorError> {
         match result {
             Ok(reading) => {
                 if self.failed_reads > 0 {
                     info!(failed_reads = self.failed_reads, "sensor recovered");
                     self.failed_reads = 0;
                 }
-                Some(reading)
+                Ok(reading)
             }
             Err(e) => {
                 self.counters.sensor_errors.fetch_add(1, Ordering::Relaxed);
@@ -120,7 +147,7 @@ impl Sampler {
                     debug!(failed_reads = self.failed_reads + 1, "sensor still failing");
                 }
                 self.failed_reads += 1;
-                None
+                Err(e)
             }
         }
     }
@@ -193,12 +220,57 @@ mod tests {
         // The loop has something else to do 5 ms into each read, every time.
         let mut lights = Vec::new();
         while lights.len() < 4 {
-            if let Ok((r, _)) = tokio::time::timeout(Duration::from_millis(5), s.next()).await {
+            if let Ok(Sample { result: Ok(r), .. }) = tokio::time::timeout(Duration::from_millis(5), s.next()).await {
                 lights.push(r.light);
             }
         }
         assert_eq!(lights, [1, 2, 4, 5], "no reading lost to a cut, none twice; 3 failed");
         assert_eq!(counters.sensor_errors.load(Ordering::Relaxed), 1);
+    }
+
+    /// A sensor read at once (no bus): 1, 2, 3, ...; fails while `fail` is set.
+    struct Counting(u16, bool);
+
+    impl Sensor for Counting {
+        fn read(&mut self) -> Result<Reading, SensorError> {
+            if self.1 {
+                return Err(SensorError::Simulated);
+            }
+            self.0 += 1;
+            Ok(Reading { light: self.0, lux: None })
+        }
+
+        fn blocks(&self) -> bool {
+            false
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reading_on_request_comes_at_once_and_the_next_scheduled_one_keeps_its_time() {
+        let t0 = Instant::now();
+        let mut s = Sampler::new(Box::new(Counting(0, false)), P, Arc::new(Counters::default()));
+        assert!(!s.next().await.requested, "the first reading, at once");
+        tokio::time::advance(P / 2).await;
+        s.request();
+        let asked = s.next().await;
+        assert!(asked.requested);
+        assert_eq!(Instant::now(), t0 + P / 2, "taken at once, not at the next tick");
+        let next = s.next().await;
+        assert!(!next.requested);
+        assert_eq!(Instant::now(), t0 + P, "the schedule did not move");
+        assert_eq!(next.result.unwrap().light, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_read_on_request_is_handed_over_a_failed_scheduled_one_is_skipped() {
+        let counters = Arc::new(Counters::default());
+        let mut s = Sampler::new(Box::new(Counting(0, true)), P, counters.clone());
+        s.request();
+        let asked = s.next().await;
+        assert!(asked.requested && asked.result.is_err(), "someone waits for the answer");
+        let skipped = tokio::time::timeout(P * 3, s.next()).await;
+        assert!(skipped.is_err(), "failed scheduled reads are not handed over");
+        assert!(counters.sensor_errors.load(Ordering::Relaxed) >= 3, "every failure counted");
     }
 
     #[tokio::test(start_paused = true)]
