@@ -10,7 +10,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tracing::{info, warn};
+use tracing::{info, trace, warn};
 
 use crate::config::Config;
 use crate::controller::{Command, Controller};
@@ -99,7 +99,10 @@ pub async fn run(cfg: Config, security: Security, shutdown: impl Future<Output =
                     let ignored = controller.ignored();
                     let cmd = match leaf {
                         "telemetry" => match serde_json::from_slice::<Reading>(&m.payload) {
-                            Ok(r) => controller.on_reading(id, r.light, r.ts),
+                            Ok(r) => {
+                                trace!(device = %payload::printable(id, 80), light = r.light, "reading");
+                                controller.on_reading(id, r.light, r.ts)
+                            }
                             Err(e) => {
                                 warn!(topic = %m.topic, error = %e, "ignored a reading that is not telemetry");
                                 None

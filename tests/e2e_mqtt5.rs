@@ -97,7 +97,7 @@ fn a_reading_the_acl_refuses_is_counted_as_denied_kept_and_delivered_once_the_ac
     let (broker, _dir) = password_broker(Some(acl.path().to_str().unwrap()));
     let obs = Observer::with_login(broker.port, "porch/#", Some(("observer", "obs-pass-3")));
     let dev = porch(broker.port, "5");
-    let d = dev.spawn();
+    let d = dev.spawn_with(&[("RUST_LOG", "info,nightlight::device=debug")]);
     d.wait_stderr("the broker refused a reading", 10 * S);
     let health = obs.wait_on("porch/health", 5 * S, |m| m.iter().any(|m| m.json()["denied"].as_u64() > Some(0)));
     assert!(health.iter().any(|m| m.json()["denied"].as_u64() > Some(0)));
@@ -105,7 +105,7 @@ fn a_reading_the_acl_refuses_is_counted_as_denied_kept_and_delivered_once_the_ac
     let stderr = d.stderr();
     let line = stderr.lines().find(|l| l.contains("the broker refused a reading")).unwrap();
     let first: u64 = line.split("seq=").nth(1).and_then(|s| s.split(' ').next()).unwrap().parse().unwrap();
-    std::thread::sleep(2 * S);
+    d.wait_stderr_count("a reading refused again", 3, 10 * S);
     assert!(obs.on("porch/telemetry").is_empty(), "the ACL refuses readings");
     assert_eq!(d.stderr().matches("the broker refused a reading").count(), 1, "logged once: {}", d.stderr());
 

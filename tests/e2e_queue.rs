@@ -166,11 +166,13 @@ fn a_full_disk_is_survived_and_nothing_is_lost_once_there_is_room() {
     let dev = DeviceDir::new(broker.port, 50, "");
     let obs = Observer::persistent(broker.port, &dev.topic("telemetry"));
     broker.stop();
-    let d = disk.spawn(&dev, &[]);
+    let d = disk.spawn(&dev, &[("RUST_LOG", "info,nightlight::device=trace")]);
     wait_readings_on_disk(&disk.0.path().join("queue"), 3, 10 * S);
     let filler = disk.fill();
     d.wait_stderr("cannot write to disk", 10 * S);
-    std::thread::sleep(S);
+    // Readings taken while the disk is full wait in memory.
+    let taken = d.stderr().matches("reading taken").count();
+    d.wait_stderr_count("reading taken", taken + 10, 10 * S);
     std::fs::remove_file(&filler).unwrap();
     d.wait_stderr("writing to disk again", 10 * S);
     broker.restart();
@@ -204,12 +206,13 @@ fn a_clean_stop_that_cannot_write_its_readings_exits_1_and_says_how_many() {
     let mut broker = Mosquitto::start("");
     let dev = DeviceDir::new(broker.port, 50, "");
     broker.stop();
-    let mut d = disk.spawn(&dev, &[]);
+    let mut d = disk.spawn(&dev, &[("RUST_LOG", "info,nightlight::device=trace")]);
     d.wait_stderr("nightlight started", 10 * S);
     // Readings now wait in memory.
     disk.fill();
     d.wait_stderr("cannot write to disk", 10 * S);
-    std::thread::sleep(S);
+    let taken = d.stderr().matches("reading taken").count();
+    d.wait_stderr_count("reading taken", taken + 10, 10 * S);
     let (status, _) = d.stop_with(libc::SIGTERM, 10 * S);
     assert_eq!(status.code(), Some(1), "{}", d.stderr());
     let err = d.stderr();

@@ -31,7 +31,9 @@ fn commands(obs: &Observer, topic: &str) -> Vec<bool> {
 #[test]
 fn dark_turns_the_led_on_bright_off_and_the_band_changes_nothing() {
     let Rig { broker, dev, obs } = Rig::new(100);
-    let _srv = server(broker.port, &[]);
+    // The controller's trace line for each reading it decided on: what "nothing was sent" waits for.
+    let srv = server(broker.port, &[("RUST_LOG", "info,nightlight::server=trace")]);
+    let decided = |light: u16, n: usize| srv.wait_stderr_count(&format!("light={light}"), n, 10 * S);
     // Bright at first: no command.
     let d = Daemon::spawn(
         &["run", "--config", dev.config().to_str().unwrap()],
@@ -42,19 +44,19 @@ fn dark_turns_the_led_on_bright_off_and_the_band_changes_nothing() {
     obs.publish(&dev.topic("virtual/light"), "100", false); // dark
     let lines = d.wait_stdout_lines(1, 5 * S);
     assert!(lines[0].starts_with("led on"), "{lines:?}");
-    std::thread::sleep(Duration::from_millis(800));
+    decided(100, 5);
     assert_eq!(commands(&obs, &dev.topic("commands")), vec![true], "one command, not one per dark reading");
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
     let ts = obs.on(&dev.topic("commands"))[0].json()["ts"].as_u64().expect("the controller stamps ts");
     assert!(now_ms.abs_diff(ts) < 60_000, "ts is when it was sent: {ts} vs {now_ms}");
 
     obs.publish(&dev.topic("virtual/light"), "310", false); // inside the band: nothing
-    std::thread::sleep(Duration::from_millis(800));
+    decided(310, 5);
     assert_eq!(commands(&obs, &dev.topic("commands")), vec![true], "no command inside the hysteresis band");
     obs.publish(&dev.topic("virtual/light"), "700", false);
     let lines = d.wait_stdout_lines(2, 5 * S);
     assert!(lines[1].starts_with("led off"), "{lines:?}");
-    std::thread::sleep(Duration::from_millis(800));
+    decided(700, 5);
     assert_eq!(commands(&obs, &dev.topic("commands")), vec![true, false], "one command per change");
 }
 
@@ -75,8 +77,10 @@ fn a_device_that_restarts_in_the_wrong_state_is_corrected() {
 fn two_controllers_in_a_shared_group_never_both_act_on_one_reading() {
     let broker = Mosquitto::start("");
     let obs = Observer::new(broker.port, "#");
-    let _a = server(broker.port, &[("NIGHTLIGHT__SERVER__SHARED_GROUP", "fleet")]);
-    let _b = server(broker.port, &[("NIGHTLIGHT__SERVER__SHARED_GROUP", "fleet")]);
+    let env = [("NIGHTLIGHT__SERVER__SHARED_GROUP", "fleet"), ("RUST_LOG", "info,nightlight::server=trace")];
+    let (a, b) = (server(broker.port, &env), server(broker.port, &env));
+    // Each controller's trace line for each reading it decided on.
+    let decided = || a.stderr().matches("light=50").count() + b.stderr().matches("light=50").count();
     // Each controller says `online` once it has subscribed.
     obs.wait_on_prefix("nightlight/controller/", 10 * S, 2);
     // One dark reading for each of 20 devices: each reading reaches one controller only.
@@ -84,9 +88,10 @@ fn two_controllers_in_a_shared_group_never_both_act_on_one_reading() {
         obs.publish(&format!("fleet{i}/telemetry"), r#"{"light": 50, "ts": 1, "seq": 1}"#, false);
     }
     obs.wait_on_prefix("fleet", 10 * S, 40);
-    std::thread::sleep(Duration::from_millis(800));
+    wait_until(10 * S, || decided() >= 20, "both controllers' decisions");
     let cmds = obs.all().into_iter().filter(|m| m.topic.ends_with("/commands")).count();
     assert_eq!(cmds, 20, "one command per reading, not one per controller");
+    assert_eq!(decided(), 20, "each reading reached one controller of the group");
 }
 
 #[test]

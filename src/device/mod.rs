@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::time::MissedTickBehavior;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, trace, warn};
 
 use crate::clock;
 use crate::config::{Config, SensorKind};
@@ -403,6 +403,7 @@ impl Device {
     /// A reading: the local rule, the state when it changed, then queued and sent. Returns it
     /// as telemetry.
     fn on_reading(&mut self, reading: Reading, stamp: sampler::Stamp) -> payload::Telemetry {
+        trace!(light = reading.light, "reading taken");
         let ts = stamp.ts;
         let ts_ok = self.restamp.observe(ts, stamp.mono_ms, stamp.synced);
         let first = self.led.reading(reading.light).is_some();
@@ -493,6 +494,7 @@ impl Device {
                     "the broker refused a reading (check its ACL): it stays queued and is sent again with backoff");
                 self.publish_health(); // so `denied` shows now, not at the next minute
             }
+            (Some(Sent::Telemetry(seq)), Some(_)) => debug!(seq, "a reading refused again"),
             (Some(Sent::Other(topic)), Some(reason)) if self.refused_topics.insert(topic.clone()) => {
                 warn!(topic = %topic, reason = %reason, "the broker refused a message (check its ACL)");
             }

@@ -418,6 +418,15 @@ impl Daemon {
         }
     }
 
+    /// Waits until stderr holds `n` lines containing `needle` (more than `n` is fine).
+    pub fn wait_stderr_count(&self, needle: &str, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.stderr().matches(needle).count() < n {
+            assert!(Instant::now() < deadline, "stderr never said {needle:?} {n} times:\n{}", self.stderr());
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
