@@ -150,7 +150,7 @@ fn is_loopback(host: &str) -> bool {
 }
 
 fn status(cfg: &Config, security: &Security, json: bool) -> ExitCode {
-    let broker = format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port);
+    let broker = cfg.mqtt.broker();
     let snap =
         match runtime().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(crate::status::fetch(cfg, security))) {
             Ok(s) => s,

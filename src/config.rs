@@ -220,6 +220,17 @@ impl Default for ServerConfig {
     }
 }
 
+impl MqttConfig {
+    /// `host:port` as logs and messages name the broker (`[::1]:1883` for an IPv6 address).
+    pub fn broker(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
 impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
@@ -544,6 +555,13 @@ mod tests {
         f.write_all(toml_text.as_bytes()).unwrap();
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Config::load_with_env(&Source::File(f.path().to_path_buf()), &env).map(|l| l.config)
+    }
+
+    #[test]
+    fn the_broker_is_named_host_colon_port_with_an_ipv6_address_in_brackets() {
+        let m = |host: &str| MqttConfig { host: host.into(), port: 8883, ..MqttConfig::default() };
+        assert_eq!(m("broker.lan").broker(), "broker.lan:8883");
+        assert_eq!(m("::1").broker(), "[::1]:8883");
     }
 
     #[test]

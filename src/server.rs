@@ -63,7 +63,7 @@ pub async fn run(cfg: Config, security: Security, shutdown: impl Future<Output =
     // A command the broker could not deliver in time is worth nothing (MQTT 5 message expiry).
     let expiry = u32::try_from(cfg.led.command_max_age_s).ok().filter(|s| *s > 0);
 
-    let broker = format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port);
+    let broker = cfg.mqtt.broker();
     let filter = telemetry_filter(&cfg.server.shared_group);
     let mut controller = Controller::new(cfg.server.threshold, cfg.server.hysteresis);
     let mut last_error: Option<String> = None;

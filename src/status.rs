@@ -32,7 +32,7 @@ pub struct Snapshot {
 /// The broker cannot be reached or refuses the connection (the message names it).
 pub async fn fetch(cfg: &Config, security: &Security) -> anyhow::Result<Snapshot> {
     let topics = Topics::new(&cfg.id);
-    let broker = format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port);
+    let broker = cfg.mqtt.broker();
     let spec = Spec::observer(&format!("{}-status", cfg.id));
     let (client, eventloop) = link::build(&cfg.mqtt, security, &spec);
     let mut poller = Poller::new(eventloop);
@@ -85,7 +85,7 @@ pub enum Answer {
 /// The broker cannot be reached, or no answer came in time (the message says what to check).
 pub async fn read(cfg: &Config, security: &Security, wait: Duration) -> anyhow::Result<Answer> {
     let topics = Topics::new(&cfg.id);
-    let broker = format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port);
+    let broker = cfg.mqtt.broker();
     let spec = Spec::observer(&format!("{}-read", cfg.id));
     let reply = link::Reply {
         topic: format!("{}/reply/{}", cfg.id, spec.client_id),

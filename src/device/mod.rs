@@ -132,10 +132,10 @@ pub async fn run_with(
     let (client, eventloop) = link::build(&cfg.mqtt, &security, &spec);
     let counters = Arc::new(Counters::default());
     let sampler = Sampler::new(sensor, Duration::from_millis(cfg.sensor.interval_ms), counters.clone());
-    info!(id = %cfg.id, broker = %format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port), queued = queue.stats().readings,
+    info!(id = %cfg.id, broker = %cfg.mqtt.broker(), queued = queue.stats().readings,
         "nightlight started");
     // Configuration loaded, queue, sensor and LED open: ready as far as systemd is concerned.
-    let notifier = Notifier::new(format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port));
+    let notifier = Notifier::new(cfg.mqtt.broker());
     notifier.ready();
     let cfg_local = (cfg.led.local_after_s, cfg.server.threshold, cfg.server.hysteresis);
     let run = queue.run();
@@ -516,7 +516,7 @@ impl Device {
         if let Some(Oversize::Read(limit)) = self.oversize.take() {
             info!(limit, "reconnected to the same session to read the oversized message and reject it");
         }
-        info!(broker = %format!("{}:{}", self.cfg.mqtt.host, self.cfg.mqtt.port), session_present,
+        info!(broker = %self.cfg.mqtt.broker(), session_present,
             backlog = self.queue.stats().readings, "connected");
         self.notifier.connected(self.queue.stats().readings);
         // A session the broker kept still has our subscriptions; re-subscribing would make it
@@ -650,7 +650,7 @@ impl Device {
                 self.notifier.unreachable(&reason);
             }
             None if self.last_failure.as_deref() != Some(reason.as_str()) => {
-                warn!(broker = %format!("{}:{}", self.cfg.mqtt.host, self.cfg.mqtt.port), reason = %reason,
+                warn!(broker = %self.cfg.mqtt.broker(), reason = %reason,
                     "cannot connect; retrying with backoff");
                 self.notifier.unreachable(&reason);
             }

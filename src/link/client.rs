@@ -528,13 +528,13 @@ impl Auto {
                     self.settled = Some(now);
                     if now == Protocol::V311 {
                         tracing::warn!(
-                            broker = %format!("{}:{}", self.mqtt.host, self.mqtt.port),
+                            broker = %self.mqtt.broker(),
                             "the broker speaks only MQTT 3.1.1: connected with it. Under 3.1.1 a refused reading cannot be told \
                              from a delivered one (no reason codes), the broker cannot be told the largest message we read, \
                              and commands carry no expiry; set mqtt.protocol = \"3.1.1\" to say so and skip the MQTT 5 attempt"
                         );
                     } else {
-                        tracing::info!(broker = %format!("{}:{}", self.mqtt.host, self.mqtt.port), "the broker speaks MQTT 5");
+                        tracing::info!(broker = %self.mqtt.broker(), "the broker speaks MQTT 5");
                     }
                 }
                 None
