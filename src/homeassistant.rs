@@ -22,7 +22,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::config::{Config, SensorKind};
-use crate::payload::{Topics, OFFLINE, ONLINE};
+use crate::payload::{OFFLINE, ONLINE};
+use crate::topics::{self, Topics};
 
 /// The LED command payloads, exactly as the device expects them: Home Assistant sends
 /// `payload_on` / `payload_off` unchanged.
@@ -47,7 +48,7 @@ pub const MIGRATE: &str = r#"{"migrate_discovery": true}"#;
 
 /// Where Home Assistant announces itself (`<prefix>/status`).
 pub fn ha_status_topic(cfg: &Config) -> String {
-    format!("{}/status", cfg.homeassistant.prefix)
+    topics::ha_status(&cfg.homeassistant.prefix)
 }
 
 /// The one retained device-based discovery message, `<prefix>/device/<id>/config`: the device
@@ -208,7 +209,7 @@ pub fn device_discovery(cfg: &Config, hw_version: Option<&str>) -> Discovery {
         merge(&mut dev, json!({ "hw": hw }));
     }
     Discovery {
-        topic: format!("{}/device/{id}/config", cfg.homeassistant.prefix),
+        topic: topics::ha_device_config(&cfg.homeassistant.prefix, id),
         payload: json!({
             "dev": dev,
             "o": { "name": "nightlight", "sw": env!("CARGO_PKG_VERSION") },
@@ -224,19 +225,13 @@ pub fn device_discovery(cfg: &Config, hw_version: Option<&str>) -> Discovery {
 /// The per-entity discovery topics of earlier releases (lux included), to migrate from and
 /// then clear.
 pub fn legacy_topics(cfg: &Config) -> Vec<String> {
-    let id = &cfg.id;
-    let p = &cfg.homeassistant.prefix;
-    let mut topics = vec![format!("{p}/light/{id}/led/config")];
-    for object in ["light", "lux", "queue", "reconnects", "uptime"] {
-        topics.push(format!("{p}/sensor/{id}/{object}/config"));
-    }
-    topics
+    topics::ha_legacy_configs(&cfg.homeassistant.prefix, &cfg.id)
 }
 
 /// The filter that holds every per-entity discovery topic of this device, to look up which of
 /// them the broker still holds.
 pub fn legacy_filter(cfg: &Config) -> String {
-    format!("{}/+/{}/+/config", cfg.homeassistant.prefix, cfg.id)
+    topics::ha_legacy_filter(&cfg.homeassistant.prefix, &cfg.id)
 }
 
 /// The board's model as the kernel has it (`Raspberry Pi 5 Model B Rev 1.0`), for `hw`: read

@@ -50,6 +50,7 @@ pub mod statefile;
 pub mod status;
 pub mod systemd;
 pub mod tls;
+pub mod topics;
 
 pub use config::{Config, ConfigError};
 pub use queue::{DiskQueue, QueueError};

@@ -30,21 +30,7 @@ use std::time::{Duration, Instant};
 /// shared group is a handful; only a misbehaving client makes up thousands).
 pub const MAX_CONTROLLERS: usize = 64;
 
-/// The topic filter of the controllers' statuses.
-pub const CONTROLLERS: &str = "nightlight/controller/+/status";
-
-/// The status topic of the controller with `client_id`.
-pub fn controller_status_topic(client_id: &str) -> String {
-    format!("nightlight/controller/{client_id}/status")
-}
-
-/// Whether `topic` is a controller's status.
-pub fn is_controller_status(topic: &str) -> bool {
-    topic
-        .strip_prefix("nightlight/controller/")
-        .and_then(|rest| rest.strip_suffix("/status"))
-        .is_some_and(|id| !id.is_empty() && !id.contains('/'))
-}
+pub use crate::topics::{controller_status as controller_status_topic, is_controller_status, CONTROLLERS};
 
 /// Who switches the LED.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

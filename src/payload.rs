@@ -1,4 +1,4 @@
-//! The wire format: topic names and the JSON payloads of the contract.
+//! The wire format: the JSON payloads of the contract (the topics are in [`crate::topics`]).
 //!
 //! Pure data and logic: encoding telemetry and state, and decoding commands defensively (size
 //! limit first, then JSON with serde_json's recursion limit, then the one field that matters).
@@ -7,42 +7,6 @@ use serde::{Deserialize, Serialize};
 
 /// Commands larger than this are rejected unread.
 pub const MAX_COMMAND_BYTES: usize = 4096;
-
-/// The topics of one device, built once from its id.
-#[derive(Debug, Clone)]
-pub struct Topics {
-    pub telemetry: String,
-    pub commands: String,
-    pub state: String,
-    pub status: String,
-    pub health: String,
-    pub virtual_light: String,
-    /// A reading on request in (`read`).
-    pub read: String,
-    /// Live configuration in (`config/set`) and its report out (`config`).
-    pub config_set: String,
-    pub config: String,
-    /// The last reading, retained, for dashboards (Home Assistant's light level).
-    pub reading: String,
-}
-
-impl Topics {
-    /// The topics under `<id>/`.
-    pub fn new(id: &str) -> Self {
-        Topics {
-            telemetry: format!("{id}/telemetry"),
-            commands: format!("{id}/commands"),
-            state: format!("{id}/state"),
-            status: format!("{id}/status"),
-            health: format!("{id}/health"),
-            virtual_light: format!("{id}/virtual/light"),
-            read: format!("{id}/read"),
-            config_set: format!("{id}/config/set"),
-            config: format!("{id}/config"),
-            reading: format!("{id}/reading"),
-        }
-    }
-}
 
 /// Payload of `<id>/status`.
 pub const ONLINE: &str = "online";

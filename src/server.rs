@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::controller::{Command, Controller};
 use crate::link::{self, Backoff, Event, Poller, Qos, Security, Spec};
 use crate::payload;
+use crate::topics;
 
 /// How long a clean stop waits for the broker to take the emptied status.
 const STOP_GRACE: Duration = Duration::from_millis(1000);
@@ -28,14 +29,7 @@ struct Reading {
     ts: u64,
 }
 
-/// The subscription for telemetry: shared when `server.shared_group` is set.
-pub fn telemetry_filter(shared_group: &str) -> String {
-    if shared_group.is_empty() {
-        "+/telemetry".to_owned()
-    } else {
-        format!("$share/{shared_group}/+/telemetry")
-    }
-}
+pub use crate::topics::all_telemetry as telemetry_filter;
 
 /// Runs the controller until `shutdown` completes.
 ///
@@ -87,7 +81,7 @@ pub async fn run(cfg: Config, security: Security, shutdown: impl Future<Output =
                     backoff.reset();
                     // Listening first, then `online`: the broker handles a connection's packets
                     // in order, so a device that sees this controller online is already heard.
-                    if let Err(e) = client.subscribe(&[filter.clone(), "+/state".to_owned()]) {
+                    if let Err(e) = client.subscribe(&[filter.clone(), topics::ALL_STATES.to_owned()]) {
                         warn!(error = %e, "cannot subscribe");
                     }
                     if let Err(e) = client.publish(&status_topic, Qos::AtLeastOnce, true, b"online".to_vec()) {
@@ -120,7 +114,7 @@ pub async fn run(cfg: Config, security: Security, shutdown: impl Future<Output =
                     if let Some(Command { id, on }) = cmd {
                         info!(device = %id, led_on = on, "sending command");
                         let json = payload::Command { led_on: on, ts: Some(crate::clock::unix_ms()) }.to_json();
-                        let topic = format!("{id}/commands");
+                        let topic = topics::commands(&id);
                         if let Err(e) = client.publish_expiring(&topic, Qos::AtLeastOnce, false, json, expiry) {
                             warn!(device = %id, error = %e, "cannot send command");
                         }

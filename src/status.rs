@@ -10,7 +10,8 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::homeassistant::Health;
 use crate::link::{self, Event, Poller, Security, Spec};
-use crate::payload::{self, LedState, Topics};
+use crate::payload::{self, LedState};
+use crate::topics::{self, Topics};
 
 /// How long to wait for retained messages after the subscription is acknowledged.
 const RETAINED_GRACE: Duration = Duration::from_millis(700);
@@ -88,7 +89,7 @@ pub async fn read(cfg: &Config, security: &Security, wait: Duration) -> anyhow::
     let broker = cfg.mqtt.broker();
     let spec = Spec::observer(&format!("{}-read", cfg.id));
     let reply = link::Reply {
-        topic: format!("{}/reply/{}", cfg.id, spec.client_id),
+        topic: topics::reply(&cfg.id, &spec.client_id),
         correlation: Some(bytes::Bytes::from(format!("{:016x}", fastrand::u64(..)))),
     };
     let (client, eventloop) = link::build(&cfg.mqtt, security, &spec);

@@ -9,7 +9,7 @@
 use crate::config::Config;
 use crate::homeassistant;
 use crate::link::Qos;
-use crate::payload::Topics;
+use crate::topics::Topics;
 
 /// One retained message to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]

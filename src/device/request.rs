@@ -126,7 +126,7 @@ impl Requests {
             Err("the response topic is empty, longer than 256 bytes or has a wildcard")
         } else if topic.starts_with('$') || topic.starts_with("homeassistant/") {
             Err("the response topic is the broker's or Home Assistant's")
-        } else if topic.starts_with(&own) && !topic.starts_with(&format!("{own}reply/")) {
+        } else if topic.starts_with(&own) && !topic.starts_with(&crate::topics::reply_prefix(&self.id)) {
             Err("the response topic is one of the device's own (answers go below <id>/reply/)")
         } else {
             Ok(())
