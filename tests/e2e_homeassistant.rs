@@ -223,6 +223,15 @@ fn right_after_home_assistant_restarts_the_light_level_has_the_last_reading() {
     let again = ha.wait_on(topic, 8 * S, |m| m.len() >= 2);
     assert_eq!(render(template, &again[1].text()), "123");
     assert_eq!(Observer::new(broker.port, &dev.topic("telemetry")).all().len(), 0, "telemetry is not retained");
+
+    // The light changes; "Read now" shows it at once, not in an hour.
+    ha.publish(&dev.topic("virtual/light"), "777", false);
+    d.wait_stderr("simulated light set", 5 * S);
+    let button = &p["cmps"]["read"];
+    assert_eq!(button["p"], "button");
+    ha.publish(button["command_topic"].as_str().unwrap(), button["payload_press"].as_str().unwrap(), false);
+    let now = ha.wait_on(topic, 5 * S, |m| m.last().is_some_and(|m| render(template, &m.text()) == "777"));
+    assert!(now.len() >= 3, "a new reading, not the retained one again: {now:?}");
 }
 
 #[test]
