@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one test command (README "Tests"). On a fresh Debian/Ubuntu machine it installs what the
+# The one test command (README "Tests", docs/tests.md). On a fresh Debian/Ubuntu machine it installs what the
 # tests need (mosquitto, the Pi cross linkers and rustup targets, cargo-deb, qemu, mmdebstrap),
 # proves the Pi builds cross-compile, package and run (cross/check.sh), boots the .deb in an
 # emulated arm64 Debian (cross/boot-test.sh), runs the hardware build on emulated Pi GPIO and I2C
