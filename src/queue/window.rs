@@ -56,8 +56,11 @@ impl<L: Copy> Window<L> {
     }
 
     /// Whether `seq` was acknowledged before the last reconnect (and so must not be sent again).
-    /// Forgets it: the caller treats it as sent and acknowledged now.
+    /// Forgets it: the caller treats it as sent and acknowledged now. Readings come up in `seq`
+    /// order, so an acknowledged one below `seq` never will (its storage was dropped at the cap,
+    /// or damaged): it is forgotten too, or health would count it as held for ever.
     pub fn take_done(&mut self, seq: u64) -> bool {
+        self.done = self.done.split_off(&seq);
         self.done.remove(&seq)
     }
 
@@ -130,6 +133,18 @@ mod tests {
         assert!(!w.take_done(1));
         assert!(w.take_done(2));
         assert!(!w.take_done(2), "skipped once, then forgotten");
+    }
+
+    #[test]
+    fn an_acknowledged_reading_that_never_comes_up_again_is_forgotten_when_a_newer_one_does() {
+        let mut w = window(&[1, 2, 3, 4]);
+        w.ack(2);
+        w.ack(3);
+        w.rewind();
+        assert_eq!(w.acked_held(), 2);
+        // 1-3 were dropped at the cap while offline: the queue next comes to 4.
+        assert!(!w.take_done(4));
+        assert_eq!(w.acked_held(), 0, "2 and 3 will never come up");
     }
 
     #[test]
