@@ -16,6 +16,7 @@
 mod alarm;
 mod denial;
 mod discovery;
+mod inbox;
 mod oversized;
 mod request;
 mod sampler;
@@ -713,72 +714,81 @@ impl Device {
         if self.ha.message(&self.cfg, &p.topic, &p.payload) {
             return; // an old discovery config, looked up
         }
-        if local::is_controller_status(&p.topic) {
-            let ignored = self.local.ignored();
-            let changed = self.local.controller_status(&p.topic, &p.payload, now());
-            if ignored == 0 && self.local.ignored() > 0 {
-                warn!(
-                    max = local::MAX_CONTROLLERS,
-                    "more controllers say online than a device keeps track of: ignoring the rest"
-                );
-            }
-            if changed {
-                info!(mode = self.local.mode().as_str(), controller = %p.topic, "mode changed");
-                self.publish_state();
-            }
-            return;
+        let ha_status = self.cfg.homeassistant.enabled.then(|| homeassistant::ha_status_topic(&self.cfg));
+        match inbox::classify(&self.topics, ha_status.as_deref(), &p.topic) {
+            inbox::Kind::Command => self.on_command(p),
+            inbox::Kind::ControllerStatus => self.on_controller_status(p),
+            inbox::Kind::ConfigSet => self.on_config_set(&p.payload, p.retain),
+            inbox::Kind::ReadRequest => self.on_read_request(p),
+            inbox::Kind::VirtualLight => self.on_virtual_light(p),
+            inbox::Kind::HomeAssistantStatus => self.on_ha_status(p),
+            inbox::Kind::Other => {}
         }
-        if self.cfg.homeassistant.enabled && p.topic == homeassistant::ha_status_topic(&self.cfg) {
-            if p.payload.as_ref() == homeassistant::HA_ONLINE && !self.ha_due.is_set() {
-                // A fleet must not answer in one burst.
-                let delay = Duration::from_millis(fastrand::u64(500..=5000));
-                info!(in_ms = delay.as_millis() as u64, "Home Assistant is online: discovery follows");
-                self.ha_due.set(Some(tokio::time::Instant::now() + delay));
-            }
-            return;
-        }
-        if p.topic == self.topics.config_set {
-            self.on_config_set(&p.payload, p.retain);
-            return;
-        }
-        if p.topic == self.topics.read {
-            self.on_read_request(p);
-            return;
-        }
-        if p.topic == self.topics.commands {
-            let (wall, synced) = clock::now();
-            let now_ms = synced.then_some(wall);
-            let max_age_s = self.cfg.led.command_max_age_s;
-            match payload::parse_command(&p.payload) {
-                Ok(cmd) => match payload::check_fresh(&cmd, p.retain, now_ms, max_age_s) {
-                    Ok(()) => {
-                        self.led.set(cmd.led_on);
-                        if self.local.command(now()) {
-                            info!(mode = self.local.mode().as_str(), "a command holds until the next dusk or dawn");
-                        }
-                        self.publish_state();
+    }
+
+    /// A command: obeyed unless it is invalid, retained or stale (counted and logged).
+    fn on_command(&mut self, p: &Message) {
+        let (wall, synced) = clock::now();
+        let now_ms = synced.then_some(wall);
+        let max_age_s = self.cfg.led.command_max_age_s;
+        match payload::parse_command(&p.payload) {
+            Ok(cmd) => match payload::check_fresh(&cmd, p.retain, now_ms, max_age_s) {
+                Ok(()) => {
+                    self.led.set(cmd.led_on);
+                    if self.local.command(now()) {
+                        info!(mode = self.local.mode().as_str(), "a command holds until the next dusk or dawn");
                     }
-                    Err(why) => {
-                        let n = self.counters.rejected_commands.fetch_add(1, Ordering::Relaxed) + 1;
-                        warn!(topic = %p.topic, led_on = cmd.led_on, reason = %why, rejected_total = n,
-                            "ignored a stale command");
-                    }
-                },
-                Err(e) => {
+                    self.publish_state();
+                }
+                Err(why) => {
                     let n = self.counters.rejected_commands.fetch_add(1, Ordering::Relaxed) + 1;
-                    warn!(topic = %p.topic, bytes = p.payload.len(), error = %e, rejected_total = n,
-                        "ignored an invalid command");
+                    warn!(topic = %p.topic, led_on = cmd.led_on, reason = %why, rejected_total = n,
+                        "ignored a stale command");
                 }
+            },
+            Err(e) => {
+                let n = self.counters.rejected_commands.fetch_add(1, Ordering::Relaxed) + 1;
+                warn!(topic = %p.topic, bytes = p.payload.len(), error = %e, rejected_total = n,
+                    "ignored an invalid command");
             }
-        } else if p.topic == self.topics.virtual_light {
-            match (payload::parse_simulated_light(&p.payload), &self.simulated) {
-                (Some(v), Some(ctl)) => {
-                    info!(?v, "simulated light set");
-                    ctl.set(v);
-                }
-                (None, _) if p.payload.is_empty() => {}
-                _ => warn!(topic = %p.topic, bytes = p.payload.len(), "ignored: expected 0-1000 or `fail`"),
+        }
+    }
+
+    /// A controller's `online` or `offline` ([`local`]).
+    fn on_controller_status(&mut self, p: &Message) {
+        let ignored = self.local.ignored();
+        let changed = self.local.controller_status(&p.topic, &p.payload, now());
+        if ignored == 0 && self.local.ignored() > 0 {
+            warn!(
+                max = local::MAX_CONTROLLERS,
+                "more controllers say online than a device keeps track of: ignoring the rest"
+            );
+        }
+        if changed {
+            info!(mode = self.local.mode().as_str(), controller = %p.topic, "mode changed");
+            self.publish_state();
+        }
+    }
+
+    /// Home Assistant's birth message: discovery, state and the last reading again, soon.
+    fn on_ha_status(&mut self, p: &Message) {
+        if p.payload.as_ref() == homeassistant::HA_ONLINE && !self.ha_due.is_set() {
+            // A fleet must not answer in one burst.
+            let delay = Duration::from_millis(fastrand::u64(500..=5000));
+            info!(in_ms = delay.as_millis() as u64, "Home Assistant is online: discovery follows");
+            self.ha_due.set(Some(tokio::time::Instant::now() + delay));
+        }
+    }
+
+    /// The simulated sensor's control topic (virtual sensor only).
+    fn on_virtual_light(&mut self, p: &Message) {
+        match (payload::parse_simulated_light(&p.payload), &self.simulated) {
+            (Some(v), Some(ctl)) => {
+                info!(?v, "simulated light set");
+                ctl.set(v);
             }
+            (None, _) if p.payload.is_empty() => {}
+            _ => warn!(topic = %p.topic, bytes = p.payload.len(), "ignored: expected 0-1000 or `fail`"),
         }
     }
 
@@ -805,18 +815,8 @@ impl Device {
     /// (the local rule), its live configuration, when simulated its light, and Home Assistant's
     /// status when discovery is on.
     fn subscriptions(&mut self) -> Vec<String> {
-        let mut topics = vec![
-            self.topics.commands.clone(),
-            local::CONTROLLERS.to_owned(),
-            self.topics.config_set.clone(),
-            self.topics.read.clone(),
-        ];
-        if self.simulated_topic {
-            topics.push(self.topics.virtual_light.clone());
-        }
-        if self.cfg.homeassistant.enabled {
-            topics.push(homeassistant::ha_status_topic(&self.cfg));
-        }
+        let ha_status = self.cfg.homeassistant.enabled.then(|| homeassistant::ha_status_topic(&self.cfg));
+        let mut topics = inbox::wanted(&self.topics, self.simulated_topic, ha_status.as_deref());
         let now = now();
         topics.retain(|t| self.oversized.keep(t, now));
         topics
