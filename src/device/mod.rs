@@ -16,6 +16,7 @@
 mod alarm;
 mod denial;
 mod discovery;
+mod health;
 mod inbox;
 mod oversized;
 mod request;
@@ -24,8 +25,8 @@ mod sampler;
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -34,7 +35,7 @@ use tracing::{debug, error, info, trace, warn};
 
 use crate::clock;
 use crate::config::{Config, SensorKind};
-use crate::homeassistant::{self, Health};
+use crate::homeassistant;
 use crate::led::power_on::KeptLed;
 use crate::led::{self, Led};
 use crate::link::{self, Backoff, Client, Event, InFlight, LinkError, Message, Poller, Qos, Security, Sent, Spec};
@@ -47,6 +48,8 @@ use crate::systemd::Notifier;
 use crate::topics::Topics;
 use alarm::Alarm;
 use denial::{Denial, Settle};
+pub use health::Counters;
+use health::Started;
 use sampler::Sampler;
 
 /// Telemetry publishes in flight at once while a backlog drains.
@@ -55,23 +58,6 @@ pub const WINDOW: usize = 64;
 const STOP_GRACE: Duration = Duration::from_millis(1200);
 /// A connection that lasted this long resets the reconnect backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(5);
-
-/// Counters shared with the sampler (and reported in health).
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub sensor_errors: AtomicU64,
-    pub rejected_commands: AtomicU64,
-    pub reconnects: AtomicU64,
-    /// The last connection or sensor error, for health.
-    pub last_error: Mutex<Option<String>>,
-}
-
-impl Counters {
-    fn set_last_error(&self, e: String) {
-        // A poisoned lock means a panic elsewhere, and panics abort this program.
-        *self.last_error.lock().expect("lock") = Some(e);
-    }
-}
 
 /// How often `<id>/health` is published while connected (and on every connect).
 pub const HEALTH_EVERY: Duration = Duration::from_secs(60);
@@ -163,7 +149,7 @@ pub async fn run_with(
         stopping: false,
         refused_topics: HashSet::new(),
         last_failure: None,
-        started: Started { at: now(), wall: None },
+        started: Started::new(now()),
         notifier,
         local: LocalRule::new(cfg_local.0, cfg_local.1, cfg_local.2, now()),
         live: remote::Live { base, kept, refusal: None, saver: remote::Saver::new(&queue_dir) },
@@ -251,27 +237,6 @@ struct Device {
     /// Readings on request ([`request`]), and when a request held back is due.
     requests: request::Requests,
     request_due: Alarm,
-}
-
-/// When the run started: by the monotonic clock, and by the wall clock as health reports it.
-#[derive(Debug)]
-struct Started {
-    at: Instant,
-    /// Unix seconds, and whether the wall clock was synchronized when they were worked out.
-    wall: Option<(u64, bool)>,
-}
-
-impl Started {
-    /// The uptime at `now`, and the start in RFC 3339: worked out at the first call, and again
-    /// once the wall clock (`(unix ms, synchronized)`) is synchronized.
-    fn now(&mut self, now: Instant, (wall_ms, synced): (u64, bool)) -> (Duration, String) {
-        let uptime = now.duration_since(self.at);
-        if self.wall.is_none_or(|(_, was_synced)| synced && !was_synced) {
-            self.wall = Some((wall_ms.saturating_sub(uptime.as_millis() as u64) / 1000, synced));
-        }
-        let (unix_s, _) = self.wall.expect("set above");
-        (uptime, clock::rfc3339_utc(unix_s))
-    }
 }
 
 /// A SUBSCRIBE in flight.
@@ -591,27 +556,20 @@ impl Device {
     }
 
     fn publish_health(&mut self) {
-        let q = self.queue.stats();
-        let c = &self.counters;
         let (uptime, started) = self.started.now(now(), clock::now());
-        let h = Health {
-            uptime_s: uptime.as_secs(),
-            started: Some(started),
-            queue_readings: q.readings,
-            queue_bytes: q.bytes,
-            dropped: q.dropped,
-            queue_errors: q.errors,
-            seq_durable: q.seq_durable,
-            queue_durable: self.queue_on_storage && q.seq_durable,
-            sensor_errors: c.sensor_errors.load(Ordering::Relaxed),
-            rejected_commands: c.rejected_commands.load(Ordering::Relaxed),
-            reconnects: c.reconnects.load(Ordering::Relaxed),
-            denied: self.denial.count(),
-            requests_limited: self.requests.limited(),
-            last_error: c.last_error.lock().expect("lock").clone(),
-            mode: self.local.mode().as_str().into(),
-            protocol: if self.client.protocol() == crate::config::Protocol::V311 { "3.1.1" } else { "5" }.into(),
-        };
+        let h = health::health(
+            &self.counters,
+            uptime,
+            started,
+            health::Figures {
+                queue: self.queue.stats(),
+                queue_on_storage: self.queue_on_storage,
+                denied: self.denial.count(),
+                requests_limited: self.requests.limited(),
+                mode: self.local.mode().as_str(),
+                protocol: self.client.protocol(),
+            },
+        );
         // Serializing a struct of numbers and an optional string cannot fail.
         let payload = serde_json::to_vec(&h).expect("health serializes");
         self.publish_other(&self.topics.health.clone(), payload, true);
