@@ -14,6 +14,7 @@
 //! ([`crate::link`]) is the same under MQTT 5 and 3.1.1; what differs is in its module doc.
 
 mod alarm;
+mod connection;
 mod denial;
 mod discovery;
 mod health;
@@ -47,6 +48,7 @@ use crate::sensor::{self, Reading, Sensor, SimulatedControl};
 use crate::systemd::Notifier;
 use crate::topics::Topics;
 use alarm::Alarm;
+use connection::{Connection, Ended, Oversize};
 use denial::{Denial, Settle};
 pub use health::Counters;
 use health::Started;
@@ -56,8 +58,6 @@ use sampler::Sampler;
 pub const WINDOW: usize = 64;
 /// How long a clean stop waits for the broker to take the `offline` status.
 const STOP_GRACE: Duration = Duration::from_millis(1200);
-/// A connection that lasted this long resets the reconnect backoff.
-const STABLE_CONNECTION: Duration = Duration::from_secs(5);
 
 /// How often `<id>/health` is published while connected (and on every connect).
 pub const HEALTH_EVERY: Duration = Duration::from_secs(60);
@@ -130,10 +130,9 @@ pub async fn run_with(
     let requests = request::Requests::new(&cfg.id, Duration::from_millis(cfg.sensor.min_request_ms));
     let backoff = (Duration::from_millis(cfg.mqtt.reconnect_min_ms), Duration::from_millis(cfg.mqtt.reconnect_max_ms));
     let mut device = Device {
-        backoff: Backoff::new(backoff.0, backoff.1),
+        conn: Connection::new(Backoff::new(backoff.0, backoff.1), cfg.mqtt.clean_session),
         qos: if cfg.mqtt.qos == 0 { Qos::AtMostOnce } else { Qos::AtLeastOnce },
         simulated_topic: cfg.sensor.kind == SensorKind::Virtual,
-        clean_session: cfg.mqtt.clean_session,
         cfg,
         topics,
         queue,
@@ -142,13 +141,10 @@ pub async fn run_with(
         client,
         poller: Poller::new(eventloop),
         counters,
-        connected: None,
         inflight: InFlight::default(),
-        oversize: None,
         denial: Denial::new(backoff.0, backoff.1),
         stopping: false,
         refused_topics: HashSet::new(),
-        last_failure: None,
         started: Started::new(now()),
         notifier,
         local: LocalRule::new(cfg_local.0, cfg_local.1, cfg_local.2, now()),
@@ -172,15 +168,6 @@ pub async fn run_with(
     device.run(shutdown).await
 }
 
-/// How the connection after an oversized message gets past it.
-#[derive(Debug, Clone, Copy)]
-enum Oversize {
-    /// The same session, reading up to this many bytes: the message is read and rejected.
-    Read(usize),
-    /// A new session without it (too large even to read).
-    Discard,
-}
-
 struct Device {
     cfg: Config,
     topics: Topics,
@@ -190,25 +177,18 @@ struct Device {
     client: Client,
     poller: Poller,
     counters: Arc<Counters>,
-    backoff: Backoff,
     qos: Qos,
-    clean_session: bool,
     simulated_topic: bool,
-    /// When the current connection was acknowledged; `None` while disconnected.
-    connected: Option<Instant>,
+    /// Up or down, the backoff, and the recovery from an oversized message ([`connection`]).
+    conn: Connection,
     /// Which publish each packet id is.
     inflight: InFlight,
-    /// MQTT 3.1.1: a message larger than the limit ended the connection; the next connection is
-    /// made to get past it (module doc of [`link`]), the one after it is as configured again.
-    oversize: Option<Oversize>,
     /// Readings the broker refused: held, rewound, retried.
     denial: Denial,
     /// A clean stop is under way: nothing more is sent.
     stopping: bool,
     /// Topics whose messages the broker refused (logged once each).
     refused_topics: HashSet<String>,
-    /// The last connection failure, so a retry that fails the same way is not logged again.
-    last_failure: Option<String>,
     /// When this run started, for health's `uptime_s` and `started`.
     started: Started,
     /// READY, the watchdog and the status line systemd shows.
@@ -313,7 +293,7 @@ impl Device {
                     }
                 }
                 _ = health.tick() => {
-                    if self.connected.is_some() {
+                    if self.conn.is_up() {
                         self.publish_health();
                     }
                 }
@@ -331,7 +311,7 @@ impl Device {
         };
         if sample.requested {
             let waiting = self.requests.taken();
-            if self.connected.is_none() {
+            if !self.conn.is_up() {
                 return; // asked over a connection that is gone: the asker has given up on it
             }
             for reply in waiting {
@@ -395,7 +375,7 @@ impl Device {
 
     /// A retained message of Home Assistant's part ([`discovery`]), when connected.
     fn publish_retained(&mut self, out: discovery::Out) {
-        if self.connected.is_some() {
+        if self.conn.is_up() {
             self.publish_at(&out.topic, out.qos, true, out.payload);
         }
     }
@@ -474,13 +454,12 @@ impl Device {
     }
 
     fn on_connected(&mut self, session_present: bool) {
-        self.connected = Some(now());
+        let reads_oversized = self.conn.up(now());
         self.clock_wait.set(None);
         self.queue.connected();
-        self.last_failure = None;
         // This connection gets past the message; the next one is as configured again (set
         // when this one ends, with the event loop in hand).
-        if let Some(Oversize::Read(limit)) = self.oversize.take() {
+        if let Some(limit) = reads_oversized {
             info!(limit, "reconnected to the same session to read the oversized message and reject it");
         }
         info!(broker = %self.cfg.mqtt.broker(), session_present,
@@ -591,42 +570,38 @@ impl Device {
             );
             self.clock_wait.set(Some(tokio::time::Instant::now() + CLOCK_CHECK));
         }
-        if self.connected.is_none()
-            && self.cfg.mqtt.protocol == crate::config::Protocol::V5
-            && e.v5_refused_at_connect() == 1
+        if !self.conn.is_up() && self.cfg.mqtt.protocol == crate::config::Protocol::V5 && e.v5_refused_at_connect() == 1
         {
             reason = format!(
                 "{reason} at our MQTT 5 CONNECT: if the broker speaks only MQTT 3.1.1, remove mqtt.protocol (the \
                  default tries MQTT 5, then 3.1.1) or set it to \"3.1.1\""
             );
         }
-        match self.connected.take() {
-            Some(since) => {
+        let down = self.conn.down(now(), &reason, e.oversized());
+        match down.ended {
+            Ended::Dropped => {
                 self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
-                if now().duration_since(since) >= STABLE_CONNECTION {
-                    self.backoff.reset();
-                }
                 warn!(reason = %reason, backlog = self.queue.stats().readings, "disconnected");
                 self.notifier.unreachable(&reason);
             }
-            None if self.last_failure.as_deref() != Some(reason.as_str()) => {
-                warn!(broker = %self.cfg.mqtt.broker(), reason = %reason,
-                    "cannot connect; retrying with backoff");
+            Ended::CannotConnect => {
+                warn!(broker = %self.cfg.mqtt.broker(), reason = %reason, "cannot connect; retrying with backoff");
                 self.notifier.unreachable(&reason);
             }
-            None => debug!(reason = %reason, "still cannot connect"),
+            Ended::Still => debug!(reason = %reason, "still cannot connect"),
         }
         self.counters.set_last_error(format!("mqtt: {reason}"));
-        self.last_failure = Some(reason);
         self.poller.forget_unsent();
-        let mut delay = self.backoff.next_delay();
-        if let (None, Some(el)) = (self.oversize, self.poller.eventloop()) {
-            // No connection is being made to get past an oversized message: as configured.
-            el.set_max_incoming(link::MAX_INCOMING_BYTES);
-            el.set_clean(self.clean_session);
+        if let Some(el) = self.poller.eventloop() {
+            if let Some(bytes) = down.max_incoming {
+                el.set_max_incoming(bytes);
+            }
+            if let Some(clean) = down.clean {
+                el.set_clean(clean);
+            }
         }
-        if let (Some(size), Some(el)) = (e.oversized(), self.poller.eventloop()) {
-            if size <= link::MAX_RECOVERY_BYTES {
+        match (down.oversize, e.oversized()) {
+            (Some(Oversize::Read(_)), Some(size)) => {
                 // Back at once to the same session, reading up to this size: the broker sends
                 // the message again (or, retained, at the subscription) and the command handler
                 // rejects it. Commands sent meanwhile wait in the session.
@@ -635,11 +610,8 @@ impl Device {
                     limit = link::MAX_INCOMING_BYTES,
                     "the broker sent a message larger than the limit; reading it once to reject it"
                 );
-                self.oversize = Some(Oversize::Read(size + 64));
-                el.set_max_incoming(size + 64);
-                el.set_clean(false);
-                delay = Duration::ZERO;
-            } else {
+            }
+            (Some(Oversize::Discard), Some(size)) => {
                 let n = self.counters.rejected_commands.fetch_add(1, Ordering::Relaxed) + 1;
                 warn!(
                     bytes = size,
@@ -647,8 +619,6 @@ impl Device {
                     rejected_total = n,
                     "the broker sent a message too large even to reject; starting a new session without it"
                 );
-                self.oversize = Some(Oversize::Discard);
-                el.set_clean(true);
                 if let Some(filter) = self.oversized.too_large(now()) {
                     let why = format!(
                         "the broker holds a retained message larger than {} MiB for the subscription {filter}: left out \
@@ -659,13 +629,14 @@ impl Device {
                     self.counters.set_last_error(format!("mqtt: {why}"));
                 }
             }
+            _ => {}
         }
         self.inflight.clear();
         self.subacks.clear();
         self.ha.disconnected(); // a look-up under way is made again at the next connect
         self.denial.disconnected();
         self.queue.disconnected(now());
-        self.poller.start_after(delay);
+        self.poller.start_after(down.delay);
     }
 
     fn on_message(&mut self, p: &Message) {
@@ -755,7 +726,7 @@ impl Device {
         if let Some(sim) = &self.simulated {
             sim.set_queued(self.queue.stats().readings); // for the demo's page
         }
-        if self.connected.is_none() || self.stopping || self.denial.holds() {
+        if !self.conn.is_up() || self.stopping || self.denial.holds() {
             return;
         }
         while self.queue.in_flight() < WINDOW {
@@ -817,7 +788,7 @@ impl Device {
 
     /// `<id>/config`, retained: the effective settable values and the last refusal.
     fn publish_config(&mut self) {
-        if self.connected.is_none() {
+        if !self.conn.is_up() {
             return;
         }
         let report = remote::report(&self.cfg, self.live.refusal.as_ref());
@@ -826,7 +797,7 @@ impl Device {
 
     /// `<id>/state`, retained: the LED and who switches it.
     fn publish_state(&mut self) {
-        if self.connected.is_none() {
+        if !self.conn.is_up() {
             return; // sent on the next connection
         }
         let state = payload::state_json(self.led.is_on(), self.local.mode().as_str());
@@ -852,7 +823,7 @@ impl Device {
     /// Readings could not be written (a full or failing disk): how many are lost.
     async fn stop(&mut self) -> anyhow::Result<()> {
         info!("stopping");
-        if self.connected.is_some() {
+        if self.conn.is_up() {
             self.publish_other(&self.topics.status.clone(), OFFLINE.as_bytes().to_vec(), true);
             self.stopping = true;
             // Acknowledgements that arrive before the DISCONNECT is written still count.
