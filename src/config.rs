@@ -2,8 +2,9 @@
 //!
 //! This module owns the schema (serde structs that mirror `device.toml`), where the file is looked
 //! for, validation with messages that name the key and where its value came from, and the
-//! redacted rendering that `nightlight check` prints. It does no I/O beyond reading the file and
-//! the password file.
+//! redacted rendering that `nightlight check` prints. It does no I/O beyond reading the file:
+//! the password and TLS files are read by the link ([`crate::link::Security`]), the live
+//! settings kept in the state directory by [`crate::remote`].
 
 use std::path::{Path, PathBuf};
 

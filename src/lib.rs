@@ -7,17 +7,22 @@
 //!
 //! # Layout
 //! - [`cli`]: command-line parsing, logging set-up, exit codes (`main.rs` only calls it).
-//! - [`clock`]: whether the wall clock is known to be synchronized.
+//! - [`clock`]: whether the wall clock is known to be synchronized; readings re-stamped after.
 //! - [`config`]: the configuration schema, layered loading and validation.
-//! - [`device`]: the orchestrator: sampler task, device loop, clean stop.
+//! - [`device`]: the device loop over its parts (sampler, connection, inbox, health, readings
+//!   on request, refused readings, Home Assistant discovery), and the clean stop.
 //! - [`local`]: the local rule: the device switches the LED itself when unattended.
-//! - [`link`]: MQTT options, reconnect backoff, the cancel-safe poller around rumqttc.
+//! - [`link`]: one MQTT client for MQTT 5 and 3.1.1 (the protocol chosen per broker), reconnect
+//!   backoff, the cancel-safe poller around rumqttc, request/response.
 //! - [`tls`]: rustls client configuration and plain-words TLS errors.
 //! - [`remote`]: live configuration from `<id>/config/set`.
 //! - [`queue`]: the durable offline queue (segments, checksums, group commit, byte cap).
-//! - [`payload`]: topics and JSON payloads; defensive command decoding.
+//! - [`statefile`]: the state directory's small files: atomic writes, no-follow opens.
+//! - [`topics`]: every topic and topic filter.
+//! - [`payload`]: JSON payloads; defensive command decoding.
 //! - [`homeassistant`]: MQTT discovery configs and the health payload.
-//! - [`status`]: `nightlight status`, a device's retained status, state and health.
+//! - [`status`]: `nightlight status`, a device's retained status, state and health, and
+//!   `status --read`, a reading asked for now.
 //! - [`sensor`]: the `Sensor` trait, I2C chip drivers and the simulated sensor.
 //! - [`led`]: the `Led` trait, the GPIO LED and the virtual LED.
 //! - [`controller`]: the controller's decisions (threshold, hysteresis, late readings).

@@ -1,6 +1,11 @@
 //! Small files in the state directory (`queue.dir`) that must survive a power cut whole: the
-//! LED's kept state, the live configuration. Written atomically: `<name>.new`, fdatasync,
-//! rename over `<name>`, directory fsync; a cut leaves the old content or the new, never a mix.
+//! live configuration (`config.json`, written off the device loop by [`crate::remote::Saver`])
+//! and Home Assistant's migration marker (`ha-migrated`). Written atomically ([`write_atomic`]):
+//! `<name>.new`, fdatasync, rename over `<name>`, directory fsync; a cut leaves the old content
+//! or the new, never a mix. (The LED's kept state, `led`, is four bytes written in place by
+//! [`crate::led::power_on::Memory`]: one sector, so it needs no rename; it is opened here.) The
+//! queue's own files go through [`crate::queue::storage`]. The queue's `lock` covers them all:
+//! one device per state directory.
 //!
 //! Every file of the state directory is opened without following a symbolic link and used only
 //! when it is a regular file ([`open_regular`]), and read with a bound ([`read_small`]): a
