@@ -243,10 +243,7 @@ fn disabling_discovery_removes_the_device() {
     assert_eq!(retained_discovery(&broker).len(), 1);
     d.stop_with(libc::SIGTERM, 5 * S);
     let obs = Observer::new(broker.port, "#");
-    let d = Daemon::spawn(
-        &["run", "--config", dev.config().to_str().unwrap()],
-        &[("NIGHTLIGHT__HOMEASSISTANT__ENABLED", "false")],
-    );
+    let d = dev.spawn_with(&[("NIGHTLIGHT__HOMEASSISTANT__ENABLED", "false")]);
     // The device message is emptied last, after the old topics and the last reading.
     let topic = format!("homeassistant/device/{}/config", dev.id);
     obs.wait_on(&topic, 10 * S, |m| m.iter().any(|m| m.text().is_empty()));

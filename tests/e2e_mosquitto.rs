@@ -267,10 +267,7 @@ fn systemd_is_told_ready_fed_by_the_watchdog_and_told_stopping() {
     let path = sock_dir.path().join("notify");
     let sock = UnixDatagram::bind(&path).unwrap();
     sock.set_read_timeout(Some(5 * S)).unwrap();
-    let mut d = Daemon::spawn(
-        &["run", "--config", dev.config().to_str().unwrap()],
-        &[("NOTIFY_SOCKET", path.to_str().unwrap()), ("WATCHDOG_USEC", "200000")],
-    );
+    let mut d = dev.spawn_with(&[("NOTIFY_SOCKET", path.to_str().unwrap()), ("WATCHDOG_USEC", "200000")]);
     let recv = || {
         let mut buf = [0u8; 512];
         let n = sock.recv(&mut buf).expect("a notification from nightlight");
@@ -346,26 +343,24 @@ fn the_led_comes_back_as_it_was_before_any_network_unless_power_on_says_otherwis
 
     // led.power_on = "last" (the default): on again at start, with no broker to say so (within
     // ms; the bound leaves room for a loaded machine).
-    let config = dev.config();
-    let run = ["run", "--config", config.to_str().unwrap()];
-    let mut d = Daemon::spawn(&run, &[]);
+    let mut d = dev.spawn_with(&[]);
     let lines = d.wait_stdout_lines(1, 2 * S);
     assert!(lines[0].starts_with("led on"), "{lines:?}");
     d.wait_stderr("cannot connect", 5 * S);
     assert_eq!(d.stop_with(libc::SIGTERM, 5 * S).0.code(), Some(0));
 
     // "off" overrides what was kept (and keeps off).
-    let mut d = Daemon::spawn(&run, &[("NIGHTLIGHT__LED__POWER_ON", "off")]);
+    let mut d = dev.spawn_with(&[("NIGHTLIGHT__LED__POWER_ON", "off")]);
     d.wait_stderr("cannot connect", 5 * S);
     assert!(d.stdout().is_empty(), "the LED stays off: {:?}", d.stdout());
     assert_eq!(d.stop_with(libc::SIGTERM, 5 * S).0.code(), Some(0));
-    let mut d = Daemon::spawn(&run, &[]);
+    let mut d = dev.spawn_with(&[]);
     d.wait_stderr("cannot connect", 5 * S);
     assert!(d.stdout().is_empty(), "last is off now: {:?}", d.stdout());
     assert_eq!(d.stop_with(libc::SIGTERM, 5 * S).0.code(), Some(0));
 
     // "auto": the first reading (the simulated 123, below the threshold of 300) switches it on.
-    let mut d = Daemon::spawn(&run, &[("NIGHTLIGHT__LED__POWER_ON", "auto")]);
+    let mut d = dev.spawn_with(&[("NIGHTLIGHT__LED__POWER_ON", "auto")]);
     let lines = d.wait_stdout_lines(1, 5 * S);
     assert!(lines[0].starts_with("led on"), "{lines:?}");
     assert_eq!(d.stop_with(libc::SIGTERM, 5 * S).0.code(), Some(0));
@@ -391,9 +386,7 @@ fn retained_and_hour_old_commands_change_nothing_but_a_fresh_one_does() {
     // every start ("ghost switching").
     obs.publish(&dev.topic("commands"), r#"{"led_on": true}"#, true);
     obs.wait_on(&dev.topic("commands"), 5 * S, |m| !m.is_empty());
-    let config = dev.config();
-    let run = ["run", "--config", config.to_str().unwrap()];
-    let mut d = Daemon::spawn(&run, &[("NIGHTLIGHT_CLOCK_SYNCED", "1")]);
+    let mut d = dev.spawn_with(&[("NIGHTLIGHT_CLOCK_SYNCED", "1")]);
     wait_count(&d, "ignored a stale command", 1);
     assert!(d.stderr().contains("retained message"), "{}", d.stderr());
 
@@ -411,7 +404,7 @@ fn retained_and_hour_old_commands_change_nothing_but_a_fresh_one_does() {
     // With a clock not known to be right, `ts` says nothing: the hour-old command switches it.
     // (The broker kept the session, so the retained command is not delivered again.)
     let env = [("NIGHTLIGHT_CLOCK_SYNCED", "0"), ("NIGHTLIGHT__LED__POWER_ON", "off")];
-    let mut d = Daemon::spawn(&run, &env);
+    let mut d = dev.spawn_with(&env);
     d.wait_stderr("connected", 10 * S);
     assert!(d.stdout().is_empty(), "{:?}", d.stdout());
     obs.publish(&dev.topic("commands"), format!(r#"{{"led_on": true, "ts": {hour_ago}}}"#), false);
@@ -474,10 +467,7 @@ fn readings_taken_before_the_clock_is_synchronized_are_marked_and_the_queued_one
     // A Pi that booted without network: its clock an hour behind, not synchronized.
     let seam = dev.dir.path().join("clock-unsynced");
     std::fs::write(&seam, "-3600000").unwrap();
-    let _d = Daemon::spawn(
-        &["run", "--config", dev.config().to_str().unwrap()],
-        &[("NIGHTLIGHT_CLOCK_SEAM", seam.to_str().unwrap())],
-    );
+    let _d = dev.spawn_with(&[("NIGHTLIGHT_CLOCK_SEAM", seam.to_str().unwrap())]);
     let topic = dev.topic("telemetry");
     let live = obs.wait_on(&topic, 10 * S, |m| m.len() >= 3);
     let hour_ago = now_ms() - 3_600_000;

@@ -127,10 +127,7 @@ fn a_reading_the_acl_refuses_is_counted_as_denied_kept_and_delivered_once_the_ac
 /// which wins over the file and over the 3.1.1 pass of the test command.
 fn device_speaking(port: u16, protocol: &str) -> (DeviceDir, Daemon) {
     let dev = DeviceDir::new(port, 200, "[homeassistant]\nenabled = false\n");
-    let d = Daemon::spawn(
-        &["run", "--config", dev.config().to_str().unwrap()],
-        &[("NIGHTLIGHT__MQTT__PROTOCOL", protocol)],
-    );
+    let d = dev.spawn_with(&[("NIGHTLIGHT__MQTT__PROTOCOL", protocol)]);
     (dev, d)
 }
 

@@ -35,10 +35,7 @@ fn dark_turns_the_led_on_bright_off_and_the_band_changes_nothing() {
     let srv = server(broker.port, &[("RUST_LOG", "info,nightlight::server=trace")]);
     let decided = |light: u16, n: usize| srv.wait_stderr_count(&format!("light={light}"), n, 10 * S);
     // Bright at first: no command.
-    let d = Daemon::spawn(
-        &["run", "--config", dev.config().to_str().unwrap()],
-        &[("NIGHTLIGHT__SENSOR__VIRTUAL__VALUE", "600")],
-    );
+    let d = dev.spawn_with(&[("NIGHTLIGHT__SENSOR__VIRTUAL__VALUE", "600")]);
     obs.wait_on(&dev.topic("telemetry"), 10 * S, |m| m.len() >= 5);
     assert!(commands(&obs, &dev.topic("commands")).is_empty(), "600 is bright: no command");
     obs.publish(&dev.topic("virtual/light"), "100", false); // dark
