@@ -305,15 +305,17 @@ impl Device {
 
     /// A reading (or a failed read on request): handled, and its answer to whoever asked.
     fn on_sample(&mut self, sample: sampler::Sample) {
-        let answer = match sample.result {
-            Ok(reading) => self.on_reading(reading, sample.stamp).to_json(),
-            Err(e) => serde_json::json!({ "error": e.to_string() }).to_string().into_bytes(),
-        };
-        if sample.requested {
+        let taken = sample.result.map(|reading| self.on_reading(reading, sample.stamp));
+        if sample.stamp.requested {
             let waiting = self.requests.taken();
-            if !self.conn.is_up() {
-                return; // asked over a connection that is gone: the asker has given up on it
+            if !self.conn.is_up() || waiting.is_empty() {
+                return; // no one to answer, or asked over a connection that is gone
             }
+            // Only an answer is serialized here: a scheduled reading costs no JSON of its own.
+            let answer = match taken {
+                Ok(t) => t.to_json(),
+                Err(e) => serde_json::json!({ "error": e.to_string() }).to_string().into_bytes(),
+            };
             for reply in waiting {
                 match self.client.publish_reply(&reply, answer.clone()) {
                     Ok(()) => self.inflight.handed(Sent::Other(reply.topic)),

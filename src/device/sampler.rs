@@ -55,9 +55,8 @@ pub(super) struct Sampler {
 /// scheduled read is counted and skipped).
 pub(super) struct Sample {
     pub result: Result<Reading, SensorError>,
+    /// When it was taken, and whether on request ([`Sampler::request`]).
     pub stamp: Stamp,
-    /// Taken on request ([`Sampler::request`]), not on the interval.
-    pub requested: bool,
 }
 
 impl Sampler {
@@ -120,10 +119,9 @@ impl Sampler {
                     (result, stamp)
                 }
             };
-            let requested = stamp.requested;
             let result = self.judge(result);
-            if result.is_ok() || requested {
-                return Sample { result, stamp, requested };
+            if result.is_ok() || stamp.requested {
+                return Sample { result, stamp };
             }
         }
     }
@@ -249,14 +247,14 @@ mod tests {
     async fn a_reading_on_request_comes_at_once_and_the_next_scheduled_one_keeps_its_time() {
         let t0 = Instant::now();
         let mut s = Sampler::new(Box::new(Counting(0, false)), P, Arc::new(Counters::default()));
-        assert!(!s.next().await.requested, "the first reading, at once");
+        assert!(!s.next().await.stamp.requested, "the first reading, at once");
         tokio::time::advance(P / 2).await;
         s.request();
         let asked = s.next().await;
-        assert!(asked.requested);
+        assert!(asked.stamp.requested);
         assert_eq!(Instant::now(), t0 + P / 2, "taken at once, not at the next tick");
         let next = s.next().await;
-        assert!(!next.requested);
+        assert!(!next.stamp.requested);
         assert_eq!(Instant::now(), t0 + P, "the schedule did not move");
         assert_eq!(next.result.unwrap().light, 3);
     }
@@ -267,7 +265,7 @@ mod tests {
         let mut s = Sampler::new(Box::new(Counting(0, true)), P, counters.clone());
         s.request();
         let asked = s.next().await;
-        assert!(asked.requested && asked.result.is_err(), "someone waits for the answer");
+        assert!(asked.stamp.requested && asked.result.is_err(), "someone waits for the answer");
         let skipped = tokio::time::timeout(P * 3, s.next()).await;
         assert!(skipped.is_err(), "failed scheduled reads are not handed over");
         assert!(counters.sensor_errors.load(Ordering::Relaxed) >= 3, "every failure counted");
