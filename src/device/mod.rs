@@ -157,7 +157,6 @@ pub async fn run_with(
         subacks: VecDeque::new(),
         oversized: oversized::Oversized::default(),
         requests,
-        request_due: Alarm::default(),
         // The unit's ProcSubset=pid hides /proc/device-tree; sysfs has the same file.
         ha: discovery::Discovery::new(
             ["/sys/firmware/devicetree/base/model", "/proc/device-tree/model"]
@@ -214,9 +213,8 @@ struct Device {
     subacks: VecDeque<Subscribe>,
     /// Subscriptions that bring a retained message too large to read, left out for a while.
     oversized: oversized::Oversized,
-    /// Readings on request ([`request`]), and when a request held back is due.
+    /// Readings on request ([`request`]).
     requests: request::Requests,
-    request_due: Alarm,
 }
 
 /// A SUBSCRIBE in flight.
@@ -238,12 +236,13 @@ impl Device {
         let mut health = tokio::time::interval_at(tokio::time::Instant::now() + HEALTH_EVERY, HEALTH_EVERY);
         health.set_missed_tick_behavior(MissedTickBehavior::Delay);
         self.poller.start(); // connect
-        let (mut queue_alarm, mut denied_alarm, mut save_alarm) =
-            (Alarm::default(), Alarm::default(), Alarm::default());
+        let (mut queue_alarm, mut denied_alarm, mut save_alarm, mut request_alarm) =
+            (Alarm::default(), Alarm::default(), Alarm::default(), Alarm::default());
         loop {
             queue_alarm.set(self.queue.next_deadline().map(tokio::time::Instant::from_std));
             denied_alarm.set(self.denial.deadline().map(tokio::time::Instant::from_std));
             save_alarm.set(self.live.saver.deadline());
+            request_alarm.set(self.requests.deadline().map(tokio::time::Instant::from_std));
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
@@ -277,8 +276,7 @@ impl Device {
                         self.publish_retained(out);
                     }
                 }
-                _ = self.request_due.ring(), if self.request_due.is_set() => {
-                    self.request_due.set(None);
+                _ = request_alarm.ring(), if request_alarm.is_set() => {
                     debug!("a reading on request");
                     self.requests.fire(now());
                     self.sampler.request();
@@ -333,10 +331,7 @@ impl Device {
                 debug!("a reading on request");
                 self.sampler.request();
             }
-            request::Verdict::Later(at) => {
-                debug!("a request inside sensor.min_request_ms: read at the window's end");
-                self.request_due.set(Some(tokio::time::Instant::from_std(at)));
-            }
+            request::Verdict::Later(_) => debug!("a request inside sensor.min_request_ms: read at the window's end"),
             request::Verdict::Joined => debug!("a request joins the reading asked for"),
             request::Verdict::Dropped => {
                 debug!(limited_total = self.requests.limited(), "a request dropped: too many wait for one reading")

@@ -55,6 +55,8 @@ pub struct Requests {
     last: Option<Instant>,
     /// A reading is asked for and not yet taken.
     asked: bool,
+    /// When the reading asked for inside a window is due (the window's end).
+    due: Option<Instant>,
     /// Who waits for it.
     waiting: Vec<Reply>,
     limited: u64,
@@ -62,7 +64,7 @@ pub struct Requests {
 
 impl Requests {
     pub fn new(id: &str, min: Duration) -> Self {
-        Requests { id: id.to_owned(), min, last: None, asked: false, waiting: Vec::new(), limited: 0 }
+        Requests { id: id.to_owned(), min, last: None, asked: false, due: None, waiting: Vec::new(), limited: 0 }
     }
 
     /// A message on `<id>/read` at `now`.
@@ -94,6 +96,7 @@ impl Requests {
         match self.last {
             Some(t) if now < t + self.min => {
                 self.limited += 1;
+                self.due = Some(t + self.min);
                 Verdict::Later(t + self.min)
             }
             _ => {
@@ -103,9 +106,15 @@ impl Requests {
         }
     }
 
-    /// The reading a [`Verdict::Later`] set for `now` is asked for now.
+    /// When a reading held back to the window's end ([`Verdict::Later`]) is to be asked for.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.due
+    }
+
+    /// The reading held back is asked for now.
     pub fn fire(&mut self, now: Instant) {
         self.last = Some(now);
+        self.due = None;
     }
 
     /// The reading asked for was taken (or failed): who waits for its answer.
@@ -171,7 +180,10 @@ mod tests {
                     reads.push(now - t0);
                     r.taken();
                 }
-                Verdict::Later(at) => alarm = Some(at),
+                Verdict::Later(at) => {
+                    assert_eq!(r.deadline(), Some(at));
+                    alarm = Some(at);
+                }
                 Verdict::Joined | Verdict::Dropped => {} // 8 answers wait at most
                 other => panic!("{other:?}"),
             }
@@ -190,7 +202,9 @@ mod tests {
         r.taken();
         let later = t0 + Duration::from_millis(50);
         assert_eq!(r.request(later, false, 0, reply("a/2")), Verdict::Later(t0 + MIN));
+        assert_eq!(r.deadline(), Some(t0 + MIN));
         r.fire(t0 + MIN);
+        assert_eq!(r.deadline(), None, "asked for");
         assert_eq!(r.taken(), vec![reply("a/2").unwrap()], "answered, with a reading taken after it asked");
     }
 
