@@ -30,8 +30,6 @@ use std::time::{Duration, Instant};
 /// shared group is a handful; only a misbehaving client makes up thousands).
 pub const MAX_CONTROLLERS: usize = 64;
 
-pub use crate::topics::{controller_status as controller_status_topic, is_controller_status, CONTROLLERS};
-
 /// Who switches the LED.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -130,7 +128,7 @@ impl LocalRule {
         !self.asked
     }
 
-    /// The device subscribed to [`CONTROLLERS`] again.
+    /// The device subscribed to [`crate::topics::CONTROLLERS`] again.
     pub fn asking(&mut self) {
         self.asked = true;
     }
@@ -330,11 +328,11 @@ mod tests {
         let mut r = LocalRule::new(5, 300, 20, t0);
         r.link(true, false, t0);
         for i in 0..MAX_CONTROLLERS + 10 {
-            r.controller_status(&controller_status_topic(&format!("c{i}")), b"online", t0);
+            r.controller_status(&crate::topics::controller_status(&format!("c{i}")), b"online", t0);
         }
         assert_eq!((r.controllers_online(), r.ignored()), (MAX_CONTROLLERS, 10));
-        r.controller_status(&controller_status_topic("c0"), b"offline", t0);
-        r.controller_status(&controller_status_topic("late"), b"online", t0);
+        r.controller_status(&crate::topics::controller_status("c0"), b"offline", t0);
+        r.controller_status(&crate::topics::controller_status("late"), b"online", t0);
         assert_eq!(r.controllers_online(), MAX_CONTROLLERS, "room again once one left");
     }
 

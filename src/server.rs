@@ -29,8 +29,6 @@ struct Reading {
     ts: u64,
 }
 
-pub use crate::topics::all_telemetry as telemetry_filter;
-
 /// Runs the controller until `shutdown` completes.
 ///
 /// # Errors
@@ -43,7 +41,7 @@ pub async fn run(cfg: Config, security: Security, shutdown: impl Future<Output =
     };
     // Devices count the controllers online on these (the local rule): `offline` if this process
     // dies, nothing left behind on a clean stop.
-    let status_topic = crate::local::controller_status_topic(&client_id);
+    let status_topic = topics::controller_status(&client_id);
     // A generated client id cannot resume a session; a configured one may.
     let clean = cfg.mqtt.client_id.is_empty() || cfg.mqtt.clean_session;
     let mut spec = Spec::new(&cfg.mqtt, client_id, clean);
@@ -58,7 +56,7 @@ pub async fn run(cfg: Config, security: Security, shutdown: impl Future<Output =
     let expiry = u32::try_from(cfg.led.command_max_age_s).ok().filter(|s| *s > 0);
 
     let broker = cfg.mqtt.broker();
-    let filter = telemetry_filter(&cfg.server.shared_group);
+    let filter = topics::all_telemetry(&cfg.server.shared_group);
     let mut controller = Controller::new(cfg.server.threshold, cfg.server.hysteresis);
     let mut last_error: Option<String> = None;
     let mut connected = false;

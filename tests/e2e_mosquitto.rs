@@ -371,14 +371,6 @@ fn now_ms() -> u64 {
 }
 
 /// Waits until `needle` is in the daemon's stderr `n` times.
-fn wait_count(d: &Daemon, needle: &str, n: usize) {
-    let deadline = std::time::Instant::now() + 10 * S;
-    while d.stderr().matches(needle).count() < n {
-        assert!(std::time::Instant::now() < deadline, "wanted {n} x {needle:?}:\n{}", d.stderr());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn retained_and_hour_old_commands_change_nothing_but_a_fresh_one_does() {
     let Rig { broker: _broker, dev, obs } = Rig::new(200);
@@ -387,13 +379,13 @@ fn retained_and_hour_old_commands_change_nothing_but_a_fresh_one_does() {
     obs.publish(&dev.topic("commands"), r#"{"led_on": true}"#, true);
     obs.wait_on(&dev.topic("commands"), 5 * S, |m| !m.is_empty());
     let mut d = dev.spawn_with(&[("NIGHTLIGHT_CLOCK_SYNCED", "1")]);
-    wait_count(&d, "ignored a stale command", 1);
+    d.wait_stderr_count("ignored a stale command", 1, 10 * S);
     assert!(d.stderr().contains("retained message"), "{}", d.stderr());
 
     // An hour old by a synchronized clock: stale too. A fresh one switches the LED.
     let hour_ago = now_ms() - 3_600_000;
     obs.publish(&dev.topic("commands"), format!(r#"{{"led_on": true, "ts": {hour_ago}}}"#), false);
-    wait_count(&d, "ignored a stale command", 2);
+    d.wait_stderr_count("ignored a stale command", 2, 10 * S);
     assert!(d.stderr().contains("sent 3600 s ago, more than led.command_max_age_s = 300"), "{}", d.stderr());
     assert!(d.stdout().is_empty(), "nothing stale switched the LED: {:?}", d.stdout());
     obs.publish(&dev.topic("commands"), format!(r#"{{"led_on": true, "ts": {}}}"#, now_ms()), false);

@@ -66,12 +66,8 @@ impl Outbox {
 
     /// Hands `p` over unless the client already has [`OUTBOX`] messages or [`OUTBOX_BYTES`]
     /// waiting (or is gone); false when dropped.
-    pub fn try_send(&self, p: Publish) -> bool {
-        self.try_send_with(p, Props::default())
-    }
-
-    /// As [`try_send`](Self::try_send), with the MQTT 5 properties it forwards.
-    pub fn try_send_with(&self, p: Publish, props: Props) -> bool {
+    /// `props`: the MQTT 5 properties it forwards.
+    pub fn try_send(&self, p: Publish, props: Props) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
         let size = p.payload.len() + p.topic.len();
         if self.queued.load(Relaxed) + size > OUTBOX_BYTES {
@@ -499,7 +495,7 @@ async fn send(conn: &mut Conn, pkid: &mut u16, mut p: Publish, props: Props) -> 
 
 fn deliver(router: &Mutex<Router>, publish: &Publish, props: &Props) {
     for (outbox, copy) in lock(router).publish(publish) {
-        if !outbox.try_send_with(copy, props.clone()) {
+        if !outbox.try_send(copy, props.clone()) {
             debug!(topic = %publish.topic, "a client's outbox is full or gone: message dropped for it");
         }
     }
@@ -690,7 +686,7 @@ mod tests {
         let (outbox, _) = (r.sessions["stalled"].outbox.clone(), ());
         let mut taken = 0;
         for _ in 0..8 {
-            if outbox.try_send(msg("big/x", QoS::AtMostOnce, &big, false)) {
+            if outbox.try_send(msg("big/x", QoS::AtMostOnce, &big, false), Props::default()) {
                 taken += 1;
             }
         }

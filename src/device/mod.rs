@@ -482,7 +482,7 @@ impl Device {
         if self.local.must_ask() {
             // A restart that resumed the session: the controllers' retained statuses come only
             // with a new SUBSCRIBE (the other subscriptions stand).
-            let topics = vec![local::CONTROLLERS.to_owned()];
+            let topics = vec![crate::topics::CONTROLLERS.to_owned()];
             match self.client.subscribe(&topics) {
                 Ok(()) => {
                     self.subacks.push_back(Subscribe::Topics(topics));
