@@ -79,7 +79,7 @@ pub enum Answer {
 }
 
 /// Asks the device for a reading now (`<id>/read`) and waits up to `wait` for it: under MQTT 5
-/// with a response topic of our own below `<id>/reply/` (where the README's ACL lets a device
+/// with a response topic of our own below `<id>/reply/` (where the project's ACL (docs/mosquitto.acl) lets a device
 /// answer) and random correlation data.
 ///
 /// # Errors
@@ -126,7 +126,7 @@ pub async fn read(cfg: &Config, security: &Security, wait: Duration) -> anyhow::
     match answer {
         Some(a) => Ok(a),
         None => bail!(
-            "no reading from {} within {} s: is it online (nightlight status), and may it write {}/reply/# (the README's ACL)?",
+            "no reading from {} within {} s: is it online (nightlight status), and may it write {}/reply/# (docs/mosquitto.acl)?",
             cfg.id,
             wait.as_secs(),
             cfg.id

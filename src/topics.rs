@@ -2,7 +2,7 @@
 //! contract's topic table). The payloads are in [`crate::payload`].
 //!
 //! - A device's own topics are under `<id>/` ([`Topics`]); answers to its requests go where the
-//!   requester asked, below `<id>/reply/` under the README's ACL.
+//!   requester asked, below `<id>/reply/` under the project's ACL (docs/mosquitto.acl).
 //! - Controllers announce themselves on `nightlight/controller/<client id>/status`.
 //! - Home Assistant's are under its discovery prefix (`homeassistant` by default).
 
@@ -48,7 +48,7 @@ pub fn commands(id: &str) -> String {
 }
 
 /// Where `nightlight status --read` asks a device to answer: below `<id>/reply/`, the one place
-/// under its own id the README's ACL lets a device answer.
+/// under its own id the project's ACL (docs/mosquitto.acl) lets a device answer.
 pub fn reply(id: &str, asker: &str) -> String {
     format!("{id}/reply/{asker}")
 }

@@ -325,7 +325,7 @@ impl Device {
 
     /// A request on `<id>/read` ([`request`]).
     fn on_read_request(&mut self, p: &Message) {
-        let verdict = self.requests.request(now(), p.retain, p.payload.len(), p.reply.clone());
+        let verdict = self.requests.request(now(), p.retain, p.payload.len(), p.reply());
         match verdict {
             request::Verdict::Read => {
                 debug!("a reading on request");
@@ -338,7 +338,7 @@ impl Device {
             }
             request::Verdict::Refused(why) => {
                 let n = self.counters.rejected_commands.fetch_add(1, Ordering::Relaxed) + 1;
-                let to = p.reply.as_ref().map(|r| payload::printable(&r.topic, 80));
+                let to = p.response_topic.as_deref().map(|t| payload::printable(t, 80));
                 warn!(topic = %p.topic, reply_to = ?to, reason = why, rejected_total = n, "ignored a request for a reading");
             }
         }

@@ -67,10 +67,17 @@ pub struct Message {
     pub payload: Bytes,
     /// Sent from the broker's retained store (a subscription's first message), not live.
     pub retain: bool,
-    /// MQTT 5 request/response: where the sender wants the answer (3.1.1 has no such thing).
-    pub reply: Option<Reply>,
-    /// MQTT 5: the Correlation Data on this message (an answer carries the request's back).
+    /// MQTT 5 request/response (3.1.1 has no such thing): where the sender wants the answer,
+    /// and the Correlation Data on this message (an answer carries the request's back).
+    pub response_topic: Option<String>,
     pub correlation: Option<Bytes>,
+}
+
+impl Message {
+    /// Where and how to answer this message, when it is an MQTT 5 request.
+    pub fn reply(&self) -> Option<Reply> {
+        Some(Reply { topic: self.response_topic.clone()?, correlation: self.correlation.clone() })
+    }
 }
 
 /// An MQTT 5 request's Response Topic and Correlation Data.
@@ -571,7 +578,7 @@ fn translate_v4(ev: rumqttc::Event) -> Event {
             topic: p.topic,
             payload: p.payload,
             retain: p.retain,
-            reply: None,
+            response_topic: None,
             correlation: None,
         }),
         E::Incoming(I::PubAck(a)) => Event::Answered { pkid: a.pkid, refused: None },
@@ -591,15 +598,13 @@ fn translate_v5(ev: rumqttc::v5::Event) -> Event {
     match ev {
         E::Incoming(I::ConnAck(a)) => Event::Connected { session_present: a.session_present },
         E::Incoming(I::Publish(p)) => {
-            let correlation = p.properties.as_ref().and_then(|props| props.correlation_data.clone());
-            let reply = p.properties.as_ref().and_then(|props| {
-                Some(Reply { topic: props.response_topic.clone()?, correlation: correlation.clone() })
-            });
+            let (response_topic, correlation) =
+                p.properties.map_or((None, None), |props| (props.response_topic, props.correlation_data));
             Event::Message(Message {
                 topic: String::from_utf8_lossy(&p.topic).into_owned(),
                 payload: p.payload,
                 retain: p.retain,
-                reply,
+                response_topic,
                 correlation,
             })
         }
