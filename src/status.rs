@@ -79,8 +79,8 @@ pub enum Answer {
 }
 
 /// Asks the device for a reading now (`<id>/read`) and waits up to `wait` for it: under MQTT 5
-/// with a response topic of our own below `<id>/reply/` (where the project's ACL (docs/mosquitto.acl) lets a device
-/// answer) and random correlation data.
+/// with a response topic of our own below `<id>/reply/` (where `docs/mosquitto.acl` lets a
+/// device answer) and random correlation data.
 ///
 /// # Errors
 /// The broker cannot be reached, or no answer came in time (the message says what to check).

@@ -8,8 +8,8 @@
 //! - An MQTT 5 request's Response Topic is answered only where an answer cannot pass for the
 //!   device's own messages or another's control topics: not under `$`, not under
 //!   `homeassistant/`, no wildcard, at most [`MAX_TOPIC`] bytes, and under the device's own id
-//!   only below `<id>/reply/` (the project's ACL (docs/mosquitto.acl) lets a device write there and nowhere else). A
-//!   request with a Response Topic that breaks this is refused whole.
+//!   only below `<id>/reply/` (`docs/mosquitto.acl` lets a device write there and nowhere
+//!   else). A request with a Response Topic that breaks this is refused whole.
 //! - At most one on-demand reading per `sensor.min_request_ms`: a request inside the window after
 //!   the last one is not dropped but waits for the window's end, and a request while a reading
 //!   is asked for joins it (its answer comes with that reading, up to [`MAX_WAITING`] answers;
