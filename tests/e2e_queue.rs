@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -13,16 +13,6 @@ use nightlight::DiskQueue;
 
 /// One reading's frame on disk (`src/queue/frame.rs`): 5 bytes of header, a 27-byte body.
 const FRAME: u64 = 32;
-
-fn segments(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
-        .collect();
-    v.sort();
-    v
-}
 
 #[test]
 fn kill_9_while_offline_loses_nothing_that_reached_the_disk() {

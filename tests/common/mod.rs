@@ -749,16 +749,21 @@ fn gate(
     let _ = client.shutdown(std::net::Shutdown::Both);
 }
 
-/// The flags byte of each reading the queue in `dir` holds on disk, segment by segment
-/// (`src/queue/frame.rs`: a length byte, a 4-byte checksum, the body with its flags at 18; bit 1
-/// set: taken by a clock not known to be synchronized), read without the device's lock.
-pub fn flags_on_disk(dir: &Path) -> Vec<u8> {
+/// The queue's segment files in `dir`, oldest first (none when `dir` does not exist yet).
+pub fn segments(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
     let mut segs: Vec<PathBuf> =
         entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "seg")).collect();
     segs.sort();
+    segs
+}
+
+/// The flags byte of each reading the queue in `dir` holds on disk, segment by segment
+/// (`src/queue/frame.rs`: a length byte, a 4-byte checksum, the body with its flags at 18; bit 1
+/// set: taken by a clock not known to be synchronized), read without the device's lock.
+pub fn flags_on_disk(dir: &Path) -> Vec<u8> {
     let mut flags = Vec::new();
-    for seg in segs {
+    for seg in segments(dir) {
         let bytes = std::fs::read(seg).unwrap_or_default();
         let mut at = 0;
         while at < bytes.len() && bytes[at] > 18 && at + 5 + bytes[at] as usize <= bytes.len() {
