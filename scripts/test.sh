@@ -24,6 +24,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q -o DPkg::Lock::Timeout=300 "${missing[@]}"
 fi
+# promtool checks the metrics (tests/e2e_metrics.rs); it comes with Debian's Prometheus server,
+# which is not wanted running.
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "==> installing prometheus (for promtool)"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=300 prometheus
+  $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+fi
 
 echo "==> the laptop build (virtual, no rppal) builds and does not pull in rppal"
 cargo build --no-default-features --features virtual
@@ -52,6 +60,7 @@ cross/deploy-test.sh
 
 echo "==> benchmark script smoke (one short repetition beside the lesson's device; no figures asserted)"
 SMOKE=1 bench/compare.sh >/dev/null
+SMOKE=1 bench/metrics.sh >/dev/null
 
 log=$(mktemp)
 echo "==> the demo's page in a real browser (headless chromium)"

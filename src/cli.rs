@@ -142,6 +142,18 @@ fn check(loaded: &Loaded) -> ExitCode {
     if let Some(w) = crate::queue::medium::of_dir(dir).warning(dir) {
         eprintln!("nightlight: warning: {w}");
     }
+    if let Some(addr) = c.metrics.listen_addr().filter(|a| !a.ip().is_loopback()) {
+        eprintln!(
+            "nightlight: warning: metrics.listen {addr} is reachable from the network, without a password; \
+             127.0.0.1 keeps it on this machine (a scraper elsewhere can reach it through node_exporter's textfile)"
+        );
+    }
+    let textfile = std::path::Path::new(&c.metrics.textfile);
+    if let Some(parent) = textfile.parent().filter(|_| !c.metrics.textfile.is_empty()) {
+        if let Some(w) = crate::queue::medium::of_dir(parent).textfile_warning(textfile) {
+            eprintln!("nightlight: warning: {w}");
+        }
+    }
     ExitCode::SUCCESS
 }
 

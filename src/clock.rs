@@ -163,6 +163,12 @@ impl Restamp {
         false
     }
 
+    /// How far the wall clock moved against the monotonic one when it was synchronized (ms), if
+    /// this run saw that happen.
+    pub fn shift(&self) -> Option<i64> {
+        self.shift
+    }
+
     /// `rec` as it should be sent.
     pub fn apply(&self, mut rec: Telemetry) -> Telemetry {
         if let (false, true, Some(shift)) = (rec.ts_ok, rec.run == self.run, self.shift) {

@@ -43,6 +43,7 @@ pub struct Config {
     pub homeassistant: HomeAssistantConfig,
     pub queue: QueueConfig,
     pub server: ServerConfig,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -181,6 +182,24 @@ pub struct QueueConfig {
     pub spill_ms: u64,
 }
 
+/// Metrics: both off by default.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `HOST:PORT` to serve `GET /metrics` on (`127.0.0.1:9101`, say); empty: off.
+    pub listen: String,
+    /// A file written atomically every few seconds with the same text, for node_exporter's
+    /// textfile collector (`/run/nightlight/nightlight.prom`, say: in memory); empty: off.
+    pub textfile: String,
+}
+
+impl MetricsConfig {
+    /// The address to listen on, if any (validated).
+    pub fn listen_addr(&self) -> Option<std::net::SocketAddr> {
+        self.listen.parse().ok()
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
@@ -199,6 +218,7 @@ impl Default for Config {
             homeassistant: HomeAssistantConfig::default(),
             queue: QueueConfig::default(),
             server: ServerConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -518,6 +538,23 @@ impl Config {
         }
         if self.homeassistant.prefix.is_empty() || self.homeassistant.prefix.contains(['+', '#']) {
             return Err(bad("homeassistant.prefix", "must be a non-empty topic without '+' or '#'".into()));
+        }
+        let metrics = &self.metrics;
+        if !metrics.listen.is_empty() && metrics.listen_addr().is_none() {
+            return Err(bad(
+                "metrics.listen",
+                format!("{:?} is not an IP address and port, like \"127.0.0.1:9101\" (empty: off)", metrics.listen),
+            ));
+        }
+        let textfile = std::path::Path::new(&metrics.textfile);
+        if !metrics.textfile.is_empty() && (!textfile.is_absolute() || textfile.file_name().is_none()) {
+            return Err(bad(
+                "metrics.textfile",
+                format!(
+                    "{:?} must be an absolute path to a file, like \"/run/nightlight/nightlight.prom\" (empty: off)",
+                    metrics.textfile
+                ),
+            ));
         }
         Ok(())
     }

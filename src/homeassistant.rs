@@ -275,6 +275,14 @@ pub struct Health {
     pub started: Option<String>,
     pub queue_readings: u64,
     pub queue_bytes: u64,
+    /// How long the oldest queued reading has waited, by its timestamp (0: none queued).
+    #[serde(default)]
+    pub queue_oldest_age_s: u64,
+    /// Bytes written and syncs issued to the queue's storage in this run.
+    #[serde(default)]
+    pub storage_written_bytes: u64,
+    #[serde(default)]
+    pub storage_syncs: u64,
     pub dropped: u64,
     /// Failed queue storage calls (full disk, I/O errors); each is retried.
     #[serde(default)]

@@ -16,6 +16,7 @@
 //!   backoff, the cancel-safe poller around rumqttc, request/response.
 //! - [`tls`]: rustls client configuration and plain-words TLS errors.
 //! - [`remote`]: live configuration from `<id>/config/set`.
+//! - [`metrics`]: counters shared by the device's parts; the Prometheus endpoint and textfile.
 //! - [`queue`]: the durable offline queue (segments, checksums, group commit, byte cap).
 //! - [`statefile`]: the state directory's small files: atomic writes, no-follow opens.
 //! - [`topics`]: every topic and topic filter.
@@ -45,6 +46,7 @@ pub mod homeassistant;
 pub mod led;
 pub mod link;
 pub mod local;
+pub mod metrics;
 pub mod payload;
 pub mod queue;
 pub mod remote;

@@ -169,9 +169,14 @@ pub fn render(snap: &Snapshot, broker: &str) -> String {
         out += &line(
             "queue",
             format!(
-                "{} readings ({} bytes on disk), {} dropped, {} disk errors{}{}",
+                "{} readings ({} bytes on disk{}), {} dropped, {} disk errors{}{}",
                 h.queue_readings,
                 h.queue_bytes,
+                if h.queue_readings > 0 && h.queue_oldest_age_s > 0 {
+                    format!(", oldest waiting {}", human_duration(h.queue_oldest_age_s))
+                } else {
+                    String::new()
+                },
                 h.dropped,
                 h.queue_errors,
                 if h.seq_durable { "" } else { "; seq from the wall clock (queue meta not writable)" },
@@ -215,6 +220,9 @@ mod tests {
                 started: None,
                 queue_readings: 5,
                 queue_bytes: 120,
+                queue_oldest_age_s: 0,
+                storage_written_bytes: 0,
+                storage_syncs: 0,
                 dropped: 0,
                 queue_errors: 0,
                 seq_durable: true,

@@ -8,31 +8,14 @@
 //!   an uptime does between two messages.
 //! - `queue_durable` is false while the queue is in memory or its `seq` is not durable.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::clock;
 use crate::config::Protocol;
 use crate::homeassistant::Health;
+pub use crate::metrics::Counters;
 use crate::queue::QueueStats;
-
-/// Counters shared with the sampler (and reported in health).
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub sensor_errors: AtomicU64,
-    pub rejected_commands: AtomicU64,
-    pub reconnects: AtomicU64,
-    /// The last connection or sensor error, for health.
-    pub last_error: Mutex<Option<String>>,
-}
-
-impl Counters {
-    pub(super) fn set_last_error(&self, e: String) {
-        // A poisoned lock means a panic elsewhere, and panics abort this program.
-        *self.last_error.lock().expect("lock") = Some(e);
-    }
-}
 
 /// When the run started: by the monotonic clock, and by the wall clock as health reports it.
 #[derive(Debug)]
@@ -62,6 +45,8 @@ impl Started {
 /// The figures health takes from the device's other parts.
 pub(super) struct Figures {
     pub queue: QueueStats,
+    /// How long the oldest queued reading has waited (seconds, by its `ts`).
+    pub oldest_age_s: u64,
     /// `queue.dir` is on storage, not in memory.
     pub queue_on_storage: bool,
     pub denied: u64,
@@ -83,8 +68,11 @@ pub(super) fn health(c: &Counters, uptime: Duration, started: String, f: Figures
         seq_durable: q.seq_durable,
         queue_durable: f.queue_on_storage && q.seq_durable,
         sensor_errors: c.sensor_errors.load(Ordering::Relaxed),
-        rejected_commands: c.rejected_commands.load(Ordering::Relaxed),
-        reconnects: c.reconnects.load(Ordering::Relaxed),
+        rejected_commands: c.rejected_total(),
+        reconnects: c.reconnects_total(),
+        queue_oldest_age_s: f.oldest_age_s,
+        storage_written_bytes: q.written_bytes,
+        storage_syncs: q.syncs,
         denied: f.denied,
         requests_limited: f.requests_limited,
         // A poisoned lock means a panic elsewhere, and panics abort this program.
@@ -118,7 +106,8 @@ mod tests {
     #[test]
     fn the_queue_counts_as_durable_only_on_storage_with_a_durable_seq() {
         let figures = |on_storage, seq_durable| Figures {
-            queue: QueueStats { readings: 3, bytes: 96, dropped: 0, errors: 0, seq_durable },
+            queue: QueueStats { readings: 3, bytes: 96, seq_durable, ..QueueStats::default() },
+            oldest_age_s: 0,
             queue_on_storage: on_storage,
             denied: 0,
             requests_limited: 0,

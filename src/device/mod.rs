@@ -41,6 +41,7 @@ use crate::led::power_on::KeptLed;
 use crate::led::{self, Led};
 use crate::link::{self, Backoff, Client, Event, InFlight, LinkError, Message, Poller, Qos, Security, Sent, Spec};
 use crate::local::{self, LocalRule};
+use crate::metrics::{self, Reject};
 use crate::payload::{self, OFFLINE, ONLINE};
 use crate::queue::DiskQueue;
 use crate::remote;
@@ -61,6 +62,8 @@ const STOP_GRACE: Duration = Duration::from_millis(1200);
 
 /// How often `<id>/health` is published while connected (and on every connect).
 pub const HEALTH_EVERY: Duration = Duration::from_secs(60);
+/// While metrics are on, how often the device loop copies its figures for them.
+const METRICS_EVERY: Duration = Duration::from_secs(1);
 /// While a certificate waits for the clock, how often the clock is looked at.
 const CLOCK_CHECK: Duration = Duration::from_secs(1);
 
@@ -119,6 +122,7 @@ pub async fn run_with(
     spec.will = Some((topics.status.clone(), OFFLINE.as_bytes().to_vec()));
     let (client, eventloop) = link::build(&cfg.mqtt, &security, &spec);
     let counters = Arc::new(Counters::default());
+    metrics::start(&cfg.metrics, &counters).await;
     let sampler = Sampler::new(sensor, Duration::from_millis(cfg.sensor.interval_ms), counters.clone());
     info!(id = %cfg.id, broker = %cfg.mqtt.broker(), queued = queue.stats().readings,
         "nightlight started");
@@ -235,6 +239,9 @@ impl Device {
         feed.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut health = tokio::time::interval_at(tokio::time::Instant::now() + HEALTH_EVERY, HEALTH_EVERY);
         health.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let metrics_on = !self.cfg.metrics.listen.is_empty() || !self.cfg.metrics.textfile.is_empty();
+        let mut snapshot = tokio::time::interval(METRICS_EVERY);
+        snapshot.set_missed_tick_behavior(MissedTickBehavior::Delay);
         self.poller.start(); // connect
         let (mut queue_alarm, mut denied_alarm, mut save_alarm, mut request_alarm) =
             (Alarm::default(), Alarm::default(), Alarm::default(), Alarm::default());
@@ -290,6 +297,7 @@ impl Device {
                         self.clock_wait.set(Some(tokio::time::Instant::now() + CLOCK_CHECK));
                     }
                 }
+                _ = snapshot.tick(), if metrics_on => self.snapshot(),
                 _ = health.tick() => {
                     if self.conn.is_up() {
                         self.publish_health();
@@ -337,7 +345,7 @@ impl Device {
                 debug!(limited_total = self.requests.limited(), "a request dropped: too many wait for one reading")
             }
             request::Verdict::Refused(why) => {
-                let n = self.counters.rejected_commands.fetch_add(1, Ordering::Relaxed) + 1;
+                let n = self.counters.reject(Reject::Request);
                 let to = p.response_topic.as_deref().map(|t| payload::printable(t, 80));
                 warn!(topic = %p.topic, reply_to = ?to, reason = why, rejected_total = n, "ignored a request for a reading");
             }
@@ -348,6 +356,7 @@ impl Device {
     /// as telemetry.
     fn on_reading(&mut self, reading: Reading, stamp: sampler::Stamp) -> payload::Telemetry {
         trace!(light = reading.light, "reading taken");
+        self.counters.readings.fetch_add(1, Ordering::Relaxed);
         let ts = stamp.ts;
         let ts_ok = self.restamp.observe(ts, stamp.mono_ms, stamp.synced);
         let first = self.led.reading(reading.light).is_some();
@@ -426,19 +435,23 @@ impl Device {
     /// The broker answered a publish (or a QoS 0 one was written): delivered, or refused.
     fn on_answered(&mut self, what: Option<Sent>, refused: Option<String>) {
         match (what, refused) {
-            (Some(Sent::Telemetry(seq)), None) => {
+            (Some(Sent::Telemetry(seq, ts)), None) => {
                 self.queue.ack(seq);
+                self.counters.acked.fetch_add(1, Ordering::Relaxed);
+                // By the wall clock: a reading queued through an outage waited that long.
+                let waited = clock::now().0.saturating_sub(ts);
+                self.counters.delivery.observe(Duration::from_millis(waited));
                 self.notifier.delivered();
                 if self.denial.accepted() {
                     info!(topic = %self.topics.telemetry, "the broker takes readings again");
                 }
             }
-            (Some(Sent::Telemetry(seq)), Some(reason)) if self.denial.refused() => {
+            (Some(Sent::Telemetry(seq, _)), Some(reason)) if self.denial.refused() => {
                 warn!(topic = %self.topics.telemetry, seq, reason = %reason, denied_total = self.denial.count(),
                     "the broker refused a reading (check its ACL): it stays queued and is sent again with backoff");
                 self.publish_health(); // so `denied` shows now, not at the next minute
             }
-            (Some(Sent::Telemetry(seq)), Some(_)) => debug!(seq, "a reading refused again"),
+            (Some(Sent::Telemetry(seq, _)), Some(_)) => debug!(seq, "a reading refused again"),
             (Some(Sent::Other(topic)), Some(reason)) if self.refused_topics.insert(topic.clone()) => {
                 warn!(topic = %topic, reason = %reason, "the broker refused a message (check its ACL)");
             }
@@ -531,6 +544,23 @@ impl Device {
         }
     }
 
+    /// The figures only the loop knows, for the metrics ([`metrics::Snapshot`]).
+    fn snapshot(&mut self) {
+        let queue = self.queue.stats();
+        self.counters.set_snapshot(metrics::Snapshot {
+            run: self.queue.run(),
+            protocol: if self.client.protocol() == crate::config::Protocol::V311 { "3.1.1" } else { "5" },
+            connected: self.conn.is_up(),
+            queue,
+            oldest_ts: self.queue.oldest_ts(),
+            queue_durable: self.queue_on_storage && queue.seq_durable,
+            denied: self.denial.count(),
+            requests_limited: self.requests.limited(),
+            clock_synced: clock::now().1,
+            clock_jump_ms: self.restamp.shift(),
+        });
+    }
+
     fn publish_health(&mut self) {
         let (uptime, started) = self.started.now(now(), clock::now());
         let h = health::health(
@@ -539,6 +569,7 @@ impl Device {
             started,
             health::Figures {
                 queue: self.queue.stats(),
+                oldest_age_s: self.queue.oldest_ts().map_or(0, |ts| clock::now().0.saturating_sub(ts) / 1000),
                 queue_on_storage: self.queue_on_storage,
                 denied: self.denial.count(),
                 requests_limited: self.requests.limited(),
@@ -577,7 +608,7 @@ impl Device {
         let down = self.conn.down(now(), &reason, e.oversized());
         match down.ended {
             Ended::Dropped => {
-                self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                self.counters.reconnected(e.lost());
                 warn!(reason = %reason, backlog = self.queue.stats().readings, "disconnected");
                 self.notifier.unreachable(&reason);
             }
@@ -609,7 +640,7 @@ impl Device {
                 );
             }
             (Some(Oversize::Discard), Some(size)) => {
-                let n = self.counters.rejected_commands.fetch_add(1, Ordering::Relaxed) + 1;
+                let n = self.counters.reject(Reject::Oversized);
                 warn!(
                     bytes = size,
                     limit = link::MAX_RECOVERY_BYTES,
@@ -654,6 +685,7 @@ impl Device {
 
     /// A command: obeyed unless it is invalid, retained or stale (counted and logged).
     fn on_command(&mut self, p: &Message) {
+        let taken = Instant::now();
         let (wall, synced) = clock::now();
         let now_ms = synced.then_some(wall);
         let max_age_s = self.cfg.led.command_max_age_s;
@@ -661,19 +693,20 @@ impl Device {
             Ok(cmd) => match payload::check_fresh(&cmd, p.retain, now_ms, max_age_s) {
                 Ok(()) => {
                     self.led.set(cmd.led_on);
+                    self.counters.command_led.observe(taken.elapsed());
                     if self.local.command(now()) {
                         info!(mode = self.local.mode().as_str(), "a command holds until the next dusk or dawn");
                     }
                     self.publish_state();
                 }
                 Err(why) => {
-                    let n = self.counters.rejected_commands.fetch_add(1, Ordering::Relaxed) + 1;
+                    let n = self.counters.reject(Reject::Stale);
                     warn!(topic = %p.topic, led_on = cmd.led_on, reason = %why, rejected_total = n,
                         "ignored a stale command");
                 }
             },
             Err(e) => {
-                let n = self.counters.rejected_commands.fetch_add(1, Ordering::Relaxed) + 1;
+                let n = self.counters.reject(Reject::Invalid);
                 warn!(topic = %p.topic, bytes = p.payload.len(), error = %e, rejected_total = n,
                     "ignored an invalid command");
             }
@@ -728,12 +761,13 @@ impl Device {
         }
         while self.queue.in_flight() < WINDOW {
             let Some(rec) = self.queue.peek_unsent() else { break };
-            let json = self.restamp.apply(rec).to_json();
+            let rec = self.restamp.apply(rec);
+            let (json, json_ts) = (rec.to_json(), rec.ts);
             if self.client.publish(&self.topics.telemetry, self.qos, false, json).is_err() {
                 break; // the request channel is full; PUBACKs will make room
             }
             self.queue.mark_sent();
-            self.inflight.handed(Sent::Telemetry(rec.seq));
+            self.inflight.handed(Sent::Telemetry(rec.seq, json_ts));
         }
     }
 
@@ -774,7 +808,7 @@ impl Device {
                 self.live.refusal = None;
             }
             Err(refusal) => {
-                let n = self.counters.rejected_commands.fetch_add(1, Ordering::Relaxed) + 1;
+                let n = self.counters.reject(Reject::Config);
                 warn!(topic = %self.topics.config_set, bytes = payload.len(), retained, refused = %refusal,
                     rejected_total = n, "refused a live configuration change");
                 self.live.refusal = Some(refusal);

@@ -27,6 +27,38 @@ impl From<rumqttc::v5::ConnectionError> for LinkError {
     }
 }
 
+/// Why a connection ended, in a few words fit for a metric's label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lost {
+    /// The broker (or something between) closed it.
+    Closed,
+    /// The broker stopped answering pings.
+    KeepAlive,
+    /// TLS failed.
+    Tls,
+    /// A message larger than the client reads.
+    Oversized,
+    /// The broker said no, or broke the protocol.
+    Protocol,
+    /// Any other I/O error or timeout.
+    Io,
+}
+
+impl Lost {
+    pub const ALL: [Lost; 6] = [Lost::Closed, Lost::KeepAlive, Lost::Tls, Lost::Oversized, Lost::Protocol, Lost::Io];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lost::Closed => "closed",
+            Lost::KeepAlive => "keepalive",
+            Lost::Tls => "tls",
+            Lost::Oversized => "oversized",
+            Lost::Protocol => "protocol",
+            Lost::Io => "io",
+        }
+    }
+}
+
 /// A request the client could not take: its channel is full, or the event loop is gone.
 #[derive(Debug, thiserror::Error)]
 #[error("the MQTT client cannot take the request: {0}")]
@@ -120,6 +152,49 @@ impl LinkError {
                 }
                 _ => 0,
             },
+        }
+    }
+
+    /// Why it ended, as a label.
+    pub fn lost(&self) -> Lost {
+        use std::io::ErrorKind as K;
+        if self.oversized().is_some() {
+            return Lost::Oversized;
+        }
+        let state = match self {
+            LinkError::V4(e) => match &**e {
+                rumqttc::ConnectionError::MqttState(V4State::AwaitPingResp) => Some(Lost::KeepAlive),
+                rumqttc::ConnectionError::MqttState(V4State::ConnectionAborted) => Some(Lost::Closed),
+                rumqttc::ConnectionError::Tls(_) => Some(Lost::Tls),
+                rumqttc::ConnectionError::NetworkTimeout | rumqttc::ConnectionError::FlushTimeout => Some(Lost::Io),
+                _ => None,
+            },
+            LinkError::V5(e) => match &**e {
+                rumqttc::v5::ConnectionError::MqttState(V5State::AwaitPingResp) => Some(Lost::KeepAlive),
+                rumqttc::v5::ConnectionError::MqttState(
+                    V5State::ConnectionAborted | V5State::ServerDisconnect { .. },
+                ) => Some(Lost::Closed),
+                rumqttc::v5::ConnectionError::Tls(_) => Some(Lost::Tls),
+                rumqttc::v5::ConnectionError::Timeout(_) => Some(Lost::Io),
+                _ => None,
+            },
+        };
+        if let Some(lost) = state {
+            return lost;
+        }
+        match self.io() {
+            // A TLS alert can surface inside the MQTT codec's I/O error.
+            Some(io) if crate::tls::rustls_error(io).is_some() => Lost::Tls,
+            Some(io)
+                if matches!(
+                    io.kind(),
+                    K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe
+                ) =>
+            {
+                Lost::Closed
+            }
+            Some(_) => Lost::Io,
+            None => Lost::Protocol,
         }
     }
 
@@ -218,5 +293,32 @@ mod tests {
         for e in [v5, v4] {
             assert!(e.describe("h").contains("requires a client certificate"), "{}", e.describe("h"));
         }
+    }
+
+    #[test]
+    fn a_lost_connection_is_labelled_by_what_ended_it() {
+        use std::io::{Error, ErrorKind};
+        let v4 = |e: rumqttc::ConnectionError| LinkError::from(e).lost();
+        let v5 = |e: rumqttc::v5::ConnectionError| LinkError::from(e).lost();
+        assert_eq!(v4(rumqttc::ConnectionError::Io(Error::from(ErrorKind::ConnectionReset))), Lost::Closed);
+        assert_eq!(v4(rumqttc::ConnectionError::MqttState(V4State::ConnectionAborted)), Lost::Closed);
+        assert_eq!(v4(rumqttc::ConnectionError::MqttState(V4State::AwaitPingResp)), Lost::KeepAlive);
+        assert_eq!(
+            v4(rumqttc::ConnectionError::MqttState(V4State::Deserialization(V4Bytes::PayloadSizeLimitExceeded(
+                1 << 20
+            )))),
+            Lost::Oversized
+        );
+        assert_eq!(v4(rumqttc::ConnectionError::Io(Error::from(ErrorKind::HostUnreachable))), Lost::Io);
+        assert_eq!(v4(rumqttc::ConnectionError::NetworkTimeout), Lost::Io);
+        assert_eq!(v4(rumqttc::ConnectionError::ConnectionRefused(V4Code::NotAuthorized)), Lost::Protocol);
+        assert_eq!(
+            v5(rumqttc::v5::ConnectionError::MqttState(V5State::ServerDisconnect {
+                reason_code: rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::AdministrativeAction,
+                reason_string: None,
+            })),
+            Lost::Closed
+        );
+        assert_eq!(v5(rumqttc::v5::ConnectionError::MqttState(V5State::AwaitPingResp)), Lost::KeepAlive);
     }
 }

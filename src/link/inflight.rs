@@ -16,8 +16,8 @@ use std::collections::{HashMap, VecDeque};
 /// What a publish handed to the client was.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sent {
-    /// A reading, by seq.
-    Telemetry(u64),
+    /// A reading: its seq, and its `ts` (for the time to its PUBACK).
+    Telemetry(u64, u64),
     /// Status, state, health, discovery, configuration, by topic: nothing is re-sent.
     Other(String),
 }
@@ -55,7 +55,7 @@ impl InFlight {
 
     /// Readings handed or written and not yet answered.
     pub fn telemetry_pending(&self) -> usize {
-        let is_reading = |s: &&Sent| matches!(s, Sent::Telemetry(_));
+        let is_reading = |s: &&Sent| matches!(s, Sent::Telemetry(..));
         self.handed.iter().filter(is_reading).count() + self.by_pkid.values().filter(is_reading).count()
     }
 
@@ -73,14 +73,14 @@ mod tests {
     #[test]
     fn a_puback_finds_the_reading_written_under_its_packet_id() {
         let mut f = InFlight::default();
-        f.handed(Sent::Telemetry(7));
+        f.handed(Sent::Telemetry(7, 0));
         f.handed(Sent::Other("t/state".into()));
-        f.handed(Sent::Telemetry(8));
+        f.handed(Sent::Telemetry(8, 0));
         assert_eq!(f.written(1), None);
         assert_eq!(f.written(2), None);
         assert_eq!(f.written(3), None);
-        assert_eq!(f.answered(3), Some(Sent::Telemetry(8)), "acknowledged out of order");
-        assert_eq!(f.answered(1), Some(Sent::Telemetry(7)));
+        assert_eq!(f.answered(3), Some(Sent::Telemetry(8, 0)), "acknowledged out of order");
+        assert_eq!(f.answered(1), Some(Sent::Telemetry(7, 0)));
         assert_eq!(f.answered(2), Some(Sent::Other("t/state".into())));
         assert_eq!(f.answered(2), None, "answered once");
     }
@@ -88,23 +88,23 @@ mod tests {
     #[test]
     fn a_qos0_reading_is_done_when_written() {
         let mut f = InFlight::default();
-        f.handed(Sent::Telemetry(1));
-        assert_eq!(f.written(0), Some(Sent::Telemetry(1)));
+        f.handed(Sent::Telemetry(1, 0));
+        assert_eq!(f.written(0), Some(Sent::Telemetry(1, 0)));
         assert_eq!(f.telemetry_pending(), 0);
     }
 
     #[test]
     fn packet_ids_reused_after_a_reconnect_do_not_find_old_readings() {
         let mut f = InFlight::default();
-        f.handed(Sent::Telemetry(1));
+        f.handed(Sent::Telemetry(1, 0));
         f.written(1);
-        f.handed(Sent::Telemetry(2));
+        f.handed(Sent::Telemetry(2, 0));
         assert_eq!(f.telemetry_pending(), 2);
         f.clear();
         assert_eq!(f.telemetry_pending(), 0);
-        f.handed(Sent::Telemetry(1));
+        f.handed(Sent::Telemetry(1, 0));
         f.written(1);
-        assert_eq!(f.answered(1), Some(Sent::Telemetry(1)));
+        assert_eq!(f.answered(1), Some(Sent::Telemetry(1, 0)));
         assert_eq!(f.written(5), None, "nothing handed: nothing to pair");
     }
 }

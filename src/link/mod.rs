@@ -43,7 +43,7 @@ use tokio::task::JoinHandle;
 
 pub use backoff::Backoff;
 pub use client::{build, Client, Event, EventLoop, Message, Qos, Reply, Spec};
-pub use error::{LinkError, RequestError};
+pub use error::{LinkError, Lost, RequestError};
 pub use inflight::{InFlight, Sent};
 pub use security::{Security, SecurityError};
 

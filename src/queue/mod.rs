@@ -68,7 +68,7 @@ use tracing::{error, info, warn};
 
 use crate::payload::Telemetry;
 use meta::{Found, Meta, MetaFile};
-pub use storage::{OsStorage, Storage};
+pub use storage::{Metered, OsStorage, Storage};
 use store::Segments;
 use window::Window;
 
@@ -127,13 +127,36 @@ pub struct QueueStats {
     /// Bytes of segment files on disk.
     pub bytes: u64,
     /// Readings dropped: past `queue.max_bytes`, past [`MEM_CAP`] on a failing disk, lost to
-    /// damage, or lost at a clean stop.
+    /// damage, or lost at a clean stop ([`Dropped`] says which).
     pub dropped: u64,
+    pub dropped_by: Dropped,
+    /// Bytes written and syncs issued to the queue's storage since it was opened.
+    pub written_bytes: u64,
+    pub syncs: u64,
     /// Failed storage calls (full disk, I/O errors), each retried.
     pub errors: u64,
     /// Whether this run and the seqs handed out are covered by a synced reservation; while
     /// false, only the wall clock keeps the next start above them.
     pub seq_durable: bool,
+}
+
+/// Readings dropped, by cause.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dropped {
+    /// The oldest segments, past `queue.max_bytes`.
+    pub cap: u64,
+    /// Damaged records (found at start or while sending).
+    pub damage: u64,
+    /// Past [`MEM_CAP`] in memory while the disk fails.
+    pub memory: u64,
+    /// Not written at a clean stop (a full or failing disk).
+    pub stop: u64,
+}
+
+impl Dropped {
+    pub fn total(&self) -> u64 {
+        self.cap + self.damage + self.memory + self.stop
+    }
 }
 
 /// Where a reading in flight is kept.
@@ -203,14 +226,14 @@ struct Faults {
     meta_failing: bool,
     /// Set while the byte cap drops readings, so it is logged once per episode.
     capping: bool,
-    dropped: u64,
+    dropped: Dropped,
     errors: u64,
 }
 
 /// The queue. See the module docs for the design.
 pub struct DiskQueue<S: Storage = OsStorage> {
-    /// Every filesystem call goes through this.
-    st: S,
+    /// Every filesystem call goes through this, counted.
+    st: Metered<S>,
     /// `queue.dir`.
     dir: PathBuf,
     /// Held while this process owns `dir` (`None` when it cannot be taken: a read-only or
@@ -219,7 +242,7 @@ pub struct DiskQueue<S: Storage = OsStorage> {
     /// `queue.max_bytes`: the oldest segments go past it.
     max_bytes: u64,
     /// The readings on disk.
-    segments: Segments<S>,
+    segments: Segments<Metered<S>>,
     /// The meta file and the acknowledged position.
     meta: MetaState<S::File>,
     /// `run`, the next `seq` and the reservation.
@@ -234,6 +257,8 @@ pub struct DiskQueue<S: Storage = OsStorage> {
     link: Link,
     /// Retries, counters and what has been logged.
     faults: Faults,
+    /// Where the oldest unacknowledged record on disk was, and its `ts` ([`DiskQueue::oldest_ts`]).
+    oldest: Option<((u64, u64), u64)>,
 }
 
 /// Where sending stands.
@@ -285,6 +310,7 @@ impl<S: Storage> DiskQueue<S> {
         wall: (u64, bool),
     ) -> Result<Self, QueueError> {
         let (wall_ms, wall_synced) = wall;
+        let st = Metered::new(st);
         // Only another process holding the directory stops a start. Anything else the directory
         // does wrong (read-only, unreadable entries, not there at all) is logged and counted, and
         // the queue runs on what it can use: in memory when nothing, with seq from the clock.
@@ -363,9 +389,10 @@ impl<S: Storage> DiskQueue<S> {
                 failing: false,
                 meta_failing: false,
                 capping: false,
-                dropped: found.lost,
+                dropped: Dropped { damage: found.lost, ..Dropped::default() },
                 errors,
             },
+            oldest: None,
         };
         q.reserve(next + SEQ_BLOCK);
         q.make_spare();
@@ -493,7 +520,7 @@ impl<S: Storage> DiskQueue<S> {
                     Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                         let lost = self.segments.skip_rest(seg, off);
                         warn!(segment = seg, offset = off, lost, error = %e, "queue: damaged records skipped");
-                        self.faults.dropped += lost;
+                        self.faults.dropped.damage += lost;
                         self.send.next = self.segments.after(seg);
                         continue;
                     }
@@ -661,7 +688,7 @@ impl<S: Storage> DiskQueue<S> {
         }
         if let Err(e) = result {
             let lost = self.mem.0.len() as u64;
-            self.faults.dropped += lost;
+            self.faults.dropped.stop += lost;
             self.mem.0.clear();
             self.mem.1 = 0;
             return Err(CloseError { lost, dir: self.dir.clone(), reason: e.to_string() });
@@ -688,10 +715,37 @@ impl<S: Storage> DiskQueue<S> {
             readings: (self.segments.records() + self.mem.0.len() as u64)
                 .saturating_sub(self.window.acked_held() as u64),
             bytes: self.segments.bytes(),
-            dropped: self.faults.dropped,
+            dropped: self.faults.dropped.total(),
+            dropped_by: self.faults.dropped,
+            written_bytes: self.st.counts().0,
+            syncs: self.st.counts().1,
             errors: self.faults.errors,
             // This run's own reservation (which records `run` too) is synced and covers them.
             seq_durable: !self.faults.meta_failing && self.seqs.next <= self.seqs.reserved,
+        }
+    }
+
+    /// The wall-clock `ts` (Unix ms) of the oldest reading not yet acknowledged, or `None` when
+    /// nothing is queued (or the oldest cannot be read just now). Reads one record from disk
+    /// when the oldest changed since the last call: for metrics and health, not per reading.
+    pub fn oldest_ts(&mut self) -> Option<u64> {
+        let Some(mut at) = self.segments.front() else {
+            return self.mem.0.front().map(|e| e.rec.ts);
+        };
+        if let Some((cached, ts)) = self.oldest {
+            if cached == at {
+                return Some(ts);
+            }
+        }
+        loop {
+            match self.segments.read(&self.st, at.0, at.1) {
+                Ok(Some((rec, _))) => {
+                    self.oldest = Some((at, rec.ts));
+                    return Some(rec.ts);
+                }
+                Ok(None) => at = self.segments.after(at.0)?,
+                Err(_) => return None, // counted where the sender meets it
+            }
         }
     }
 
@@ -776,7 +830,7 @@ impl<S: Storage> DiskQueue<S> {
             let Some((id, false)) = self.segments.oldest() else { break };
             let lost = self.segments.remove_front(&self.st);
             self.send.peeked = None;
-            self.faults.dropped += lost;
+            self.faults.dropped.cap += lost;
             self.window.forget_where(|l| matches!(l, Loc::Disk { seg, .. } if *seg == id));
             if self.send.next.is_some_and(|(s, _)| s == id) {
                 self.send.next = self.segments.front();
@@ -795,7 +849,7 @@ impl<S: Storage> DiskQueue<S> {
     fn drop_oldest_in_memory(&mut self) {
         if self.mem.1 < self.mem.0.len() {
             self.mem.0.remove(self.mem.1);
-            self.faults.dropped += 1;
+            self.faults.dropped.memory += 1;
         }
     }
 }

@@ -8,6 +8,7 @@
 //! `fdatasync` per file, and the directory's namespace (create, rename, remove) made durable by
 //! [`Storage::sync_dir`].
 
+use std::cell::Cell;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -53,6 +54,83 @@ pub trait Storage {
 /// The real filesystem.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OsStorage;
+
+/// A storage that counts what the queue asks of it: bytes written and syncs issued (files and
+/// the directory), for metrics. Counting, not measuring: what the filesystem itself adds
+/// (metadata, journal) is not in it.
+#[derive(Debug, Default)]
+pub struct Metered<S> {
+    inner: S,
+    written: Cell<u64>,
+    syncs: Cell<u64>,
+}
+
+impl<S> Metered<S> {
+    pub fn new(inner: S) -> Self {
+        Metered { inner, written: Cell::new(0), syncs: Cell::new(0) }
+    }
+
+    /// Bytes handed to `write_at` that it took, and syncs that were issued (failed ones too:
+    /// they cost the card as much).
+    pub fn counts(&self) -> (u64, u64) {
+        (self.written.get(), self.syncs.get())
+    }
+
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: Storage> Storage for Metered<S> {
+    type File = S::File;
+    type Lock = S::Lock;
+
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        self.inner.create_dir_all(dir)
+    }
+    fn lock(&self, dir: &Path) -> io::Result<Self::Lock> {
+        self.inner.lock(dir)
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        self.inner.list(dir)
+    }
+    fn open(&self, path: &Path) -> io::Result<Self::File> {
+        self.inner.open(path)
+    }
+    fn create(&self, path: &Path) -> io::Result<Self::File> {
+        self.inner.create(path)
+    }
+    fn len(&self, file: &Self::File) -> io::Result<u64> {
+        self.inner.len(file)
+    }
+    fn read_at(&self, file: &Self::File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.inner.read_at(file, buf, offset)
+    }
+    fn write_at(&self, file: &Self::File, buf: &[u8], offset: u64) -> io::Result<()> {
+        let r = self.inner.write_at(file, buf, offset);
+        if r.is_ok() {
+            self.written.set(self.written.get() + buf.len() as u64);
+        }
+        r
+    }
+    fn set_len(&self, file: &Self::File, len: u64) -> io::Result<()> {
+        self.inner.set_len(file, len)
+    }
+    fn sync(&self, file: &Self::File) -> io::Result<()> {
+        self.syncs.set(self.syncs.get() + 1);
+        self.inner.sync(file)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        self.inner.remove(path)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.syncs.set(self.syncs.get() + 1);
+        self.inner.sync_dir(dir)
+    }
+}
 
 /// An `flock` on `<dir>/lock`, released when the process exits (also on `kill -9`).
 #[derive(Debug)]

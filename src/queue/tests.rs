@@ -222,6 +222,7 @@ fn a_clean_stop_that_cannot_write_says_how_many_readings_were_lost() {
     let err = q.close(t).unwrap_err();
     assert_eq!(err.lost, 60);
     assert_eq!(q.stats().dropped, 60);
+    assert_eq!(q.stats().dropped_by, Dropped { stop: 60, ..Dropped::default() }, "lost at the stop");
 }
 
 #[test]
@@ -302,6 +303,7 @@ fn a_bad_frame_in_the_middle_costs_that_frame_not_the_segment() {
     let want: Vec<u64> = seqs.iter().copied().filter(|s| *s != seqs[14]).collect();
     assert_eq!(send_all(&mut q), want);
     assert_eq!(q.stats().dropped, 1);
+    assert_eq!(q.stats().dropped_by.damage, 1, "counted as damage");
 }
 
 #[test]
@@ -358,6 +360,7 @@ fn the_cap_drops_the_oldest_segments_and_counts_them() {
     let st = q.stats();
     assert!(st.bytes <= 64 * 1024, "{st:?}");
     assert!(st.dropped > 0);
+    assert_eq!(st.dropped_by, Dropped { cap: st.dropped, ..Dropped::default() }, "dropped at the cap");
     assert_eq!(st.readings + st.dropped, 10_000);
     let sent = send_all(&mut q);
     assert!(sent.windows(2).all(|w| w[0] < w[1]));
@@ -401,4 +404,44 @@ fn a_meta_file_that_cannot_be_read_waits_for_a_synchronized_clock_and_then_goes_
     let mut q = open_sim_at(&fs, t, (later, true)).unwrap();
     assert!(q.run() > run);
     assert!(q.push(t, 1, 1, None) > a);
+}
+
+#[test]
+fn the_oldest_unacknowledged_reading_is_found_on_disk_and_in_memory() {
+    let fs = SimFs::new();
+    let t = Instant::now();
+    let mut q = open_sim(&fs, t);
+    assert_eq!(q.oldest_ts(), None, "nothing queued");
+    // Offline: straight to disk.
+    let first = q.push(t, 1, WALL + 10, None);
+    q.push(t, 2, WALL + 20, None);
+    assert_eq!(q.oldest_ts(), Some(WALL + 10));
+    q.connected();
+    assert_eq!(send_all(&mut q).len(), 2);
+    q.ack(first);
+    assert_eq!(q.oldest_ts(), Some(WALL + 20), "the next one once the first is acknowledged");
+    q.ack(first + 1);
+    assert_eq!(q.oldest_ts(), None);
+    // Online: in memory until the spill.
+    q.push(t, 3, WALL + 30, None);
+    assert_eq!(q.oldest_ts(), Some(WALL + 30));
+}
+
+#[test]
+fn bytes_written_and_syncs_are_counted_as_the_storage_sees_them() {
+    let fs = SimFs::new();
+    let t = Instant::now();
+    let mut q = open_sim(&fs, t);
+    let at_open = q.stats();
+    assert!(at_open.written_bytes > 0 && at_open.syncs > 0, "the meta and the spare: {at_open:?}");
+    q.connected();
+    deliver_one(&mut q, t);
+    assert_eq!(q.stats().written_bytes, at_open.written_bytes, "a reading acknowledged in time is never written");
+    q.disconnected(t);
+    q.push(t, 1, WALL, None);
+    q.tick(t + Duration::from_secs(2));
+    let offline = q.stats();
+    let frame = frame::len(&Telemetry { light: 1, ts: WALL, seq: 0, run: 0, lux: None, ts_ok: true }) as u64;
+    assert!(offline.written_bytes - at_open.written_bytes >= frame, "the offline reading's frame: {offline:?}");
+    assert!(offline.syncs > at_open.syncs, "an offline reading is synced");
 }

@@ -1,0 +1,261 @@
+//! The metrics endpoint (`metrics.listen`) and the textfile (`metrics.textfile`).
+//!
+//! Rules:
+//! - `GET /metrics` (and `HEAD`) answers the exposition; any other path is 404, any other
+//!   method 405, a head that is not HTTP/1 400 (and the connection closed). Nothing a peer
+//!   sends reaches the device loop. HTTP/1.1 keep-alive, as Prometheus uses it; no request
+//!   body is read (a request with one is not a scrape, and its bytes end the connection).
+//! - Written for this one job rather than with hyper: hyper's server cost +128 KiB on the
+//!   aarch64 binary, over the whole +100 KiB budget for metrics (measured; the demo's page, in
+//!   virtual builds only, keeps hyper).
+//! - Memory is bounded whatever peers do: at most [`MAX_CONNECTIONS`] at once (one more is
+//!   closed at accept), a request's head must arrive within [`HEAD_TIMEOUT`], and a connection
+//!   is closed after [`CONNECTION_LIFETIME`] whatever it is doing (a client that never reads
+//!   what it asked for included).
+//! - The textfile is written as node_exporter's textfile collector wants it: a temporary file
+//!   beside it (no `.prom` suffix, so never read half-written), then a rename; readable by all
+//!   (node_exporter runs as another user). It is meant for `/run`: in memory.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use super::Counters;
+
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 8;
+/// A request's head must arrive within this.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Any connection is closed after this.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// The most a request head may take.
+pub const MAX_HEAD: usize = 8 * 1024;
+/// How often the textfile is written.
+pub const TEXTFILE_EVERY: Duration = Duration::from_secs(5);
+
+const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// A bound metrics endpoint.
+pub struct Endpoint {
+    listener: TcpListener,
+}
+
+impl Endpoint {
+    /// # Errors
+    /// The address cannot be bound (in use, not this machine's).
+    pub async fn bind(addr: SocketAddr) -> io::Result<Self> {
+        Ok(Endpoint { listener: TcpListener::bind(addr).await? })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// Starts what `metrics` configures: the endpoint (a bind that fails is logged, and the device
+/// runs without it: a taken port must not keep a nightlight dark) and the textfile writer.
+pub async fn start(cfg: &crate::config::MetricsConfig, counters: &Arc<Counters>) {
+    if let Some(addr) = cfg.listen_addr() {
+        match Endpoint::bind(addr).await {
+            Ok(endpoint) => {
+                let at = endpoint.local_addr().map_or_else(|_| addr.to_string(), |a| a.to_string());
+                tracing::info!(listen = %at, "metrics: serving GET /metrics");
+                tokio::spawn(serve(endpoint, counters.clone()));
+            }
+            Err(e) => {
+                tracing::error!(listen = %addr, error = %e, "metrics: cannot listen on metrics.listen; running without the endpoint");
+            }
+        }
+    }
+    if !cfg.textfile.is_empty() {
+        let path = PathBuf::from(&cfg.textfile);
+        if let Some(w) = crate::queue::medium::of_dir(path.parent().unwrap_or(Path::new("/"))).textfile_warning(&path) {
+            warn!("{w}");
+        }
+        tokio::spawn(write_textfile(path, counters.clone()));
+    }
+}
+
+/// Serves scrapes until the process ends.
+pub async fn serve(endpoint: Endpoint, counters: Arc<Counters>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, peer) = match endpoint.listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of file descriptors, say: wait a moment rather than spin.
+                debug!(error = %e, "metrics: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%peer, "metrics: too many connections; closed");
+            continue;
+        };
+        let counters = counters.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(CONNECTION_LIFETIME, connection(stream, &counters)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(%peer, error = %e, "metrics: connection ended"),
+                Err(_) => debug!(%peer, "metrics: connection closed after its lifetime"),
+            }
+            drop(slot);
+        });
+    }
+}
+
+/// One connection: requests answered in turn (keep-alive) until the peer closes it, a head
+/// does not arrive within [`HEAD_TIMEOUT`], or one is malformed.
+async fn connection(mut stream: TcpStream, counters: &Counters) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream, &mut buf)).await {
+            Ok(Ok(Some(head))) => head,
+            Ok(Ok(None)) => return Ok(()), // closed between requests
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "no request head in time")),
+        };
+        let (status, body, close, head_only) = match parse(&head) {
+            Some(req) => {
+                let (status, body) = answer(req.method, req.path, counters);
+                (status, body, req.close, req.method == "HEAD")
+            }
+            None => ("400 Bad Request", "400: not an HTTP/1 request\n".to_owned(), true, false),
+        };
+        let kind = if status.starts_with("200") { CONTENT_TYPE } else { "text/plain; charset=utf-8" };
+        let response = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n{}\r\n{}",
+            body.len(),
+            if close { "Connection: close\r\n" } else { "" },
+            if head_only { "" } else { &body }
+        );
+        stream.write_all(response.as_bytes()).await?;
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+/// Reads up to the end of a request head (a blank line), at most [`MAX_HEAD`] bytes; what was
+/// read past it (a pipelined request) stays in `buf`. `None`: closed before a byte of it.
+async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<Vec<u8>>> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = buf[..end].to_vec();
+            buf.drain(..end + 4);
+            return Ok(Some(head));
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "request head too large"));
+        }
+        let mut chunk = [0u8; 1024];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return if buf.is_empty() { Ok(None) } else { Err(io::ErrorKind::UnexpectedEof.into()) };
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// What is used of a request head.
+struct Head<'a> {
+    method: &'a str,
+    path: &'a str,
+    /// HTTP/1.0, or `Connection: close`.
+    close: bool,
+}
+
+fn parse(head: &[u8]) -> Option<Head<'_>> {
+    let text = std::str::from_utf8(head).ok()?;
+    let mut lines = text.split("\r\n");
+    let mut first = lines.next()?.split(' ');
+    let (method, target, version) = (first.next()?, first.next()?, first.next()?);
+    if first.next().is_some() || !version.starts_with("HTTP/1.") || method.is_empty() {
+        return None;
+    }
+    let close = version == "HTTP/1.0"
+        || lines.any(|l| {
+            l.split_once(':').is_some_and(|(k, v)| {
+                k.trim().eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close")
+            })
+        });
+    let path = target.split('?').next().unwrap_or(target);
+    Some(Head { method, path, close })
+}
+
+fn answer(method: &str, path: &str, counters: &Counters) -> (&'static str, String) {
+    match (method, path) {
+        ("GET" | "HEAD", "/metrics") => ("200 OK", counters.render(crate::clock::now().0)),
+        (_, "/metrics") => ("405 Method Not Allowed", "405: metrics are at GET /metrics\n".into()),
+        _ => ("404 Not Found", "404: metrics are at GET /metrics\n".into()),
+    }
+}
+
+/// Writes the textfile every [`TEXTFILE_EVERY`] until the process ends; a failure is logged
+/// once until a write succeeds again.
+pub async fn write_textfile(path: PathBuf, counters: Arc<Counters>) {
+    let mut failing = false;
+    let mut every = tokio::time::interval(TEXTFILE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        match write_once(&path, counters.render(crate::clock::now().0).as_bytes()) {
+            Ok(()) if failing => {
+                failing = false;
+                debug!(path = %path.display(), "metrics: writing the textfile again");
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                failing = true;
+                warn!(path = %path.display(), error = %e, "metrics: cannot write metrics.textfile; retrying");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// The textfile, atomically: a temporary file beside it, then a rename.
+///
+/// # Errors
+/// The directory is not writable, or full.
+pub fn write_once(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let name = path.file_name().ok_or_else(|| io::Error::other("metrics.textfile names no file"))?;
+    let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(&tmp)?;
+    // The service's umask (0077) would hide it from node_exporter.
+    f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    f.write_all(bytes)?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_line_gives_method_path_and_whether_to_close() {
+        let h = parse(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\nConnection: Close").unwrap();
+        assert_eq!((h.method, h.path, h.close), ("GET", "/metrics", true));
+        let h = parse(b"GET /metrics HTTP/1.1\r\nHost: a").unwrap();
+        assert!(!h.close, "HTTP/1.1 keeps the connection");
+        assert!(parse(b"GET /metrics HTTP/1.0").unwrap().close, "HTTP/1.0 closes it");
+    }
+
+    #[test]
+    fn anything_that_is_not_an_http_1_request_line_is_refused() {
+        for bad in [&b"GET /metrics"[..], b"GET /metrics HTTP/2.0", b"\xff\xfe", b"GET  /metrics HTTP/1.1", b""] {
+            assert!(parse(bad).is_none(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+}
