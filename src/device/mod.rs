@@ -122,7 +122,7 @@ pub async fn run_with(
     spec.will = Some((topics.status.clone(), OFFLINE.as_bytes().to_vec()));
     let (client, eventloop) = link::build(&cfg.mqtt, &security, &spec);
     let counters = Arc::new(Counters::default());
-    metrics::start(&cfg.metrics, &counters).await;
+    metrics::start(&cfg.metrics, &counters);
     let sampler = Sampler::new(sensor, Duration::from_millis(cfg.sensor.interval_ms), counters.clone());
     info!(id = %cfg.id, broker = %cfg.mqtt.broker(), queued = queue.stats().readings,
         "nightlight started");

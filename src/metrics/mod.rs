@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use crate::link::Lost;
 use crate::queue::QueueStats;
-pub use serve::{serve, start, write_once, write_textfile, Endpoint};
+pub use serve::{serve, start, write_once, write_textfile};
 use text::{Text, Value};
 
 /// Why a command (or another message the device acts on) was rejected.
@@ -126,6 +126,11 @@ impl Counters {
     /// The device loop's figures, for the next scrapes.
     pub fn set_snapshot(&self, s: Snapshot) {
         *self.snapshot.lock().expect("lock") = Some(s);
+    }
+
+    /// Whether the device loop has given its figures yet.
+    pub fn has_snapshot(&self) -> bool {
+        self.snapshot.lock().expect("lock").is_some()
     }
 
     /// The exposition at wall-clock `wall_ms` (for the queue's age).

@@ -12,12 +12,13 @@
 //!   closed at accept), a request's head must arrive within [`HEAD_TIMEOUT`], and a connection
 //!   is closed after [`CONNECTION_LIFETIME`] whatever it is doing (a client that never reads
 //!   what it asked for included).
+//! - Scrapes within [`FRESH_FOR`] of each other share one rendering: a flood of scrapes costs
+//!   the socket work, not the formatting.
 //! - The textfile is written as node_exporter's textfile collector wants it: a temporary file
 //!   beside it (no `.prom` suffix, so never read half-written), then a rename; readable by all
 //!   (node_exporter runs as another user). It is meant for `/run`: in memory.
 
 use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,57 +37,91 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 /// The most a request head may take.
 pub const MAX_HEAD: usize = 8 * 1024;
+/// Scrapes within this share one rendering.
+pub const FRESH_FOR: Duration = Duration::from_millis(100);
 /// How often the textfile is written.
 pub const TEXTFILE_EVERY: Duration = Duration::from_secs(5);
 
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// A bound metrics endpoint.
-pub struct Endpoint {
-    listener: TcpListener,
-}
-
-impl Endpoint {
-    /// # Errors
-    /// The address cannot be bound (in use, not this machine's).
-    pub async fn bind(addr: SocketAddr) -> io::Result<Self> {
-        Ok(Endpoint { listener: TcpListener::bind(addr).await? })
-    }
-
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-}
-
-/// Starts what `metrics` configures: the endpoint (a bind that fails is logged, and the device
-/// runs without it: a taken port must not keep a nightlight dark) and the textfile writer.
-pub async fn start(cfg: &crate::config::MetricsConfig, counters: &Arc<Counters>) {
-    if let Some(addr) = cfg.listen_addr() {
-        match Endpoint::bind(addr).await {
-            Ok(endpoint) => {
-                let at = endpoint.local_addr().map_or_else(|_| addr.to_string(), |a| a.to_string());
-                tracing::info!(listen = %at, "metrics: serving GET /metrics");
-                tokio::spawn(serve(endpoint, counters.clone()));
-            }
-            Err(e) => {
-                tracing::error!(listen = %addr, error = %e, "metrics: cannot listen on metrics.listen; running without the endpoint");
-            }
+/// Starts what `metrics` configures, on a thread of its own (its own single-threaded runtime):
+/// a scrape never waits for the device loop, and the device loop never waits for a scrape. The
+/// endpoint: a bind that fails is logged, and the device runs without it (a taken port must not
+/// keep a nightlight dark). The textfile: written every [`TEXTFILE_EVERY`].
+pub fn start(cfg: &crate::config::MetricsConfig, counters: &Arc<Counters>) {
+    let listener = cfg.listen_addr().and_then(|addr| match std::net::TcpListener::bind(addr) {
+        Ok(l) => {
+            let at = l.local_addr().map_or_else(|_| addr.to_string(), |a| a.to_string());
+            tracing::info!(listen = %at, "metrics: serving GET /metrics");
+            Some(l)
         }
-    }
-    if !cfg.textfile.is_empty() {
-        let path = PathBuf::from(&cfg.textfile);
-        if let Some(w) = crate::queue::medium::of_dir(path.parent().unwrap_or(Path::new("/"))).textfile_warning(&path) {
+        Err(e) => {
+            tracing::error!(listen = %addr, error = %e, "metrics: cannot listen on metrics.listen; running without the endpoint");
+            None
+        }
+    });
+    let textfile = (!cfg.textfile.is_empty()).then(|| PathBuf::from(&cfg.textfile));
+    if let Some(path) = &textfile {
+        if let Some(w) = crate::queue::medium::of_dir(path.parent().unwrap_or(Path::new("/"))).textfile_warning(path) {
             warn!("{w}");
         }
-        tokio::spawn(write_textfile(path, counters.clone()));
+    }
+    if listener.is_none() && textfile.is_none() {
+        return;
+    }
+    let counters = counters.clone();
+    let thread = std::thread::Builder::new().name("metrics".into()).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => return tracing::error!(error = %e, "metrics: cannot start; running without them"),
+        };
+        rt.block_on(async move {
+            let endpoint = async {
+                match listener.map(|l| l.set_nonblocking(true).and_then(|()| TcpListener::from_std(l))) {
+                    Some(Ok(l)) => serve(l, counters.clone()).await,
+                    Some(Err(e)) => tracing::error!(error = %e, "metrics: cannot serve; running without the endpoint"),
+                    None => {}
+                }
+            };
+            let file = async {
+                if let Some(path) = textfile {
+                    write_textfile(path, counters.clone()).await;
+                }
+            };
+            tokio::join!(endpoint, file);
+        });
+    });
+    if let Err(e) = thread {
+        tracing::error!(error = %e, "metrics: cannot start a thread; running without them");
+    }
+}
+
+/// The exposition, rendered at most once per [`FRESH_FOR`] however many scrape it.
+struct Rendered {
+    last: std::sync::Mutex<Option<(std::time::Instant, Arc<String>)>>,
+}
+
+impl Rendered {
+    fn get(&self, counters: &Counters) -> Arc<String> {
+        // A poisoned lock means a panic elsewhere, and panics abort this program.
+        let mut last = self.last.lock().expect("lock");
+        match &*last {
+            Some((at, text)) if at.elapsed() < FRESH_FOR => text.clone(),
+            _ => {
+                let text = Arc::new(counters.render(crate::clock::now().0));
+                *last = Some((std::time::Instant::now(), text.clone()));
+                text
+            }
+        }
     }
 }
 
 /// Serves scrapes until the process ends.
-pub async fn serve(endpoint: Endpoint, counters: Arc<Counters>) {
+pub async fn serve(listener: TcpListener, counters: Arc<Counters>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let rendered = Arc::new(Rendered { last: std::sync::Mutex::new(None) });
     loop {
-        let (stream, peer) = match endpoint.listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 // Out of file descriptors, say: wait a moment rather than spin.
@@ -99,9 +134,9 @@ pub async fn serve(endpoint: Endpoint, counters: Arc<Counters>) {
             debug!(%peer, "metrics: too many connections; closed");
             continue;
         };
-        let counters = counters.clone();
+        let (counters, rendered) = (counters.clone(), rendered.clone());
         tokio::spawn(async move {
-            match tokio::time::timeout(CONNECTION_LIFETIME, connection(stream, &counters)).await {
+            match tokio::time::timeout(CONNECTION_LIFETIME, connection(stream, &counters, &rendered)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => debug!(%peer, error = %e, "metrics: connection ended"),
                 Err(_) => debug!(%peer, "metrics: connection closed after its lifetime"),
@@ -113,7 +148,7 @@ pub async fn serve(endpoint: Endpoint, counters: Arc<Counters>) {
 
 /// One connection: requests answered in turn (keep-alive) until the peer closes it, a head
 /// does not arrive within [`HEAD_TIMEOUT`], or one is malformed.
-async fn connection(mut stream: TcpStream, counters: &Counters) -> io::Result<()> {
+async fn connection(mut stream: TcpStream, counters: &Counters, rendered: &Rendered) -> io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     loop {
         let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream, &mut buf)).await {
@@ -124,17 +159,17 @@ async fn connection(mut stream: TcpStream, counters: &Counters) -> io::Result<()
         };
         let (status, body, close, head_only) = match parse(&head) {
             Some(req) => {
-                let (status, body) = answer(req.method, req.path, counters);
+                let (status, body) = answer(req.method, req.path, counters, rendered);
                 (status, body, req.close, req.method == "HEAD")
             }
-            None => ("400 Bad Request", "400: not an HTTP/1 request\n".to_owned(), true, false),
+            None => ("400 Bad Request", Arc::new("400: not an HTTP/1 request\n".to_owned()), true, false),
         };
         let kind = if status.starts_with("200") { CONTENT_TYPE } else { "text/plain; charset=utf-8" };
         let response = format!(
             "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n{}\r\n{}",
             body.len(),
             if close { "Connection: close\r\n" } else { "" },
-            if head_only { "" } else { &body }
+            if head_only { "" } else { body.as_str() }
         );
         stream.write_all(response.as_bytes()).await?;
         if close {
@@ -190,22 +225,25 @@ fn parse(head: &[u8]) -> Option<Head<'_>> {
     Some(Head { method, path, close })
 }
 
-fn answer(method: &str, path: &str, counters: &Counters) -> (&'static str, String) {
+fn answer(method: &str, path: &str, counters: &Counters, rendered: &Rendered) -> (&'static str, Arc<String>) {
     match (method, path) {
-        ("GET" | "HEAD", "/metrics") => ("200 OK", counters.render(crate::clock::now().0)),
-        (_, "/metrics") => ("405 Method Not Allowed", "405: metrics are at GET /metrics\n".into()),
-        _ => ("404 Not Found", "404: metrics are at GET /metrics\n".into()),
+        ("GET" | "HEAD", "/metrics") => ("200 OK", rendered.get(counters)),
+        (_, "/metrics") => ("405 Method Not Allowed", Arc::new("405: metrics are at GET /metrics\n".into())),
+        _ => ("404 Not Found", Arc::new("404: metrics are at GET /metrics\n".into())),
     }
 }
 
-/// Writes the textfile every [`TEXTFILE_EVERY`] until the process ends; a failure is logged
-/// once until a write succeeds again.
+/// Writes the textfile every [`TEXTFILE_EVERY`] (once the device loop gave its figures) until the
+/// process ends; a failure is logged once until a write succeeds again.
 pub async fn write_textfile(path: PathBuf, counters: Arc<Counters>) {
     let mut failing = false;
     let mut every = tokio::time::interval(TEXTFILE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
+        if !counters.has_snapshot() {
+            continue; // the device loop's figures are not there yet: no half a file
+        }
         match write_once(&path, counters.render(crate::clock::now().0).as_bytes()) {
             Ok(()) if failing => {
                 failing = false;
