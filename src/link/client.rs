@@ -1,17 +1,16 @@
 //! One client for every role, under MQTT 5 or 3.1.1: the options a role asks for
 //! ([`Spec`]), the client handle ([`Client`]) and the event loop ([`EventLoop`]), each one type
-//! whichever protocol rumqttc speaks underneath, and rumqttc's events translated into
-//! [`Event`].
+//! whichever protocol rumqttc speaks underneath, the events ([`Event`]), and the default
+//! protocol choice (`Auto`). What each protocol does, and every touch of rumqttc's
+//! internals, is in `v4.rs` and `v5.rs`.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::v5::mqttbytes::v5 as p5;
-use rumqttc::v5::mqttbytes::QoS as QoS5;
-use rumqttc::{NetworkOptions, Outgoing, QoS as QoS4, TlsConfiguration, Transport};
+use rumqttc::NetworkOptions;
 
-use super::{LinkError, RequestError, Security, MAX_INCOMING_BYTES, MAX_OUTGOING_BYTES};
+use super::{v4, v5, LinkError, RequestError, Security};
 use crate::config::{MqttConfig, Protocol};
 
 /// rumqttc's limit of unacknowledged QoS 1 publishes.
@@ -196,55 +195,20 @@ pub fn build(mqtt: &MqttConfig, security: &Security, spec: &Spec) -> (Client, Ev
 }
 
 fn build_kind(protocol: Protocol, mqtt: &MqttConfig, security: &Security, spec: &Spec) -> (Handle, Kind) {
-    let transport = security.tls.clone().map(|tls| Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
     match protocol {
         Protocol::V311 => {
-            let mut o = rumqttc::MqttOptions::new(&spec.client_id, &mqtt.host, mqtt.port);
-            o.set_keep_alive(spec.keep_alive)
-                .set_clean_session(spec.clean)
-                .set_max_packet_size(MAX_INCOMING_BYTES, MAX_OUTGOING_BYTES)
-                .set_inflight(MAX_INFLIGHT);
-            if let Some((topic, payload)) = &spec.will {
-                o.set_last_will(rumqttc::LastWill::new(topic, payload.clone(), QoS4::AtLeastOnce, true));
-            }
-            if let Some((u, p)) = &security.login {
-                o.set_credentials(u, p);
-            }
-            if let Some(t) = transport {
-                o.set_transport(t);
-            }
-            let (client, mut el) = rumqttc::AsyncClient::new(o, spec.channel);
-            el.set_network_options(network_options());
+            let (client, el) = v4::build(mqtt, security, spec);
             (Handle::V4(client), Kind::V4(Box::new(el)))
         }
         Protocol::V5 | Protocol::Auto => {
-            let mut o = rumqttc::v5::MqttOptions::new(&spec.client_id, &mqtt.host, mqtt.port);
-            o.set_keep_alive(spec.keep_alive)
-                .set_clean_start(spec.clean)
-                // The broker drops what we could not read (Maximum Packet Size), instead of
-                // sending it and losing the connection.
-                .set_max_packet_size(Some(MAX_INCOMING_BYTES as u32))
-                .set_outgoing_inflight_upper_limit(MAX_INFLIGHT)
-                .set_network_options(network_options());
-            // Under MQTT 5 a session ends with the connection unless it has an expiry.
-            o.set_session_expiry_interval((!spec.clean).then_some(SESSION_EXPIRY_S));
-            if let Some((topic, payload)) = &spec.will {
-                o.set_last_will(p5::LastWill::new(topic, payload.clone(), QoS5::AtLeastOnce, true, None));
-            }
-            if let Some((u, p)) = &security.login {
-                o.set_credentials(u, p);
-            }
-            if let Some(t) = transport {
-                o.set_transport(t);
-            }
-            let (client, el) = rumqttc::v5::AsyncClient::new(o, spec.channel);
+            let (client, el) = v5::build(mqtt, security, spec);
             (Handle::V5(client), Kind::V5(Box::new(el)))
         }
     }
 }
 
 /// Socket options for every client.
-fn network_options() -> NetworkOptions {
+pub(super) fn network_options() -> NetworkOptions {
     let mut net = NetworkOptions::new();
     // Without TCP_NODELAY a publish right after a QoS 1 ack waits ~40 ms behind Nagle.
     net.set_tcp_nodelay(true);
@@ -252,7 +216,7 @@ fn network_options() -> NetworkOptions {
     net
 }
 
-fn request_error(e: impl std::fmt::Display) -> RequestError {
+pub(super) fn request_error(e: impl std::fmt::Display) -> RequestError {
     RequestError::new(e)
 }
 
@@ -272,15 +236,8 @@ impl Client {
     /// The channel is full or the event loop is gone.
     pub fn publish_request(&self, topic: &str, reply: &Reply, payload: Vec<u8>) -> Result<(), RequestError> {
         match &*self.handle() {
-            Handle::V4(c) => c.try_publish(topic, QoS4::AtLeastOnce, false, payload).map_err(request_error),
-            Handle::V5(c) => {
-                let props = p5::PublishProperties {
-                    response_topic: Some(reply.topic.clone()),
-                    correlation_data: reply.correlation.clone(),
-                    ..Default::default()
-                };
-                c.try_publish_with_properties(topic, QoS5::AtLeastOnce, false, payload, props).map_err(request_error)
-            }
+            Handle::V4(c) => v4::publish(c, topic, Qos::AtLeastOnce, false, payload),
+            Handle::V5(c) => v5::publish_request(c, topic, reply, payload),
         }
     }
 
@@ -292,11 +249,7 @@ impl Client {
     pub fn publish_reply(&self, reply: &Reply, payload: Vec<u8>) -> Result<(), RequestError> {
         match &*self.handle() {
             Handle::V4(_) => Ok(()),
-            Handle::V5(c) => {
-                let props = p5::PublishProperties { correlation_data: reply.correlation.clone(), ..Default::default() };
-                c.try_publish_with_properties(reply.topic.as_str(), QoS5::AtLeastOnce, false, payload, props)
-                    .map_err(request_error)
-            }
+            Handle::V5(c) => v5::publish_reply(c, reply, payload),
         }
     }
 
@@ -314,21 +267,8 @@ impl Client {
         expiry_s: Option<u32>,
     ) -> Result<(), RequestError> {
         match &*self.handle() {
-            Handle::V4(c) => {
-                let qos = if qos == Qos::AtMostOnce { QoS4::AtMostOnce } else { QoS4::AtLeastOnce };
-                c.try_publish(topic, qos, retain, payload).map_err(request_error)
-            }
-            Handle::V5(c) => {
-                let qos = if qos == Qos::AtMostOnce { QoS5::AtMostOnce } else { QoS5::AtLeastOnce };
-                match expiry_s {
-                    None => c.try_publish(topic, qos, retain, payload),
-                    Some(s) => {
-                        let props = p5::PublishProperties { message_expiry_interval: Some(s), ..Default::default() };
-                        c.try_publish_with_properties(topic, qos, retain, payload, props)
-                    }
-                }
-                .map_err(request_error)
-            }
+            Handle::V4(c) => v4::publish(c, topic, qos, retain, payload),
+            Handle::V5(c) => v5::publish(c, topic, qos, retain, payload, expiry_s),
         }
     }
 
@@ -338,12 +278,8 @@ impl Client {
     /// The channel is full or the event loop is gone.
     pub fn subscribe(&self, filters: &[String]) -> Result<(), RequestError> {
         match &*self.handle() {
-            Handle::V4(c) => c
-                .try_subscribe_many(filters.iter().map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS4::AtLeastOnce)))
-                .map_err(request_error),
-            Handle::V5(c) => c
-                .try_subscribe_many(filters.iter().map(|f| p5::Filter::new(f.clone(), QoS5::AtLeastOnce)))
-                .map_err(request_error),
+            Handle::V4(c) => v4::subscribe(c, filters),
+            Handle::V5(c) => v5::subscribe(c, filters),
         }
     }
 
@@ -356,23 +292,17 @@ impl Client {
     /// The channel is full or the event loop is gone.
     pub fn look_up_retained(&self, filter: &str) -> Result<(), RequestError> {
         match &*self.handle() {
-            Handle::V4(c) => {
-                c.try_subscribe(filter, QoS4::AtMostOnce).map_err(request_error)?;
-                c.try_unsubscribe(filter).map_err(request_error)
-            }
-            Handle::V5(c) => {
-                c.try_subscribe(filter, QoS5::AtMostOnce).map_err(request_error)?;
-                c.try_unsubscribe(filter).map_err(request_error)
-            }
+            Handle::V4(c) => v4::look_up_retained(c, filter),
+            Handle::V5(c) => v5::look_up_retained(c, filter),
         }
     }
 
     /// Asks the event loop to send DISCONNECT after what it was handed before.
     pub fn disconnect(&self) {
-        let _ = match &*self.handle() {
-            Handle::V4(c) => c.try_disconnect().map_err(request_error),
-            Handle::V5(c) => c.try_disconnect().map_err(request_error),
-        };
+        match &*self.handle() {
+            Handle::V4(c) => v4::disconnect(c),
+            Handle::V5(c) => v5::disconnect(c),
+        }
     }
 
     /// The protocol the client speaks now (with `auto`, 3.1.1 once it fell back).
@@ -410,8 +340,8 @@ impl EventLoop {
             return self.observed(Err(e));
         }
         let r = match &mut self.kind {
-            Kind::V4(el) => el.poll().await.map(translate_v4).map_err(LinkError::from),
-            Kind::V5(el) => el.poll().await.map(translate_v5).map_err(LinkError::from),
+            Kind::V4(el) => el.poll().await.map(v4::translate).map_err(LinkError::from),
+            Kind::V5(el) => el.poll().await.map(v5::translate).map_err(LinkError::from),
         };
         match r {
             Err(e) if self.has_buffered_events() => {
@@ -425,8 +355,8 @@ impl EventLoop {
     /// An event rumqttc read and has not handed out yet.
     fn pop_buffered(&mut self) -> Option<Event> {
         match &mut self.kind {
-            Kind::V4(el) => el.state.events.pop_front().map(translate_v4),
-            Kind::V5(el) => el.state.events.pop_front().map(translate_v5),
+            Kind::V4(el) => v4::pop_buffered(el),
+            Kind::V5(el) => v5::pop_buffered(el),
         }
     }
 
@@ -449,8 +379,8 @@ impl EventLoop {
             return true;
         }
         match &self.kind {
-            Kind::V4(el) => !el.state.events.is_empty(),
-            Kind::V5(el) => !el.state.events.is_empty(),
+            Kind::V4(el) => v4::has_buffered(el),
+            Kind::V5(el) => v5::has_buffered(el),
         }
     }
 
@@ -458,43 +388,24 @@ impl EventLoop {
     pub fn forget_unsent(&mut self) {
         self.ended = None;
         match &mut self.kind {
-            Kind::V4(el) => {
-                el.clean();
-                el.pending.clear();
-                // `MqttState::clean` leaves a publish parked by an out-of-order PUBACK; while it
-                // is set the event loop takes no new requests, so a new connection sends nothing.
-                el.state.collision = None;
-            }
-            Kind::V5(el) => {
-                el.clean();
-                el.pending.clear();
-                el.state.collision = None;
-            }
+            Kind::V4(el) => v4::forget_unsent(el),
+            Kind::V5(el) => v5::forget_unsent(el),
         }
     }
 
     /// How the next connection starts: with the session the broker holds, or a new one.
     pub fn set_clean(&mut self, clean: bool) {
         match &mut self.kind {
-            Kind::V4(el) => {
-                el.mqtt_options.set_clean_session(clean);
-            }
-            Kind::V5(el) => {
-                el.options.set_clean_start(clean);
-                el.options.set_session_expiry_interval((!clean).then_some(SESSION_EXPIRY_S));
-            }
+            Kind::V4(el) => v4::set_clean(el, clean),
+            Kind::V5(el) => v5::set_clean(el, clean),
         }
     }
 
     /// The largest message the next connection reads (MQTT 5: and tells the broker).
     pub fn set_max_incoming(&mut self, bytes: usize) {
         match &mut self.kind {
-            Kind::V4(el) => {
-                el.mqtt_options.set_max_packet_size(bytes, MAX_OUTGOING_BYTES);
-            }
-            Kind::V5(el) => {
-                el.options.set_max_packet_size(Some(bytes.min(u32::MAX as usize) as u32));
-            }
+            Kind::V4(el) => v4::set_max_incoming(el, bytes),
+            Kind::V5(el) => v5::set_max_incoming(el, bytes),
         }
     }
 
@@ -567,57 +478,5 @@ impl Auto {
                 }
             }
         }
-    }
-}
-
-fn translate_v4(ev: rumqttc::Event) -> Event {
-    use rumqttc::{Event as E, Incoming as I, SubscribeReasonCode as R};
-    match ev {
-        E::Incoming(I::ConnAck(a)) => Event::Connected { session_present: a.session_present },
-        E::Incoming(I::Publish(p)) => Event::Message(Message {
-            topic: p.topic,
-            payload: p.payload,
-            retain: p.retain,
-            response_topic: None,
-            correlation: None,
-        }),
-        E::Incoming(I::PubAck(a)) => Event::Answered { pkid: a.pkid, refused: None },
-        E::Incoming(I::SubAck(a)) => {
-            Event::Subscribed { refused: a.return_codes.iter().map(|c| matches!(c, R::Failure)).collect() }
-        }
-        E::Incoming(I::UnsubAck(_)) => Event::Unsubscribed,
-        E::Outgoing(Outgoing::Publish(pkid)) => Event::Written { pkid },
-        E::Outgoing(Outgoing::Disconnect) => Event::DisconnectWritten,
-        _ => Event::Other,
-    }
-}
-
-fn translate_v5(ev: rumqttc::v5::Event) -> Event {
-    use p5::{PubAckReason as A, SubscribeReasonCode as R};
-    use rumqttc::v5::{Event as E, Incoming as I};
-    match ev {
-        E::Incoming(I::ConnAck(a)) => Event::Connected { session_present: a.session_present },
-        E::Incoming(I::Publish(p)) => {
-            let (response_topic, correlation) =
-                p.properties.map_or((None, None), |props| (props.response_topic, props.correlation_data));
-            Event::Message(Message {
-                topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                payload: p.payload,
-                retain: p.retain,
-                response_topic,
-                correlation,
-            })
-        }
-        E::Incoming(I::PubAck(a)) => Event::Answered {
-            pkid: a.pkid,
-            refused: (!matches!(a.reason, A::Success | A::NoMatchingSubscribers)).then(|| format!("{:?}", a.reason)),
-        },
-        E::Incoming(I::SubAck(a)) => {
-            Event::Subscribed { refused: a.return_codes.iter().map(|c| !matches!(c, R::Success(_))).collect() }
-        }
-        E::Incoming(I::UnsubAck(_)) => Event::Unsubscribed,
-        E::Outgoing(Outgoing::Publish(pkid)) => Event::Written { pkid },
-        E::Outgoing(Outgoing::Disconnect) => Event::DisconnectWritten,
-        _ => Event::Other,
     }
 }

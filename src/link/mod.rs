@@ -6,6 +6,8 @@
 //! - [`client`]: what a role asks for ([`Spec`]), the client handle and the event loop as one
 //!   type each whichever protocol rumqttc speaks, and its events translated ([`Event`]).
 //! - [`Poller`] (here): drives the event loop without ever cancelling it.
+//! - `v4.rs`, `v5.rs`: each protocol's side through rumqttc (options, requests, events) and every
+//!   touch of rumqttc's internals, with the version they were checked against.
 //! - [`inflight`]: which publish a packet id stands for (pure).
 //! - [`security`]: credentials and TLS, loaded once at start.
 //! - [`error`]: why a connection failed, in words ([`LinkError`]).
@@ -35,6 +37,8 @@ pub mod client;
 pub mod error;
 pub mod inflight;
 pub mod security;
+mod v4;
+mod v5;
 
 use std::time::Duration;
 

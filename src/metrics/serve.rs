@@ -47,7 +47,7 @@ const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Starts what `metrics` configures, on a thread of its own (its own single-threaded runtime):
 /// a scrape never waits for the device loop, and the device loop never waits for a scrape. The
 /// endpoint: a bind that fails is logged, and the device runs without it (a taken port must not
-/// keep a nightlight dark). The textfile: written every [`TEXTFILE_EVERY`].
+/// keep a nightlight dark). The textfile: written every `TEXTFILE_EVERY` (5 s).
 pub fn start(cfg: &crate::config::MetricsConfig, counters: &Arc<Counters>) {
     let listener = cfg.listen_addr().and_then(|addr| match std::net::TcpListener::bind(addr) {
         Ok(l) => {
@@ -233,7 +233,7 @@ fn answer(method: &str, path: &str, counters: &Counters, rendered: &Rendered) ->
     }
 }
 
-/// Writes the textfile every [`TEXTFILE_EVERY`] (once the device loop gave its figures) until the
+/// Writes the textfile every `TEXTFILE_EVERY` (5 s), once the device loop gave its figures, until the
 /// process ends; a failure is logged once until a write succeeds again.
 pub async fn write_textfile(path: PathBuf, counters: Arc<Counters>) {
     let mut failing = false;
