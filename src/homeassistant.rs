@@ -134,6 +134,21 @@ pub fn device_discovery(cfg: &Config, hw_version: Option<&str>) -> Discovery {
         });
         add(object, "sensor", name, extra);
     }
+    // How long the oldest queued reading has waited: what an outage costs, at a glance (the
+    // same figure as the metric nightlight_queue_oldest_age_seconds, at health's pace).
+    add(
+        "oldest",
+        "sensor",
+        "Oldest queued reading",
+        json!({
+            "state_topic": t.health,
+            "value_template": "{{ value_json.queue_oldest_age_s | default(0) }}",
+            "device_class": "duration",
+            "unit_of_measurement": "s",
+            "state_class": "measurement",
+            "entity_category": "diagnostic",
+        }),
+    );
     // When it started: a timestamp never goes stale, where an uptime in seconds would be a
     // minute old between two health messages. `None` is Home Assistant's "no value".
     add(
@@ -359,6 +374,7 @@ mod tests {
             "dropped",
             "reconnects",
             "denied",
+            "oldest",
             "started",
             "mode",
             "interval",
@@ -383,6 +399,8 @@ mod tests {
             assert_eq!(cmps[counter]["state_class"], "total_increasing", "{counter} only rises");
         }
         assert_eq!(cmps["queue"]["state_class"], "measurement", "the queue's depth goes up and down");
+        assert_eq!(cmps["oldest"]["device_class"], "duration", "the oldest reading's wait");
+        assert_eq!(cmps["oldest"]["unit_of_measurement"], "s");
         assert_eq!(cmps["interval"]["command_topic"], "porch/config/set");
         let size = d.payload.to_string().len();
         assert!(size < crate::link::MAX_OUTGOING_BYTES / 2, "small enough for any broker: {size} bytes");

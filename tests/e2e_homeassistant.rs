@@ -96,6 +96,8 @@ fn one_device_message_makes_a_light_ha_can_switch_and_an_interval_number_that_se
     let health = obs_health(&broker, &dev);
     let started = render(p["cmps"]["started"]["value_template"].as_str().unwrap(), &health);
     assert!(started.ends_with('Z') && started.len() == 20, "an RFC 3339 time: {started}");
+    let oldest = render(p["cmps"]["oldest"]["value_template"].as_str().unwrap(), &health);
+    assert!(oldest.parse::<u64>().is_ok(), "seconds the oldest queued reading waited: {oldest}");
     assert_eq!(render(level["value_template"].as_str().unwrap(), r#"{"light":412,"ts":1,"seq":2}"#), "412");
 
     // The "Reading interval" number set to 2: its command template, written where it says,
