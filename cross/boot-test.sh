@@ -32,7 +32,7 @@ rm -f "$log"
 vm_qemu "$work" "$log" "user,id=n,restrict=on"
 timeout 600 "${VM_QEMU[@]}" || true
 
-checks=(started_at_boot ready_via_sd_notify publishes_telemetry status_says_delivering obeys_a_command watchdog_fed restarted_after_kill queue_kept_across_restart keeps_trying_after_failed_starts)
+checks=(started_at_boot ready_via_sd_notify publishes_telemetry status_says_delivering obeys_a_command watchdog_fed restarted_after_kill queue_kept_across_restart keeps_trying_after_failed_starts metrics_served metrics_textfile)
 grep -a "NIGHTLIGHT-BOOT-TEST" "$log" | tr -d '\r' || true
 failed=0
 for c in "${checks[@]}"; do
