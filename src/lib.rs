@@ -9,8 +9,9 @@
 //! - [`cli`]: command-line parsing, logging set-up, exit codes (`main.rs` only calls it).
 //! - [`clock`]: whether the wall clock is known to be synchronized; readings re-stamped after.
 //! - [`config`]: the configuration schema, layered loading and validation.
-//! - [`device`]: the device loop over its parts (sampler, connection, inbox, health, readings
-//!   on request, refused readings, Home Assistant discovery), and the clean stop.
+//! - [`device`]: the device loop over its parts (sampler, connection, inbox, subscriptions,
+//!   outbox, health, readings on request, refused readings, Home Assistant discovery), and the
+//!   clean stop.
 //! - [`local`]: the local rule: the device switches the LED itself when unattended.
 //! - [`link`]: one MQTT client for MQTT 5 and 3.1.1 (the protocol chosen per broker), reconnect
 //!   backoff, the cancel-safe poller around rumqttc, request/response.

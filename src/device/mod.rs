@@ -19,11 +19,12 @@ mod denial;
 mod discovery;
 mod health;
 mod inbox;
+mod outbox;
 mod oversized;
 mod request;
 mod sampler;
+mod subscriptions;
 
-use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -39,7 +40,7 @@ use crate::config::{Config, SensorKind};
 use crate::homeassistant;
 use crate::led::power_on::KeptLed;
 use crate::led::{self, Led};
-use crate::link::{self, Backoff, Client, Event, InFlight, LinkError, Message, Poller, Qos, Security, Sent, Spec};
+use crate::link::{self, Backoff, Event, LinkError, Message, Poller, Qos, Security, Sent, Spec};
 use crate::local::{self, LocalRule};
 use crate::metrics::{self, Reject};
 use crate::payload::{self, OFFLINE, ONLINE};
@@ -133,22 +134,18 @@ pub async fn run_with(
     let run = queue.run();
     let requests = request::Requests::new(&cfg.id, Duration::from_millis(cfg.sensor.min_request_ms));
     let backoff = (Duration::from_millis(cfg.mqtt.reconnect_min_ms), Duration::from_millis(cfg.mqtt.reconnect_max_ms));
+    let reading_qos = if cfg.mqtt.qos == 0 { Qos::AtMostOnce } else { Qos::AtLeastOnce };
     let mut device = Device {
         conn: Connection::new(Backoff::new(backoff.0, backoff.1), cfg.mqtt.clean_session),
-        qos: if cfg.mqtt.qos == 0 { Qos::AtMostOnce } else { Qos::AtLeastOnce },
-        simulated_topic: cfg.sensor.kind == SensorKind::Virtual,
         cfg,
         topics,
         queue,
         led,
         simulated,
-        client,
+        out: outbox::Outbox::new(client, reading_qos),
         poller: Poller::new(eventloop),
         counters,
-        inflight: InFlight::default(),
         denial: Denial::new(backoff.0, backoff.1),
-        stopping: false,
-        refused_topics: HashSet::new(),
         started: Started::new(now()),
         notifier,
         local: LocalRule::new(cfg_local.0, cfg_local.1, cfg_local.2, now()),
@@ -158,8 +155,7 @@ pub async fn run_with(
         ha_due: Alarm::default(),
         clock_wait: Alarm::default(),
         queue_on_storage: medium.is_durable(),
-        subacks: VecDeque::new(),
-        oversized: oversized::Oversized::default(),
+        subs: subscriptions::Subscriptions::default(),
         requests,
         // The unit's ProcSubset=pid hides /proc/device-tree; sysfs has the same file.
         ha: discovery::Discovery::new(
@@ -177,21 +173,14 @@ struct Device {
     queue: DiskQueue,
     led: KeptLed,
     simulated: Option<SimulatedControl>,
-    client: Client,
+    /// What is handed to the MQTT client, and what each packet id stands for ([`outbox`]).
+    out: outbox::Outbox,
     poller: Poller,
     counters: Arc<Counters>,
-    qos: Qos,
-    simulated_topic: bool,
     /// Up or down, the backoff, and the recovery from an oversized message ([`connection`]).
     conn: Connection,
-    /// Which publish each packet id is.
-    inflight: InFlight,
     /// Readings the broker refused: held, rewound, retried.
     denial: Denial,
-    /// A clean stop is under way: nothing more is sent.
-    stopping: bool,
-    /// Topics whose messages the broker refused (logged once each).
-    refused_topics: HashSet<String>,
     /// When this run started, for health's `uptime_s` and `started`.
     started: Started,
     /// READY, the watchdog and the status line systemd shows.
@@ -213,21 +202,11 @@ struct Device {
     queue_on_storage: bool,
     /// Home Assistant: what to announce, and when.
     ha: discovery::Discovery,
-    /// What each SUBSCRIBE not yet answered asked for, oldest first.
-    subacks: VecDeque<Subscribe>,
-    /// Subscriptions that bring a retained message too large to read, left out for a while.
-    oversized: oversized::Oversized,
+    /// The SUBSCRIBEs in flight and what each asked for; filters left out for a retained
+    /// message too large to read ([`subscriptions`]).
+    subs: subscriptions::Subscriptions,
     /// Readings on request ([`request`]).
     requests: request::Requests,
-}
-
-/// A SUBSCRIBE in flight.
-#[derive(Debug)]
-enum Subscribe {
-    /// The device's subscriptions, these filters in this order.
-    Topics(Vec<String>),
-    /// The look-up of old discovery configs.
-    Probe,
 }
 
 impl Device {
@@ -323,10 +302,7 @@ impl Device {
                 Err(e) => serde_json::json!({ "error": e.to_string() }).to_string().into_bytes(),
             };
             for reply in waiting {
-                match self.client.publish_reply(&reply, answer.clone()) {
-                    Ok(()) => self.inflight.handed(Sent::Other(reply.topic)),
-                    Err(e) => warn!(error = %e, "cannot answer a request for a reading"),
-                }
+                self.out.reply(reply, answer.clone());
             }
         }
     }
@@ -397,30 +373,23 @@ impl Device {
         match ev {
             Ok(Event::Connected { session_present }) => self.on_connected(session_present),
             Ok(Event::Answered { pkid, refused }) => {
-                let what = self.inflight.answered(pkid);
+                let what = self.out.answered(pkid);
                 self.on_answered(what, refused);
             }
             Ok(Event::Written { pkid }) => {
-                let done = self.inflight.written(pkid);
+                let done = self.out.written(pkid);
                 self.on_answered(done, None);
             }
             Ok(Event::Message(m)) => self.on_message(&m),
-            Ok(Event::Subscribed { refused }) => match self.subacks.pop_front() {
-                Some(Subscribe::Topics(topics)) => {
-                    if let [only] = &topics[..] {
-                        self.oversized.subacked(only);
-                    }
-                    let refused: Vec<&String> =
-                        refused.iter().zip(&topics).filter(|(r, _)| **r).map(|(_, t)| t).collect();
-                    if !refused.is_empty() {
-                        warn!(topics = ?refused, "the broker refused subscriptions (check its ACL): nothing arrives on these");
-                    }
+            Ok(Event::Subscribed { refused }) => match self.subs.answered(&refused) {
+                subscriptions::Answer::Topics { refused } if !refused.is_empty() => {
+                    warn!(topics = ?refused, "the broker refused subscriptions (check its ACL): nothing arrives on these");
                 }
-                Some(Subscribe::Probe) if refused.iter().any(|r| *r) => {
+                subscriptions::Answer::LookUpRefused => {
                     debug!("the broker does not let us look up old discovery configs: migrating every old topic");
                     self.ha.look_up_refused();
                 }
-                Some(Subscribe::Probe) | None => {}
+                _ => {}
             },
             Ok(Event::Unsubscribed) => {
                 if let Some(out) = self.ha.looked_up(&self.cfg) {
@@ -452,13 +421,13 @@ impl Device {
                 self.publish_health(); // so `denied` shows now, not at the next minute
             }
             (Some(Sent::Telemetry(seq, _)), Some(_)) => debug!(seq, "a reading refused again"),
-            (Some(Sent::Other(topic)), Some(reason)) if self.refused_topics.insert(topic.clone()) => {
+            (Some(Sent::Other(topic)), Some(reason)) if self.out.first_refusal(&topic) => {
                 warn!(topic = %topic, reason = %reason, "the broker refused a message (check its ACL)");
             }
             _ => {}
         }
         // Counting what is in flight only matters while refused readings are held.
-        if self.denial.holds() && self.denial.settle(self.inflight.telemetry_pending(), now()) == Settle::Rewind {
+        if self.denial.holds() && self.denial.settle(self.out.readings_pending(), now()) == Settle::Rewind {
             self.queue.resend();
         }
     }
@@ -477,14 +446,14 @@ impl Device {
         self.notifier.connected(self.queue.stats().readings);
         // A session the broker kept still has our subscriptions; re-subscribing would make it
         // deliver retained messages again.
-        self.oversized.connected();
+        self.subs.connected();
         if !session_present {
-            let topics = self.subscriptions();
-            // Probing (module doc of [`oversized`]): one filter per SUBSCRIBE.
-            let packets = if self.oversized.probing() { topics.chunks(1).collect() } else { vec![&topics[..]] };
-            for packet in packets {
-                match self.client.subscribe(packet) {
-                    Ok(()) => self.subacks.push_back(Subscribe::Topics(packet.to_vec())),
+            let ha_status = self.cfg.homeassistant.enabled.then(|| homeassistant::ha_status_topic(&self.cfg));
+            let simulated = self.cfg.sensor.kind == SensorKind::Virtual;
+            let wanted = inbox::wanted(&self.topics, simulated, ha_status.as_deref());
+            for packet in self.subs.packets(wanted, now()) {
+                match self.out.client().subscribe(&packet) {
+                    Ok(()) => self.subs.sent(packet),
                     Err(e) => warn!(error = %e, "cannot subscribe to commands"),
                 }
             }
@@ -496,9 +465,9 @@ impl Device {
             // A restart that resumed the session: the controllers' retained statuses come only
             // with a new SUBSCRIBE (the other subscriptions stand).
             let topics = vec![crate::topics::CONTROLLERS.to_owned()];
-            match self.client.subscribe(&topics) {
+            match self.out.client().subscribe(&topics) {
                 Ok(()) => {
-                    self.subacks.push_back(Subscribe::Topics(topics));
+                    self.subs.sent(topics);
                     self.local.asking();
                 }
                 Err(e) => warn!(error = %e, "cannot subscribe to the controllers' statuses"),
@@ -519,8 +488,8 @@ impl Device {
         let migrated = Path::new(&self.cfg.queue.dir).join("ha-migrated").exists();
         match self.ha.announce(&self.cfg, migrated) {
             discovery::Announce::Publish(out) => out.into_iter().for_each(|o| self.publish_retained(o)),
-            discovery::Announce::LookUp(filter) => match self.client.look_up_retained(&filter) {
-                Ok(()) => self.subacks.push_back(Subscribe::Probe),
+            discovery::Announce::LookUp(filter) => match self.out.client().look_up_retained(&filter) {
+                Ok(()) => self.subs.look_up_sent(),
                 Err(e) => {
                     warn!(error = %e, "cannot look up old discovery configs: migrating every old topic");
                     let out = self.ha.look_up_failed(&self.cfg);
@@ -549,7 +518,7 @@ impl Device {
         let queue = self.queue.stats();
         self.counters.set_snapshot(metrics::Snapshot {
             run: self.queue.run(),
-            protocol: if self.client.protocol() == crate::config::Protocol::V311 { "3.1.1" } else { "5" },
+            protocol: if self.out.client().protocol() == crate::config::Protocol::V311 { "3.1.1" } else { "5" },
             connected: self.conn.is_up(),
             queue,
             oldest_ts: self.queue.oldest_ts(),
@@ -574,7 +543,7 @@ impl Device {
                 denied: self.denial.count(),
                 requests_limited: self.requests.limited(),
                 mode: self.local.mode().as_str(),
-                protocol: self.client.protocol(),
+                protocol: self.out.client().protocol(),
             },
         );
         // Serializing a struct of numbers and an optional string cannot fail.
@@ -647,20 +616,20 @@ impl Device {
                     rejected_total = n,
                     "the broker sent a message too large even to reject; starting a new session without it"
                 );
-                if let Some(filter) = self.oversized.too_large(now()) {
+                if let Some(filter) = self.subs.too_large(now()) {
                     let why = format!(
                         "the broker holds a retained message larger than {} MiB for the subscription {filter}: left out \
                          for an hour (clear it: mosquitto_pub -r -n -t <its topic>)",
                         link::MAX_RECOVERY_BYTES >> 20
                     );
-                    error!(filter = %filter, left_out_total = self.oversized.count(), "{why}");
+                    error!(filter = %filter, left_out_total = self.subs.left_out(), "{why}");
                     self.counters.set_last_error(format!("mqtt: {why}"));
                 }
             }
             _ => {}
         }
-        self.inflight.clear();
-        self.subacks.clear();
+        self.out.disconnected();
+        self.subs.disconnected();
         self.ha.disconnected(); // a look-up under way is made again at the next connect
         self.denial.disconnected();
         self.queue.disconnected(now());
@@ -756,30 +725,18 @@ impl Device {
         if let Some(sim) = &self.simulated {
             sim.set_queued(self.queue.stats().readings); // for the demo's page
         }
-        if !self.conn.is_up() || self.stopping || self.denial.holds() {
+        if !self.conn.is_up() || self.out.is_closing() || self.denial.holds() {
             return;
         }
         while self.queue.in_flight() < WINDOW {
             let Some(rec) = self.queue.peek_unsent() else { break };
             let rec = self.restamp.apply(rec);
             let (json, json_ts) = (rec.to_json(), rec.ts);
-            if self.client.publish(&self.topics.telemetry, self.qos, false, json).is_err() {
+            if !self.out.publish_reading(&self.topics.telemetry, json, rec.seq, json_ts) {
                 break; // the request channel is full; PUBACKs will make room
             }
             self.queue.mark_sent();
-            self.inflight.handed(Sent::Telemetry(rec.seq, json_ts));
         }
-    }
-
-    /// What the device subscribes to, in this order: its commands, the controllers' statuses
-    /// (the local rule), its live configuration, when simulated its light, and Home Assistant's
-    /// status when discovery is on.
-    fn subscriptions(&mut self) -> Vec<String> {
-        let ha_status = self.cfg.homeassistant.enabled.then(|| homeassistant::ha_status_topic(&self.cfg));
-        let mut topics = inbox::wanted(&self.topics, self.simulated_topic, ha_status.as_deref());
-        let now = now();
-        topics.retain(|t| self.oversized.keep(t, now));
-        topics
     }
 
     /// A live change: applied and kept, or refused (counted) with nothing changed; reported.
@@ -839,13 +796,9 @@ impl Device {
         self.publish_at(topic, Qos::AtLeastOnce, retain, payload);
     }
 
-    /// Anything but a reading: handed to the client and noted in flight (a QoS 0 one is done
-    /// when written).
+    /// Anything but a reading ([`outbox`]).
     fn publish_at(&mut self, topic: &str, qos: Qos, retain: bool, payload: Vec<u8>) {
-        match self.client.publish(topic, qos, retain, payload) {
-            Ok(()) => self.inflight.handed(Sent::Other(topic.to_owned())),
-            Err(e) => warn!(topic, error = %e, "cannot publish"),
-        }
+        self.out.publish(topic, qos, retain, payload);
     }
 
     /// A clean stop: `offline`, disconnect, everything unacknowledged to disk.
@@ -856,9 +809,9 @@ impl Device {
         info!("stopping");
         if self.conn.is_up() {
             self.publish_other(&self.topics.status.clone(), OFFLINE.as_bytes().to_vec(), true);
-            self.stopping = true;
+            self.out.close();
             // Acknowledgements that arrive before the DISCONNECT is written still count.
-            for ev in self.poller.close(&self.client, STOP_GRACE).await {
+            for ev in self.poller.close(self.out.client(), STOP_GRACE).await {
                 self.on_event(ev);
             }
         }
