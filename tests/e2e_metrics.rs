@@ -221,15 +221,7 @@ fn a_reading_the_acl_refuses_raises_denied_and_no_secret_is_shown() {
     let full = std::fs::read_to_string(acl.path()).unwrap();
     std::fs::write(acl.path(), full.replace("pattern write %u/telemetry\n", "")).unwrap();
     let (broker, _pw) = password_broker(Some(acl.path().to_str().unwrap()));
-    let mut dev = DeviceDir::new(broker.port, 200, "");
-    dev.set_id("porch");
-    let pw = write_file(dev.dir.path(), "porch.pw", "porch-pass-1\n");
-    let text = std::fs::read_to_string(dev.config()).unwrap().replacen(
-        "[mqtt]\n",
-        &format!("[mqtt]\nprotocol = \"5\"\nusername = \"porch\"\npassword_file = {pw:?}\n"),
-        1,
-    );
-    std::fs::write(dev.config(), text).unwrap();
+    let dev = porch(broker.port, "5");
     let dir = tempfile::tempdir().unwrap();
     let (_d, port) = spawn(&dev, dir.path());
     let m = wait_metrics(port, "a refused reading", |m| m["nightlight_readings_denied_total"] >= 1.0);

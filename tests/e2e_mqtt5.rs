@@ -7,23 +7,6 @@ mod common;
 
 use common::*;
 
-/// A device with the id `porch` (its ACL username), logging in with its password, speaking
-/// `protocol`, reading every 200 ms; the local rule off, so only commands switch the LED.
-fn porch(port: u16, protocol: &str) -> DeviceDir {
-    let mut d = DeviceDir::new(port, 200, "");
-    d.set_id("porch");
-    let pw = write_file(d.dir.path(), "porch.pw", "porch-pass-1\n");
-    let text = std::fs::read_to_string(d.config()).unwrap();
-    let text = text.replacen(
-        "[mqtt]\n",
-        &format!("[mqtt]\nprotocol = \"{protocol}\"\nusername = \"porch\"\npassword_file = {pw:?}\n"),
-        1,
-    );
-    let text = text.replacen("[led]\n", "[led]\nlocal_after_s = 0\n", 1);
-    std::fs::write(d.config(), text).unwrap();
-    d
-}
-
 /// Sends 20 commands, on and off in turn, each once the LED has followed the one before: the
 /// LED lines the device printed since `before`.
 fn twenty_commands(ctl: &Observer, d: &Daemon, before: usize) -> Vec<String> {

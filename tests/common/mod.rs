@@ -648,6 +648,23 @@ pub fn mosquitto_passwd() -> &'static str {
         .expect("mosquitto_passwd")
 }
 
+/// A device with the id `porch` (its ACL username), logging in with its password, speaking
+/// `protocol`, reading every 200 ms; the local rule off, so only commands switch the LED.
+pub fn porch(port: u16, protocol: &str) -> DeviceDir {
+    let mut d = DeviceDir::new(port, 200, "");
+    d.set_id("porch");
+    let pw = write_file(d.dir.path(), "porch.pw", "porch-pass-1\n");
+    let text = std::fs::read_to_string(d.config()).unwrap();
+    let text = text.replacen(
+        "[mqtt]\n",
+        &format!("[mqtt]\nprotocol = \"{protocol}\"\nusername = \"porch\"\npassword_file = {pw:?}\n"),
+        1,
+    );
+    let text = text.replacen("[led]\n", "[led]\nlocal_after_s = 0\n", 1);
+    std::fs::write(d.config(), text).unwrap();
+    d
+}
+
 /// The README's ACL (`docs/mosquitto.acl`) plus `extra`, written to a temporary file.
 pub fn readme_acl(extra: &str) -> tempfile::NamedTempFile {
     let acl = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/mosquitto.acl");
