@@ -148,9 +148,8 @@ fn check(loaded: &Loaded) -> ExitCode {
              127.0.0.1 keeps it on this machine (a scraper elsewhere can reach it through node_exporter's textfile)"
         );
     }
-    let textfile = std::path::Path::new(&c.metrics.textfile);
-    if let Some(parent) = textfile.parent().filter(|_| !c.metrics.textfile.is_empty()) {
-        if let Some(w) = crate::queue::medium::of_dir(parent).textfile_warning(textfile) {
+    if !c.metrics.textfile.is_empty() {
+        if let Some(w) = crate::metrics::textfile_warning(std::path::Path::new(&c.metrics.textfile)) {
             eprintln!("nightlight: warning: {w}");
         }
     }

@@ -81,6 +81,17 @@ pub enum Protocol {
     V311,
 }
 
+impl Protocol {
+    /// As the configuration spells it (and health and metrics report it).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Auto => "auto",
+            Protocol::V5 => "5",
+            Protocol::V311 => "3.1.1",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
@@ -194,6 +205,11 @@ pub struct MetricsConfig {
 }
 
 impl MetricsConfig {
+    /// Whether either is on.
+    pub fn enabled(&self) -> bool {
+        !self.listen.is_empty() || !self.textfile.is_empty()
+    }
+
     /// The address to listen on, if any (validated).
     pub fn listen_addr(&self) -> Option<std::net::SocketAddr> {
         self.listen.parse().ok()

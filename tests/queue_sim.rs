@@ -554,7 +554,7 @@ impl Sim {
         // Readings the corruption destroyed: touched, owed, and not delivered (a touched frame
         // may have been a leftover copy of one that is intact elsewhere).
         let touched_required = touched.iter().filter(|s| must.contains(s) && !got.contains(s)).count() as u64;
-        let dropped = self.q().stats().dropped;
+        let dropped = self.q().stats().dropped.total();
         // (A start cut short may have counted the damage and cut it away before it died.)
         if dropped < touched_required && !cut_while_starting {
             return Err(format!("corruption destroyed {touched_required} readings, dropped says {dropped}"));

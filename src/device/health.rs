@@ -63,7 +63,7 @@ pub(super) fn health(c: &Counters, uptime: Duration, started: String, f: Figures
         started: Some(started),
         queue_readings: q.readings,
         queue_bytes: q.bytes,
-        dropped: q.dropped,
+        dropped: q.dropped.total(),
         queue_errors: q.errors,
         seq_durable: q.seq_durable,
         queue_durable: f.queue_on_storage && q.seq_durable,
@@ -78,7 +78,8 @@ pub(super) fn health(c: &Counters, uptime: Duration, started: String, f: Figures
         // A poisoned lock means a panic elsewhere, and panics abort this program.
         last_error: c.last_error.lock().expect("lock").clone(),
         mode: f.mode.into(),
-        protocol: if f.protocol == Protocol::V311 { "3.1.1" } else { "5" }.into(),
+        // What the link speaks: never `auto` (the link's protocol is 5 until it falls back).
+        protocol: f.protocol.as_str().into(),
     }
 }
 

@@ -218,7 +218,7 @@ impl Device {
         feed.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut health = tokio::time::interval_at(tokio::time::Instant::now() + HEALTH_EVERY, HEALTH_EVERY);
         health.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let metrics_on = !self.cfg.metrics.listen.is_empty() || !self.cfg.metrics.textfile.is_empty();
+        let metrics_on = self.cfg.metrics.enabled();
         let mut snapshot = tokio::time::interval(METRICS_EVERY);
         snapshot.set_missed_tick_behavior(MissedTickBehavior::Delay);
         self.poller.start(); // connect
@@ -518,7 +518,7 @@ impl Device {
         let queue = self.queue.stats();
         self.counters.set_snapshot(metrics::Snapshot {
             run: self.queue.run(),
-            protocol: if self.out.client().protocol() == crate::config::Protocol::V311 { "3.1.1" } else { "5" },
+            protocol: self.out.client().protocol().as_str(),
             connected: self.conn.is_up(),
             queue,
             oldest_ts: self.queue.oldest_ts(),
@@ -731,8 +731,7 @@ impl Device {
         while self.queue.in_flight() < WINDOW {
             let Some(rec) = self.queue.peek_unsent() else { break };
             let rec = self.restamp.apply(rec);
-            let (json, json_ts) = (rec.to_json(), rec.ts);
-            if !self.out.publish_reading(&self.topics.telemetry, json, rec.seq, json_ts) {
+            if !self.out.publish_reading(&self.topics.telemetry, rec.to_json(), rec.seq, rec.ts) {
                 break; // the request channel is full; PUBACKs will make room
             }
             self.queue.mark_sent();
@@ -820,11 +819,16 @@ impl Device {
         let st = self.queue.stats();
         match closed {
             Ok(()) => {
-                info!(queued = st.readings, dropped = st.dropped, "stopped");
+                info!(queued = st.readings, dropped = st.dropped.total(), "stopped");
                 Ok(())
             }
             Err(e) => {
-                error!(lost = e.lost, queued = st.readings, dropped = st.dropped, "stopped, with readings lost");
+                error!(
+                    lost = e.lost,
+                    queued = st.readings,
+                    dropped = st.dropped.total(),
+                    "stopped, with readings lost"
+                );
                 Err(e.into())
             }
         }

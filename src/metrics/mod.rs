@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use crate::link::Lost;
 use crate::queue::QueueStats;
-pub use serve::{serve, start, write_once, write_textfile};
+pub use serve::{start, textfile_warning};
 use text::{Text, Value};
 
 /// Why a command (or another message the device acts on) was rejected.
@@ -279,7 +279,7 @@ impl Snapshot {
             t.single(name, kind, help, value);
         }
         t.family("nightlight_dropped_readings_total", counter, "Readings lost, by cause (cap, damage, memory, stop).");
-        let d = q.dropped_by;
+        let d = q.dropped;
         for (cause, n) in [("cap", d.cap), ("damage", d.damage), ("memory", d.memory), ("stop", d.stop)] {
             t.sample("nightlight_dropped_readings_total", &[("cause", cause)], Value::Int(n));
         }
@@ -305,10 +305,6 @@ impl Histogram {
         let i = self.bounds.iter().position(|b| s <= *b).unwrap_or(self.bounds.len());
         self.counts[i].fetch_add(1, Ordering::Relaxed);
         self.sum_us.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    pub fn count(&self) -> u64 {
-        self.counts.iter().map(|n| n.load(Ordering::Relaxed)).sum()
     }
 
     fn render(&self, t: &mut Text, name: &str, help: &str) {

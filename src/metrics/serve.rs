@@ -61,10 +61,8 @@ pub fn start(cfg: &crate::config::MetricsConfig, counters: &Arc<Counters>) {
         }
     });
     let textfile = (!cfg.textfile.is_empty()).then(|| PathBuf::from(&cfg.textfile));
-    if let Some(path) = &textfile {
-        if let Some(w) = crate::queue::medium::of_dir(path.parent().unwrap_or(Path::new("/"))).textfile_warning(path) {
-            warn!("{w}");
-        }
+    if let Some(w) = textfile.as_deref().and_then(textfile_warning) {
+        warn!("{w}");
     }
     if listener.is_none() && textfile.is_none() {
         return;
@@ -94,6 +92,19 @@ pub fn start(cfg: &crate::config::MetricsConfig, counters: &Arc<Counters>) {
     if let Err(e) = thread {
         tracing::error!(error = %e, "metrics: cannot start a thread; running without them");
     }
+}
+
+/// The warning for a textfile on storage, not in memory (`None` in memory): rewritten every
+/// few seconds, it wears an SD card for nothing.
+pub fn textfile_warning(path: &Path) -> Option<String> {
+    let medium = crate::queue::medium::of_dir(path.parent().unwrap_or(Path::new("/")));
+    medium.is_durable().then(|| {
+        format!(
+            "metrics.textfile {} is on storage, not in memory: it is rewritten every few seconds; put it under /run \
+             (the unit makes /run/nightlight)",
+            path.display()
+        )
+    })
 }
 
 /// The exposition, rendered at most once per [`FRESH_FOR`] however many scrape it.

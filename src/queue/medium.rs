@@ -48,20 +48,6 @@ impl Medium {
     }
 }
 
-impl Medium {
-    /// The warning for `metrics.textfile` on storage (`None` in memory): rewritten every few
-    /// seconds, it wears an SD card for nothing.
-    pub fn textfile_warning(&self, file: &Path) -> Option<String> {
-        self.is_durable().then(|| {
-            format!(
-                "metrics.textfile {} is on storage, not in memory: it is rewritten every few seconds; put it under /run \
-                 (the unit makes /run/nightlight)",
-                file.display()
-            )
-        })
-    }
-}
-
 /// One line of mountinfo, the parts that matter here.
 #[derive(Debug)]
 struct Mount {

@@ -127,9 +127,8 @@ pub struct QueueStats {
     /// Bytes of segment files on disk.
     pub bytes: u64,
     /// Readings dropped: past `queue.max_bytes`, past [`MEM_CAP`] on a failing disk, lost to
-    /// damage, or lost at a clean stop ([`Dropped`] says which).
-    pub dropped: u64,
-    pub dropped_by: Dropped,
+    /// damage, or lost at a clean stop, by cause ([`Dropped::total`]: all of them).
+    pub dropped: Dropped,
     /// Bytes written and syncs issued to the queue's storage since it was opened.
     pub written_bytes: u64,
     pub syncs: u64,
@@ -708,6 +707,7 @@ impl<S: Storage> DiskQueue<S> {
 
     /// Counters for logs and health.
     pub fn stats(&self) -> QueueStats {
+        let (written_bytes, syncs) = self.st.counts();
         QueueStats {
             // Saturating: acknowledged readings held to be skipped after a reconnect can outlive
             // the segment that held them (dropped at the cap, or damaged); the simulator's seed
@@ -715,10 +715,9 @@ impl<S: Storage> DiskQueue<S> {
             readings: (self.segments.records() + self.mem.0.len() as u64)
                 .saturating_sub(self.window.acked_held() as u64),
             bytes: self.segments.bytes(),
-            dropped: self.faults.dropped.total(),
-            dropped_by: self.faults.dropped,
-            written_bytes: self.st.counts().0,
-            syncs: self.st.counts().1,
+            dropped: self.faults.dropped,
+            written_bytes,
+            syncs,
             errors: self.faults.errors,
             // This run's own reservation (which records `run` too) is synced and covers them.
             seq_durable: !self.faults.meta_failing && self.seqs.next <= self.seqs.reserved,

@@ -75,10 +75,6 @@ impl<S> Metered<S> {
     pub fn counts(&self) -> (u64, u64) {
         (self.written.get(), self.syncs.get())
     }
-
-    pub fn inner(&self) -> &S {
-        &self.inner
-    }
 }
 
 impl<S: Storage> Storage for Metered<S> {
