@@ -17,13 +17,20 @@ fn device(rig: &Rig, dir: &Path) -> (Daemon, u16) {
 }
 
 fn spawn(dev: &DeviceDir, dir: &Path) -> (Daemon, u16) {
+    spawn_with(dev, dir, &[])
+}
+
+/// As [`spawn`], with `env` besides.
+fn spawn_with(dev: &DeviceDir, dir: &Path, env: &[(&str, &str)]) -> (Daemon, u16) {
     let textfile = dir.join("nightlight.prom");
-    let d = dev.spawn_with(&[
+    let mut all = vec![
         ("NIGHTLIGHT__METRICS__LISTEN", "127.0.0.1:0"),
         ("NIGHTLIGHT__METRICS__TEXTFILE", textfile.to_str().unwrap()),
         // A synchronized clock, whatever this machine's NTP says: stale commands are judged.
         ("NIGHTLIGHT_CLOCK_SYNCED", "1"),
-    ]);
+    ];
+    all.extend_from_slice(env);
+    let d = dev.spawn_with(&all);
     d.wait_stderr("metrics: serving GET /metrics", 10 * S);
     let line = d.stderr().lines().find(|l| l.contains("metrics: serving")).unwrap().to_owned();
     let port = line.split("listen=127.0.0.1:").nth(1).and_then(|r| r.split_whitespace().next()).unwrap();
@@ -144,7 +151,8 @@ fn a_scrape_is_what_promtool_accepts_and_the_textfile_says_the_same() {
 fn a_scraper_keeps_its_connection_and_garbage_or_a_huge_head_ends_one() {
     let rig = Rig::new(1000);
     let dir = tempfile::tempdir().unwrap();
-    let (_d, port) = device(&rig, dir.path());
+    // The endpoint says at debug level why it ended a connection.
+    let (d, port) = spawn_with(&rig.dev, dir.path(), &[("RUST_LOG", "info,nightlight::metrics=debug")]);
     // Two requests in one write (pipelined), then a third: all answered on one connection.
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\nHEAD /metrics HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
@@ -175,6 +183,8 @@ fn a_scraper_keeps_its_connection_and_garbage_or_a_huge_head_ends_one() {
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     assert!(!String::from_utf8_lossy(&out).contains("200 OK"), "a head past the bound was answered");
+    // Closed for its size, not at the head's time limit (which would also close it).
+    d.wait_stderr("request head too large", 10 * S);
 }
 
 #[test]
