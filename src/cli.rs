@@ -28,7 +28,7 @@ pub struct Cli {
     config: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 enum Command {
     /// Run the device: read the sensor, publish telemetry, obey commands (the default)
     Run,
@@ -48,6 +48,9 @@ enum Command {
     },
     /// The lesson's controller: send `led_on` commands to every device from its telemetry
     Server,
+    /// Release signing, on the laptop: keys and signed update manifests
+    #[command(subcommand)]
+    Release(Release),
     /// Broker + virtual device + controller + a live view, in one process
     #[cfg(feature = "virtual")]
     Demo {
@@ -60,11 +63,41 @@ enum Command {
     },
 }
 
+#[derive(Debug, Clone, Subcommand)]
+enum Release {
+    /// Make an Ed25519 key pair: DIR/release.key (private, 0600) and DIR/release.pub (for update.keys)
+    Keygen {
+        /// Where to write the two files (made if missing; existing keys are never overwritten)
+        dir: PathBuf,
+    },
+    /// Print a signed manifest (JSON) for a .deb; publish it retained on <id>/update
+    Sign {
+        /// The private key from `release keygen`
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Where devices fetch the .deb (http:// or https://)
+        #[arg(long)]
+        url: String,
+        /// The package's version [default: its control file's, through dpkg-deb]
+        #[arg(long)]
+        version: Option<String>,
+        /// The package's Debian architecture [default: its control file's, through dpkg-deb]
+        #[arg(long)]
+        arch: Option<String>,
+        /// The .deb
+        deb: PathBuf,
+    },
+}
+
 /// Parses the command line, runs the command and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Release(r)) = &cli.command {
+        // Release signing runs on a laptop, with no device configuration.
+        return crate::update::release::run(r.clone().into());
+    }
     #[cfg(feature = "virtual")]
-    if let Some(Command::Demo { port, web_port }) = cli.command {
+    if let Some(Command::Demo { port, web_port }) = cli.command.clone() {
         // The demo needs no configuration; its info lines would scroll over the live view.
         init_logging(LevelFilter::WARN);
         return serve(|shutdown| crate::demo::run(port, web_port, shutdown));
@@ -95,6 +128,16 @@ pub fn main() -> ExitCode {
         Command::Server => serve(|shutdown| crate::server::run(loaded.config, security, shutdown)),
         #[cfg(feature = "virtual")]
         Command::Demo { .. } => unreachable!("handled before the configuration is loaded"),
+        Command::Release(_) => unreachable!("handled before the configuration is loaded"),
+    }
+}
+
+impl From<Release> for crate::update::release::Command {
+    fn from(r: Release) -> Self {
+        match r {
+            Release::Keygen { dir } => Self::Keygen { dir },
+            Release::Sign { key, url, version, arch, deb } => Self::Sign { key, url, version, arch, deb },
+        }
     }
 }
 

@@ -44,6 +44,7 @@ pub struct Config {
     pub queue: QueueConfig,
     pub server: ServerConfig,
     pub metrics: MetricsConfig,
+    pub update: UpdateConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -193,6 +194,30 @@ pub struct QueueConfig {
     pub spill_ms: u64,
 }
 
+/// Updates over MQTT: off while no key is trusted.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpdateConfig {
+    /// The release keys whose signed manifests the device takes (`ed25519:<hex>`, each a
+    /// `release.pub`); two let a key be rotated; empty: updates off. Never settable over MQTT.
+    pub keys: Vec<String>,
+    /// A download that brings no byte for this long is cut and resumed (1-3600).
+    pub stall_s: u64,
+}
+
+impl Default for UpdateConfig {
+    fn default() -> Self {
+        UpdateConfig { keys: Vec::new(), stall_s: 30 }
+    }
+}
+
+impl UpdateConfig {
+    /// The trusted keys (validated).
+    pub fn public_keys(&self) -> Vec<crate::update::manifest::PublicKey> {
+        self.keys.iter().filter_map(|k| crate::update::manifest::PublicKey::parse(k).ok()).collect()
+    }
+}
+
 /// Metrics: both off by default.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -235,6 +260,7 @@ impl Default for Config {
             queue: QueueConfig::default(),
             server: ServerConfig::default(),
             metrics: MetricsConfig::default(),
+            update: UpdateConfig::default(),
         }
     }
 }
@@ -571,6 +597,14 @@ impl Config {
                     metrics.textfile
                 ),
             ));
+        }
+        if !(1..=3600).contains(&self.update.stall_s) {
+            return Err(bad("update.stall_s", format!("{} is not in 1-3600", self.update.stall_s)));
+        }
+        for (i, key) in self.update.keys.iter().enumerate() {
+            if let Err(why) = crate::update::manifest::PublicKey::parse(key) {
+                return Err(bad("update.keys", format!("entry {}: {why}", i + 1)));
+            }
         }
         Ok(())
     }

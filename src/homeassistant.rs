@@ -213,12 +213,30 @@ pub fn device_discovery(cfg: &Config, hw_version: Option<&str>) -> Discovery {
     merge(&mut power_on, json!({"options": ["last", "off", "on", "auto"]}));
     add("power_on", "select", "Power-on state", power_on);
 
+    // Updates over MQTT, while a release key is trusted: installed and latest version, progress,
+    // and the install button (which tries the last manifest again).
+    if !cfg.update.keys.is_empty() {
+        add(
+            "firmware",
+            "update",
+            "Firmware",
+            json!({
+                "state_topic": t.update_state,
+                "value_template": UPDATE_TEMPLATE,
+                "command_topic": t.update_install,
+                "payload_install": "install",
+                "retain": false,
+                "entity_category": "config",
+            }),
+        );
+    }
+
     let mut dev = json!({
         "ids": [format!("nightlight_{id}")],
         "name": id,
         "mf": "nightlight",
         "mdl": format!("nightlight ({})", kind_name(cfg.sensor.kind)),
-        "sw": env!("CARGO_PKG_VERSION"),
+        "sw": crate::VERSION,
     });
     if let Some(hw) = hw_version {
         merge(&mut dev, json!({ "hw": hw }));
@@ -227,7 +245,7 @@ pub fn device_discovery(cfg: &Config, hw_version: Option<&str>) -> Discovery {
         topic: topics::ha_device_config(&cfg.homeassistant.prefix, id),
         payload: json!({
             "dev": dev,
-            "o": { "name": "nightlight", "sw": env!("CARGO_PKG_VERSION") },
+            "o": { "name": "nightlight", "sw": crate::VERSION },
             "avty_t": t.status,
             "pl_avail": ONLINE,
             "pl_not_avail": OFFLINE,
@@ -236,6 +254,14 @@ pub fn device_discovery(cfg: &Config, hw_version: Option<&str>) -> Discovery {
         }),
     }
 }
+
+/// `<id>/update/state` as Home Assistant's update entity wants it (its JSON keys only: it
+/// rejects others): the version the update goes to is the latest while it runs, failed or was
+/// rolled back.
+pub const UPDATE_TEMPLATE: &str = "{% set busy = value_json.state in ['downloading', 'verifying', 'installing', \
+'gating'] %}{% set latest = value_json.to if value_json.to is defined and value_json.state != 'done' else \
+value_json.version %}{{ {'installed_version': value_json.version, 'latest_version': latest, 'in_progress': busy, \
+'update_percentage': value_json.percent if busy and value_json.percent is defined else none} | tojson }}";
 
 /// The per-entity discovery topics of earlier releases (lux included), to migrate from and
 /// then clear.
@@ -351,7 +377,7 @@ mod tests {
         assert_eq!(d.topic, "homeassistant/device/porch/config");
         let p = &d.payload;
         assert_eq!(p["dev"]["ids"][0], "nightlight_porch");
-        assert_eq!(p["dev"]["sw"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(p["dev"]["sw"], crate::VERSION);
         assert_eq!(p["o"]["name"], "nightlight", "the origin is required for device-based discovery");
         assert_eq!(p["avty_t"], "porch/status");
         let cmps = p["cmps"].as_object().unwrap();

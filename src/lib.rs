@@ -59,6 +59,14 @@ pub mod status;
 pub mod systemd;
 pub mod tls;
 pub mod topics;
+pub mod update;
+
+/// The version this build reports (health, status, Home Assistant, updates): the package's,
+/// `NIGHTLIGHT_VERSION` at build time when set (a release's Debian version), else Cargo's.
+pub const VERSION: &str = match option_env!("NIGHTLIGHT_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
 
 pub use config::{Config, ConfigError};
 pub use queue::{DiskQueue, QueueError};

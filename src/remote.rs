@@ -210,8 +210,14 @@ pub fn set(base: &Config, kept: &Overrides, payload: &[u8]) -> Result<(Config, O
     let mut next = kept.clone();
     for (key, value) in leaves {
         if !SETTABLE.contains(&key.as_str()) {
-            let why = if key == "id" || key == "queue.dir" || key == "mqtt" || key.starts_with("mqtt.") {
-                "cannot be set remotely (it could move the device to another broker or identity)".to_owned()
+            let why = if key == "id"
+                || key == "queue.dir"
+                || key == "mqtt"
+                || key.starts_with("mqtt.")
+                || key == "update"
+                || key.starts_with("update.")
+            {
+                "cannot be set remotely (it could move the device to another broker or identity, or make it trust another release key)".to_owned()
             } else {
                 format!("is not a key that can be set remotely (those are {})", SETTABLE.join(", "))
             };

@@ -22,6 +22,11 @@ pub struct Topics {
     pub config: String,
     /// The last reading, retained, for dashboards (Home Assistant's light level).
     pub reading: String,
+    /// Signed update manifests in (`update`), the update's state out (`update/state`), and Home
+    /// Assistant's install button in (`update/install`).
+    pub update: String,
+    pub update_state: String,
+    pub update_install: String,
 }
 
 impl Topics {
@@ -38,6 +43,9 @@ impl Topics {
             config_set: format!("{id}/config/set"),
             config: format!("{id}/config"),
             reading: format!("{id}/reading"),
+            update: format!("{id}/update"),
+            update_state: format!("{id}/update/state"),
+            update_install: format!("{id}/update/install"),
         }
     }
 }

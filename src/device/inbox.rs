@@ -4,7 +4,8 @@
 //! Rules:
 //! - A device subscribes to its commands, the controllers' statuses, its live configuration and
 //!   its read requests; the simulated sensor's control topic in a build with a virtual sensor;
-//!   Home Assistant's status while discovery is on.
+//!   Home Assistant's status while discovery is on; update manifests and Home Assistant's
+//!   install button while a release key is trusted.
 //! - A message is what its topic says, checked in the order above; anything else is ignored
 //!   (a broker may send what a device did not ask for).
 //!
@@ -21,16 +22,21 @@ pub(super) enum Kind {
     ReadRequest,
     VirtualLight,
     HomeAssistantStatus,
+    Update,
+    UpdateInstall,
     Other,
 }
 
 /// The device's subscriptions, in the order they are made.
-pub(super) fn wanted(t: &Topics, simulated: bool, ha_status: Option<&str>) -> Vec<String> {
+pub(super) fn wanted(t: &Topics, simulated: bool, ha_status: Option<&str>, updates: bool) -> Vec<String> {
     let mut filters = vec![t.commands.clone(), topics::CONTROLLERS.to_owned(), t.config_set.clone(), t.read.clone()];
     if simulated {
         filters.push(t.virtual_light.clone());
     }
     filters.extend(ha_status.map(str::to_owned));
+    if updates {
+        filters.extend([t.update.clone(), t.update_install.clone()]);
+    }
     filters
 }
 
@@ -49,6 +55,10 @@ pub(super) fn classify(t: &Topics, ha_status: Option<&str>, topic: &str) -> Kind
         Kind::VirtualLight
     } else if ha_status == Some(topic) {
         Kind::HomeAssistantStatus
+    } else if topic == t.update {
+        Kind::Update
+    } else if topic == t.update_install {
+        Kind::UpdateInstall
     } else {
         Kind::Other
     }
@@ -63,7 +73,7 @@ mod tests {
         let t = Topics::new("porch");
         let ha = Some("homeassistant/status");
         let kinds: Vec<Kind> =
-            wanted(&t, true, ha).iter().map(|f| classify(&t, ha, &f.replace('+', "ctl-1"))).collect();
+            wanted(&t, true, ha, true).iter().map(|f| classify(&t, ha, &f.replace('+', "ctl-1"))).collect();
         assert_eq!(
             kinds,
             [
@@ -72,7 +82,9 @@ mod tests {
                 Kind::ConfigSet,
                 Kind::ReadRequest,
                 Kind::VirtualLight,
-                Kind::HomeAssistantStatus
+                Kind::HomeAssistantStatus,
+                Kind::Update,
+                Kind::UpdateInstall
             ]
         );
     }
@@ -88,7 +100,8 @@ mod tests {
     #[test]
     fn the_hardware_build_does_not_listen_to_the_simulated_sensor_nor_without_discovery_to_home_assistant() {
         let t = Topics::new("porch");
-        let w = wanted(&t, false, None);
+        let w = wanted(&t, false, None, false);
         assert!(!w.contains(&t.virtual_light) && !w.iter().any(|f| f.starts_with("homeassistant/")), "{w:?}");
+        assert!(!w.contains(&t.update), "no key trusted, no manifest taken: {w:?}");
     }
 }

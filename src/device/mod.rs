@@ -49,6 +49,7 @@ use crate::remote;
 use crate::sensor::{self, Reading, Sensor, SimulatedControl};
 use crate::systemd::Notifier;
 use crate::topics::Topics;
+use crate::update;
 use alarm::Alarm;
 use connection::{Connection, Ended, Oversize};
 use denial::{Denial, Settle};
@@ -132,6 +133,7 @@ pub async fn run_with(
     notifier.ready();
     let cfg_local = (cfg.led.local_after_s, cfg.server.threshold, cfg.server.hysteresis);
     let run = queue.run();
+    let updates = start_updates(&cfg, &queue_dir);
     let requests = request::Requests::new(&cfg.id, Duration::from_millis(cfg.sensor.min_request_ms));
     let backoff = (Duration::from_millis(cfg.mqtt.reconnect_min_ms), Duration::from_millis(cfg.mqtt.reconnect_max_ms));
     let reading_qos = if cfg.mqtt.qos == 0 { Qos::AtMostOnce } else { Qos::AtLeastOnce };
@@ -157,6 +159,7 @@ pub async fn run_with(
         queue_on_storage: medium.is_durable(),
         subs: subscriptions::Subscriptions::default(),
         requests,
+        updates,
         // The unit's ProcSubset=pid hides /proc/device-tree; sysfs has the same file.
         ha: discovery::Discovery::new(
             ["/sys/firmware/devicetree/base/model", "/proc/device-tree/model"]
@@ -207,6 +210,38 @@ struct Device {
     subs: subscriptions::Subscriptions,
     /// Readings on request ([`request`]).
     requests: request::Requests,
+    /// Updates over MQTT, while a release key is trusted ([`crate::update`]).
+    updates: Option<update::agent::Handle>,
+}
+
+/// The update agent, while `update.keys` trusts a key.
+fn start_updates(cfg: &Config, state_dir: &Path) -> Option<update::agent::Handle> {
+    if cfg.update.keys.is_empty() {
+        return None;
+    }
+    let settings = update::agent::Settings {
+        keys: cfg.update.public_keys(),
+        state_dir: state_dir.to_owned(),
+        running: crate::VERSION.to_owned(),
+        arch: update::state::architecture().to_owned(),
+        stall: Duration::from_secs(cfg.update.stall_s),
+        retry: Duration::from_secs(1),
+    };
+    match update::agent::start(settings) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            warn!(error = %e, "updates are off: cannot start their thread");
+            None
+        }
+    }
+}
+
+/// The next state of the update, if updates are on.
+async fn update_changed(updates: &mut Option<update::agent::Handle>) -> update::state::UpdateState {
+    match updates {
+        Some(h) => h.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Device {
@@ -277,6 +312,7 @@ impl Device {
                     }
                 }
                 _ = snapshot.tick(), if metrics_on => self.snapshot(),
+                state = update_changed(&mut self.updates) => self.publish_update(&state),
                 _ = health.tick() => {
                     if self.conn.is_up() {
                         self.publish_health();
@@ -450,7 +486,7 @@ impl Device {
         if !session_present {
             let ha_status = self.cfg.homeassistant.enabled.then(|| homeassistant::ha_status_topic(&self.cfg));
             let simulated = self.cfg.sensor.kind == SensorKind::Virtual;
-            let wanted = inbox::wanted(&self.topics, simulated, ha_status.as_deref());
+            let wanted = inbox::wanted(&self.topics, simulated, ha_status.as_deref(), self.updates.is_some());
             for packet in self.subs.packets(wanted, now()) {
                 match self.out.client().subscribe(&packet) {
                     Ok(()) => self.subs.sent(packet),
@@ -476,6 +512,9 @@ impl Device {
         self.publish_other(&self.topics.status.clone(), ONLINE.as_bytes().to_vec(), true);
         self.publish_state();
         self.publish_config();
+        if let Some(u) = &self.updates {
+            self.publish_update(&u.state());
+        }
         self.publish_discovery();
         if let Some(out) = self.ha.last_reading(&self.cfg, Qos::AtLeastOnce) {
             self.publish_retained(out);
@@ -648,6 +687,19 @@ impl Device {
             inbox::Kind::ReadRequest => self.on_read_request(p),
             inbox::Kind::VirtualLight => self.on_virtual_light(p),
             inbox::Kind::HomeAssistantStatus => self.on_ha_status(p),
+            inbox::Kind::Update => {
+                if let Some(u) = &self.updates {
+                    if !p.payload.is_empty() {
+                        u.offer(&p.payload);
+                    }
+                }
+            }
+            inbox::Kind::UpdateInstall => {
+                if let Some(u) = &self.updates {
+                    info!("asked to install the update again");
+                    u.retry();
+                }
+            }
             inbox::Kind::Other => {}
         }
     }
@@ -780,6 +832,13 @@ impl Device {
         }
         let report = remote::report(&self.cfg, self.live.refusal.as_ref());
         self.publish_other(&self.topics.config.clone(), report, true);
+    }
+
+    /// `<id>/update/state`, retained ([`update::state`]).
+    fn publish_update(&mut self, state: &update::state::UpdateState) {
+        if self.conn.is_up() {
+            self.publish_other(&self.topics.update_state.clone(), state.to_json(), true);
+        }
     }
 
     /// `<id>/state`, retained: the LED and who switches it.

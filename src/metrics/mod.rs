@@ -143,7 +143,7 @@ impl Counters {
             let run = s.run.to_string();
             t.sample(
                 "nightlight_info",
-                &[("version", env!("CARGO_PKG_VERSION")), ("run", &run), ("protocol", s.protocol)],
+                &[("version", crate::VERSION), ("run", &run), ("protocol", s.protocol)],
                 Value::Int(1),
             );
             t.single(

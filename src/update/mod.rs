@@ -1,0 +1,10 @@
+//! Updates over MQTT: a signed manifest on `<id>/update` names a `.deb`; the device fetches and
+//! verifies it ([`agent`]), a root-owned installer verifies it again, installs it and gates it
+//! ([`install`]), and `<id>/update/state` says where it stands ([`state`]). The keys and the
+//! manifest are in [`manifest`]; fetching is [`fetch`].
+
+pub mod agent;
+pub mod fetch;
+pub mod manifest;
+pub mod release;
+pub mod state;
