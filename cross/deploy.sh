@@ -86,10 +86,9 @@ cleanup() {
 trap cleanup EXIT
 on_pi() { ssh "${ssh_opts[@]}" -- "$host" "$@"; }
 
-# What runs on the Pi, as root: one phase per call, read from stdin by sh.
-REMOTE=$(cat <<'PI'
-{
-# One compound command, so sh has read all of it before dpkg or systemctl could read stdin.
+# What runs on the Pi, as root: one phase per call, read from stdin by sh. The health gate is
+# the package's own (cross/debian/health-gate), sent with it: one gate for deploys and updates.
+REMOTE_PHASES=$(cat <<'PI'
 exec </dev/null
 set -eu
 dir=/var/cache/nightlight/deploy
@@ -137,45 +136,8 @@ install)
   fi
   ;;
 gate)
-  # Judges the first run of the service after the one that was running at install (`old`).
-  wait_s=$1 settle_s=$2 need=$3 old=$4 since=$5
-  [ "$old" != - ] || old=""
-  start=$(date +%s)
-  ready_at="" inv=""
-  fail() {
-    echo "deploy: $1" >&2
-    journalctl -u nightlight --no-pager --since "@$since" 2>/dev/null | tail -n 12 >&2 || true
-    exit 1
-  }
-  while :; do
-    now=$(date +%s)
-    state=$(prop ActiveState) sub=$(prop SubState) status=$(prop StatusText) current=$(prop InvocationID)
-    [ "$current" != "$old" ] || state=old
-    case "$state/$sub" in
-      failed/* | */auto-restart)
-        fail "the service is $state ($sub, $(prop Result)); its journal:" ;;
-      active/running)
-        if [ -z "$ready_at" ]; then
-          ready_at=$now inv=$current
-        elif [ "$current" != "$inv" ]; then
-          fail "the service restarted after READY; its journal:"
-        fi
-        delivering=yes
-        [ "$need" = 0 ] || case $status in "delivering to "*) ;; *) delivering=no ;; esac
-        if [ $((now - ready_at)) -ge "$settle_s" ] && [ "$delivering" = yes ]; then
-          echo "$status"
-          exit 0
-        fi
-        ;;
-    esac
-    if [ $((now - start)) -ge "$wait_s" ]; then
-      if [ -z "$ready_at" ]; then
-        fail "the service did not reach READY within ${wait_s} s ($state/$sub); its journal:"
-      fi
-      fail "the service runs but did not deliver readings within ${wait_s} s (status: $status); its journal:"
-    fi
-    sleep 1
-  done
+  # The gate the package's update installer runs too (cross/debian/health-gate, above).
+  nightlight_gate "$@"
   ;;
 keep)
   # The new .deb worked: it is what a later failed deploy goes back to.
@@ -192,6 +154,11 @@ esac
 }
 PI
 )
+# One compound command, so sh has read all of it before dpkg or systemctl could read stdin.
+REMOTE="{
+NIGHTLIGHT_GATE_LIB=1
+$(cat cross/debian/health-gate)
+$REMOTE_PHASES"
 pi_phase() { on_pi sudo -n sh -s -- "$@" <<<"$REMOTE"; }
 
 say "checking $host over ssh"

@@ -14,5 +14,6 @@ fi
 # The release profile already strips; --no-build packages the binary cross/build.sh made.
 out="$(scripts/target-dir.sh)/$target/debian"
 rm -f "$out"/nightlight_*.deb
-cargo deb --no-build --no-strip --target "$target" --output "$out/" >&2
+# NIGHTLIGHT_VERSION (a release's version, seen by the build too) is the package's version.
+cargo deb --no-build --no-strip --target "$target" --output "$out/" ${NIGHTLIGHT_VERSION:+--deb-version "$NIGHTLIGHT_VERSION"} >&2
 ls "$out"/nightlight_*.deb

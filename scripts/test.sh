@@ -4,7 +4,8 @@
 # proves the Pi builds cross-compile, package and run (cross/check.sh), boots the .deb in an
 # emulated arm64 Debian (cross/boot-test.sh), runs the hardware build on emulated Pi GPIO and I2C
 # chips in three board layouts (cross/hardware-test.sh), cuts its power ten times (cross/power-cut-test.sh),
-# deploys, upgrades and rolls it back over ssh (cross/deploy-test.sh), smoke-tests the benchmark
+# deploys, upgrades and rolls it back over ssh (cross/deploy-test.sh), updates it over MQTT through
+# drops and power cuts (cross/update-test.sh), smoke-tests the benchmark
 # script, drives the demo's page in headless chromium (tests/web/run.sh), then runs every test: unit, driver (mock I2C), the queue's
 # simulation, and end to end against real mosquitto brokers it starts on free loopback ports.
 set -euo pipefail
@@ -57,6 +58,9 @@ cross/power-cut-test.sh
 
 echo "==> a proven deploy: cross/deploy.sh over ssh to the emulated arm64 Debian (install, upgrade, rollback)"
 cross/deploy-test.sh
+
+echo "==> updates over MQTT: signed, resumed through drops and power cuts, gated, rolled back by the Pi (emulated arm64 Debian)"
+cross/update-test.sh
 
 echo "==> benchmark script smoke (one short repetition beside the lesson's device; no figures asserted)"
 SMOKE=1 bench/compare.sh >/dev/null

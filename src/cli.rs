@@ -51,6 +51,9 @@ enum Command {
     /// Release signing, on the laptop: keys and signed update manifests
     #[command(subcommand)]
     Release(Release),
+    /// The update installer, run as root by nightlight-update.service (not by hand)
+    #[command(subcommand)]
+    Update(Update),
     /// Broker + virtual device + controller + a live view, in one process
     #[cfg(feature = "virtual")]
     Demo {
@@ -86,6 +89,17 @@ enum Release {
         arch: Option<String>,
         /// The .deb
         deb: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+enum Update {
+    /// Verify, install and health-gate the package the device handed over; roll back on failure
+    Apply {
+        /// How long the health gate waits for READY and delivery, in seconds
+        #[arg(long, default_value_t = crate::update::install::GATE_WAIT_S,
+            value_parser = clap::value_parser!(u64).range(1..=3600))]
+        gate_wait_s: u64,
     },
 }
 
@@ -129,6 +143,11 @@ pub fn main() -> ExitCode {
         #[cfg(feature = "virtual")]
         Command::Demo { .. } => unreachable!("handled before the configuration is loaded"),
         Command::Release(_) => unreachable!("handled before the configuration is loaded"),
+        Command::Update(Update::Apply { gate_wait_s }) => {
+            let c = &loaded.config;
+            let paths = crate::update::install::Paths::system(std::path::Path::new(&c.queue.dir));
+            crate::update::install::apply(&c.update.public_keys(), &paths, gate_wait_s)
+        }
     }
 }
 

@@ -62,13 +62,22 @@ pub fn read_small(path: &Path, max: u64) -> io::Result<Option<Vec<u8>>> {
 /// # Errors
 /// A write, sync or rename failed (a full or failing disk); `dir/name` is then unchanged.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_mode(dir, name, bytes, 0o600)
+}
+
+/// As [`write_atomic`], the file made with `mode` (the update installer's result, written by
+/// root for the service to read, is 0644).
+///
+/// # Errors
+/// As [`write_atomic`].
+pub fn write_atomic_mode(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> io::Result<()> {
     let new = dir.join(format!("{name}.new"));
     // A `<name>.new` left by a cut (or planted) is replaced, never written through.
     match fs::remove_file(&new) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    let mut f = open_regular(&new, OpenOptions::new().write(true).create_new(true).mode(0o600))?;
+    let mut f = open_regular(&new, OpenOptions::new().write(true).create_new(true).mode(mode))?;
     f.write_all(bytes)?;
     f.sync_data()?;
     drop(f);

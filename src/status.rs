@@ -25,6 +25,9 @@ pub struct Snapshot {
     pub status: Option<String>,
     pub state: Option<LedState>,
     pub health: Option<Health>,
+    /// The retained `<id>/update/state`, when updates are on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update: Option<crate::update::state::UpdateState>,
 }
 
 /// Reads the device's retained messages.
@@ -46,7 +49,14 @@ pub async fn fetch(cfg: &Config, security: &Security) -> anyhow::Result<Snapshot
             match ev {
                 Err(e) => bail!("cannot read from the broker at {broker}: {}", e.describe(&cfg.mqtt.host)),
                 Ok(Event::Connected { .. }) => {
-                    client.subscribe(&[topics.status.clone(), topics.state.clone(), topics.health.clone()])?;
+                    // Health last: a broker sends the retained messages in this order, and health
+                    // is what ends the wait (a device without updates has no update state).
+                    client.subscribe(&[
+                        topics.status.clone(),
+                        topics.state.clone(),
+                        topics.update_state.clone(),
+                        topics.health.clone(),
+                    ])?;
                 }
                 Ok(Event::Subscribed { .. }) => deadline = tokio::time::Instant::now() + RETAINED_GRACE,
                 Ok(Event::Message(m)) => {
@@ -56,6 +66,8 @@ pub async fn fetch(cfg: &Config, security: &Security) -> anyhow::Result<Snapshot
                         snap.state = payload::parse_state(&m.payload).ok();
                     } else if m.topic == topics.health {
                         snap.health = serde_json::from_slice(&m.payload).ok();
+                    } else if m.topic == topics.update_state {
+                        snap.update = serde_json::from_slice(&m.payload).ok();
                     }
                     if snap.status.is_some() && snap.state.is_some() && snap.health.is_some() {
                         break 'read;
@@ -193,7 +205,27 @@ pub fn render(snap: &Snapshot, broker: &str) -> String {
     } else {
         out += &line("health", "unknown (no retained health)".into());
     }
+    if let Some(u) = &snap.update {
+        out += &line("update", render_update(u));
+    }
     out
+}
+
+/// One line for the update's state.
+pub fn render_update(u: &crate::update::state::UpdateState) -> String {
+    use crate::update::state::Phase;
+    let to = u.to.as_deref().unwrap_or("?");
+    let reason = u.reason.as_deref().map(|r| format!(": {}", payload::printable(r, 300))).unwrap_or_default();
+    match u.state {
+        Phase::Idle => format!("none under way (running {}){reason}", u.version),
+        Phase::Downloading => format!("downloading {to}, {} %", u.percent.unwrap_or(0)),
+        Phase::Verifying => format!("verifying {to}"),
+        Phase::Installing => format!("installing {to}"),
+        Phase::Gating => format!("health gate of {to}"),
+        Phase::Done => format!("done: {} -> {to}, running {}", u.from.as_deref().unwrap_or("?"), u.version),
+        Phase::RolledBack => format!("{to} rolled back, running {}{reason}", u.version),
+        Phase::Failed => format!("{to} failed, running {}{reason}", u.version),
+    }
 }
 
 fn human_duration(s: u64) -> String {
@@ -236,6 +268,7 @@ mod tests {
                 mode: "local".into(),
                 protocol: "5".into(),
             }),
+            update: None,
         };
         let text = render(&snap, "localhost:1883");
         assert!(text.contains("online") && text.contains("LED           on"), "{text}");
@@ -248,5 +281,21 @@ mod tests {
         );
         let empty = render(&Snapshot { id: "x".into(), ..Snapshot::default() }, "h:1");
         assert!(empty.contains("unknown (no retained status)"));
+        assert!(!empty.contains("update"), "no update line without updates: {empty}");
+    }
+
+    #[test]
+    fn a_rolled_back_update_is_one_line_with_its_reason() {
+        use crate::update::state::{Phase, UpdateState};
+        let u = UpdateState::toward(Phase::RolledBack, "0.1.0", "0.2.0")
+            .with_reason("the new version failed the health gate: did not deliver readings within 60 s");
+        let snap = Snapshot { id: "x".into(), update: Some(u), ..Snapshot::default() };
+        let text = render(&snap, "h:1");
+        let line = text.lines().find(|l| l.starts_with("update")).unwrap();
+        assert_eq!(
+            line,
+            "update        0.2.0 rolled back, running 0.1.0: the new version failed the health gate: did not deliver \
+             readings within 60 s"
+        );
     }
 }

@@ -413,3 +413,27 @@ fn a_device_without_release_keys_takes_no_manifest() {
     assert!(server.log().is_empty());
     assert!(obs.on(&dev.topic("update/state")).is_empty());
 }
+
+#[test]
+fn under_the_readme_acl_only_the_release_user_can_offer_a_device_a_manifest() {
+    // The observer stands for the README's `release` user (and reads everything to watch).
+    let acl = readme_acl("user observer\ntopic write +/update\ntopic read #\n");
+    let (broker, _pw) = password_broker(Some(acl.path().to_str().unwrap()));
+    let key = SigningKey::generate().unwrap();
+    let pkg = package(20_000);
+    let server = FileServer::start(pkg.clone());
+    let dev = porch(broker.port, "5");
+    let text = std::fs::read_to_string(dev.config()).unwrap();
+    std::fs::write(dev.config(), format!("{text}\n[update]\nkeys = [\"{}\"]\n", key.public())).unwrap();
+    let obs = Observer::with_login(broker.port, "#", Some(("observer", "obs-pass-3")));
+    let _d = dev.spawn();
+    update_state(&obs, &dev, "idle", 10 * S);
+    // Another device cannot offer one (the broker drops it): nothing is fetched.
+    let garage = Observer::with_login(broker.port, "garage/#", Some(("garage", "garage-pass-4")));
+    garage.publish_nowait("porch/update", json(&manifest(&key, "99.0.0", &pkg, &server.url())));
+    // The release user can: the device fetches it and says so, under its own ACL lines.
+    obs.publish("porch/update", json(&manifest(&key, "99.0.1", &pkg, &server.url())), false);
+    let states = update_state(&obs, &dev, "installing", 20 * S);
+    assert!(states.iter().all(|s| s["to"] != "99.0.0"), "a device's manifest was taken: {states:?}");
+    assert_eq!(server.log().len(), 1, "{:?}", server.log());
+}

@@ -7,9 +7,9 @@
 //!   ([`Handle::offer`]) and publishes what it reports ([`Handle::changed`]).
 //! - A manifest is checked by [`Manifest::accept`]; a refusal is one log line and `failed` with
 //!   the reason (while another update is under way, only the log line). A newer manifest replaces
-//!   the one being fetched; the same one again changes nothing; one that failed is not tried
-//!   again in this run (a retained manifest comes back at every connect) unless asked
-//!   ([`Handle::retry`]).
+//!   the one being fetched; the same one again changes nothing; a version that failed (here, or
+//!   at the installer: rolled back) is not tried again (a retained manifest comes back at every
+//!   connect and start) unless asked ([`Handle::retry`]).
 //! - Fetching (see [`super::fetch`]) checks free space first (the package twice: the installer
 //!   copies it), retries with backoff, and gives up after [`MAX_FAILURES`] attempts in a row
 //!   that brought nothing; progress at most once a second. A restart resumes what
@@ -93,6 +93,7 @@ impl Handle {
 pub fn start(settings: Settings) -> std::io::Result<Handle> {
     let (offers, rx) = mpsc::channel(8);
     let initial = Agent::initial(&settings);
+    let failed = matches!(initial.state, Phase::Failed | Phase::RolledBack).then(|| initial.to.clone()).flatten();
     let (tx, state) = watch::channel(initial);
     std::thread::Builder::new().name("update".into()).spawn(move || {
         let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -100,7 +101,8 @@ pub fn start(settings: Settings) -> std::io::Result<Handle> {
             Err(e) => return warn!(error = %e, "updates are off: cannot start their runtime"),
         };
         rt.block_on(
-            Agent { settings: Arc::new(settings), tx: Arc::new(tx), last: None, failed: Arc::default() }.run(rx),
+            Agent { settings: Arc::new(settings), tx: Arc::new(tx), last: None, failed: Arc::new(failed.into()) }
+                .run(rx),
         );
     })?;
     Ok(Handle { offers, state })
@@ -111,8 +113,9 @@ struct Agent {
     tx: Arc<watch::Sender<UpdateState>>,
     /// The last manifest accepted, for a retry.
     last: Option<Vec<u8>>,
-    /// The package (SHA-256) whose update failed last in this run: the same manifest again
-    /// (retained, at every connect) is not fetched again unless asked.
+    /// The version whose update failed or was rolled back last (in this run, or by the
+    /// installer before it): the same manifest again (retained, at every connect and start) is
+    /// not tried again unless asked.
     failed: Arc<std::sync::Mutex<Option<String>>>,
 }
 
@@ -185,7 +188,7 @@ impl Agent {
         match Manifest::accept(payload, &s.keys, &s.arch, &s.running) {
             Ok(None) => {} // running it already
             Ok(Some(m)) => {
-                let failed_before = self.failed.lock().expect("not poisoned").as_deref() == Some(m.sha256.as_str());
+                let failed_before = self.failed.lock().expect("not poisoned").as_deref() == Some(m.version.as_str());
                 if job.as_ref().is_some_and(|(sha, h)| *sha == m.sha256 && !h.is_finished())
                     || (failed_before && !retry)
                 {
@@ -218,7 +221,7 @@ impl Agent {
         tokio::spawn(async move {
             if let Err(reason) = fetch_and_hand_over(&s, &m, &tx).await {
                 warn!(version = %m.version, reason = %reason, "the update failed");
-                *failed.lock().expect("not poisoned") = Some(m.sha256.clone());
+                *failed.lock().expect("not poisoned") = Some(m.version.clone());
                 tx.send_replace(UpdateState::toward(Phase::Failed, &s.running, &m.version).with_reason(reason));
             }
         })
@@ -230,7 +233,7 @@ async fn fetch_and_hand_over(s: &Settings, m: &Manifest, tx: &watch::Sender<Upda
     let dir = s.state_dir.join(state::DIR);
     let io = |what: &str, e: std::io::Error| format!("{what} in {}: {e}", dir.display());
     std::fs::create_dir_all(&dir).map_err(|e| io("cannot make the update's directory", e))?;
-    for stale in [state::RESULT, state::READY_DEB, state::READY_MANIFEST] {
+    for stale in [state::RESULT, state::READY_MANIFEST] {
         let _ = std::fs::remove_file(dir.join(stale));
     }
     let manifest_json = serde_json::to_vec(m).expect("a manifest serializes");
@@ -240,8 +243,14 @@ async fn fetch_and_hand_over(s: &Settings, m: &Manifest, tx: &watch::Sender<Upda
         == Some(manifest_json.as_slice());
     if !same {
         let _ = std::fs::remove_file(&part);
+        let _ = std::fs::remove_file(dir.join(state::READY_DEB));
         statefile::write_atomic(&dir, state::DOWNLOAD_MANIFEST, &manifest_json)
             .map_err(|e| io("cannot note the download", e))?;
+    }
+    // A cut between the rename to ready.deb and ready.json: the whole package is there.
+    let ready = dir.join(state::READY_DEB);
+    if same && !part.exists() && ready.exists() {
+        std::fs::rename(&ready, &part).map_err(|e| io("cannot take the download back", e))?;
     }
     let (mut file, mut have) = Fetcher::open_after_restart(&part).map_err(|e| io("cannot open the download", e))?;
     if have > m.size {

@@ -10,7 +10,7 @@
 //! - No byte for [`Fetcher::stall`] is a stall: the attempt ends and the next one resumes.
 //! - What was fetched is synced every [`SYNC_EVERY`] bytes. After a restart (a `kill -9`, a power
 //!   cut) the last [`SYNC_EVERY`] bytes and the incomplete block are fetched again, since only
-//!   what was synced is known to be on the storage: at most 2 × [`SYNC_EVERY`] (64 KiB) per
+//!   what was synced is known to be on the storage: at most 2 × [`SYNC_EVERY`] (32 KiB) per
 //!   interruption. Within one run an interrupted connection resumes exactly where it was.
 //! - The file is checked whole at the end ([`sha256_of`]) by the caller.
 //!
@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// How often what was fetched is synced to storage (and so what a power cut can cost).
-pub const SYNC_EVERY: u64 = 32 * 1024;
+pub const SYNC_EVERY: u64 = 16 * 1024;
 /// The largest response head read.
 const MAX_HEAD: usize = 16 * 1024;
 

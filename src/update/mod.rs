@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod fetch;
+pub mod install;
 pub mod manifest;
 pub mod release;
 pub mod state;
