@@ -25,7 +25,9 @@ for pair in aarch64-unknown-linux-gnu:arm64 armv7-unknown-linux-gnueabihf:armhf;
   deb=$(cross/package.sh "$target" | tail -1)
   [ "$(dpkg-deb -f "$deb" Architecture)" = "$arch" ] || fail "$deb is not $arch"
   files=$(dpkg-deb -c "$deb")
-  for f in ./usr/bin/nightlight ./etc/nightlight/device.toml ./usr/lib/systemd/system/nightlight.service; do
+  for f in ./usr/bin/nightlight ./etc/nightlight/device.toml ./usr/lib/systemd/system/nightlight.service \
+    ./usr/lib/systemd/system/nightlight-update.path ./usr/lib/systemd/system/nightlight-update.service \
+    ./usr/lib/nightlight/health-gate; do
     grep -q " $f\$" <<<"$files" || fail "$deb lacks $f"
   done
   ctl=$(mktemp -d)
@@ -34,6 +36,12 @@ for pair in aarch64-unknown-linux-gnu:arm64 armv7-unknown-linux-gnueabihf:armhf;
   grep -q "adduser --system" "$ctl/postinst" || fail "postinst does not create the service user"
   grep -q "deb-systemd-helper enable nightlight.service" "$ctl/postinst" || fail "postinst does not enable the unit"
   grep -q "install -d -o nightlight" "$ctl/postinst" || fail "postinst does not create /var/lib/nightlight"
+  grep -q "deb-systemd-helper enable nightlight-update.path" "$ctl/postinst" || fail "postinst does not enable the update installer's path unit"
+  # The update installer runs dpkg: a restart or stop of its units from the new package's
+  # scripts kills it mid-install (cargo-deb's default try-restart did).
+  ! grep -q "deb-systemd-invoke.*nightlight-update" "$ctl/postinst" || fail "postinst restarts the update installer's units"
+  ! grep -B3 "deb-systemd-invoke.*nightlight-update" "$ctl/prerm" | grep -q "upgrade\|deconfigure" \
+    || fail "prerm stops the update installer's units on upgrade"
   echo "ok: $deb ($arch; binary, conffile, unit, user, enabled)"
 done
 
@@ -41,9 +49,11 @@ done
 bin=$(cross/build.sh aarch64-unknown-linux-gnu | tail -1)
 [ -x "$bin" ] || fail "cross/build.sh printed $bin, which is not an executable"
 unit_dir=$(mktemp -d)
-sed "s|/usr/bin/nightlight|$bin|" systemd/nightlight.service \
-  >"$unit_dir/nightlight.service"
-systemd-analyze verify "$unit_dir/nightlight.service" || fail "systemd-analyze verify"
+for u in nightlight.service nightlight-update.service nightlight-update.path; do
+  sed "s|/usr/bin/nightlight|$bin|" "systemd/$u" >"$unit_dir/$u"
+done
+systemd-analyze verify "$unit_dir/nightlight.service" "$unit_dir/nightlight-update.service" \
+  "$unit_dir/nightlight-update.path" || fail "systemd-analyze verify"
 score=$(systemd-analyze security --offline=true systemd/nightlight.service 2>/dev/null \
   | sed -n 's/.*Overall exposure level for nightlight.service: \([0-9.]*\).*/\1/p')
 awk -v s="$score" 'BEGIN { exit !(s != "" && s <= 1.4) }' || fail "exposure $score > 1.4"
