@@ -50,7 +50,7 @@ enum Command {
     Server,
     /// Release signing, on the laptop: keys and signed update manifests
     #[command(subcommand)]
-    Release(Release),
+    Release(crate::update::release::Command),
     /// The update installer, run as root by nightlight-update.service (not by hand)
     #[command(subcommand)]
     Update(Update),
@@ -63,32 +63,6 @@ enum Command {
         /// Port of the web page on 127.0.0.1 (0 picks a free one; the address is printed)
         #[arg(long, default_value_t = 8080)]
         web_port: u16,
-    },
-}
-
-#[derive(Debug, Clone, Subcommand)]
-enum Release {
-    /// Make an Ed25519 key pair: DIR/release.key (private, 0600) and DIR/release.pub (for update.keys)
-    Keygen {
-        /// Where to write the two files (made if missing; existing keys are never overwritten)
-        dir: PathBuf,
-    },
-    /// Print a signed manifest (JSON) for a .deb; publish it retained on <id>/update
-    Sign {
-        /// The private key from `release keygen`
-        #[arg(long, value_name = "FILE")]
-        key: PathBuf,
-        /// Where devices fetch the .deb (http:// or https://)
-        #[arg(long)]
-        url: String,
-        /// The package's version [default: its control file's, through dpkg-deb]
-        #[arg(long)]
-        version: Option<String>,
-        /// The package's Debian architecture [default: its control file's, through dpkg-deb]
-        #[arg(long)]
-        arch: Option<String>,
-        /// The .deb
-        deb: PathBuf,
     },
 }
 
@@ -108,7 +82,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Release(r)) = &cli.command {
         // Release signing runs on a laptop, with no device configuration.
-        return crate::update::release::run(r.clone().into());
+        return crate::update::release::run(r.clone());
     }
     #[cfg(feature = "virtual")]
     if let Some(Command::Demo { port, web_port }) = cli.command.clone() {
@@ -147,15 +121,6 @@ pub fn main() -> ExitCode {
             let c = &loaded.config;
             let paths = crate::update::install::Paths::system(std::path::Path::new(&c.queue.dir));
             crate::update::install::apply(&c.update.public_keys(), &paths, gate_wait_s)
-        }
-    }
-}
-
-impl From<Release> for crate::update::release::Command {
-    fn from(r: Release) -> Self {
-        match r {
-            Release::Keygen { dir } => Self::Keygen { dir },
-            Release::Sign { key, url, version, arch, deb } => Self::Sign { key, url, version, arch, deb },
         }
     }
 }

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use super::fetch::{self, FetchError, Fetcher, Url};
-use super::manifest::{Manifest, PublicKey};
+use super::manifest::{Manifest, PublicKey, MAX_MANIFEST_BYTES};
 use super::state::{self, Phase, UpdateState};
 use crate::statefile;
 
@@ -140,7 +140,7 @@ impl Agent {
         let mut job: Option<(String, tokio::task::JoinHandle<()>)> = None;
         // A download a restart interrupted goes on, if its manifest is still good.
         let dir = Self::dir(&self.settings);
-        if let Ok(Some(bytes)) = statefile::read_small(&dir.join(state::DOWNLOAD_MANIFEST), 4096) {
+        if let Ok(Some(bytes)) = statefile::read_small(&dir.join(state::DOWNLOAD_MANIFEST), MAX_MANIFEST_BYTES as u64) {
             match Manifest::accept(&bytes, &self.settings.keys, &self.settings.arch, &self.settings.running) {
                 Ok(Some(m)) => {
                     info!(version = %m.version, "resuming the update's download");
@@ -208,8 +208,8 @@ impl Agent {
             Err(why) => {
                 warn!(bytes = payload.len(), reason = %why, "refused an update manifest");
                 if !busy {
-                    let state = UpdateState { reason: Some(why.to_string()), ..UpdateState::idle(&s.running) };
-                    self.tx.send_replace(UpdateState { state: Phase::Failed, ..state });
+                    let failed = UpdateState { state: Phase::Failed, ..UpdateState::idle(&s.running) };
+                    self.tx.send_replace(failed.with_reason(why.to_string()));
                 }
             }
         }
@@ -239,8 +239,9 @@ async fn fetch_and_hand_over(s: &Settings, m: &Manifest, tx: &watch::Sender<Upda
     let manifest_json = serde_json::to_vec(m).expect("a manifest serializes");
     let part = dir.join(state::DOWNLOAD_PART);
     // A part of another package is not resumed.
-    let same = statefile::read_small(&dir.join(state::DOWNLOAD_MANIFEST), 4096).ok().flatten().as_deref()
-        == Some(manifest_json.as_slice());
+    let same =
+        statefile::read_small(&dir.join(state::DOWNLOAD_MANIFEST), MAX_MANIFEST_BYTES as u64).ok().flatten().as_deref()
+            == Some(manifest_json.as_slice());
     if !same {
         let _ = std::fs::remove_file(&part);
         let _ = std::fs::remove_file(dir.join(state::READY_DEB));
@@ -339,7 +340,7 @@ fn clear_download(dir: &Path) {
 }
 
 fn read_manifest(path: &Path) -> Option<Manifest> {
-    let bytes = statefile::read_small(path, 4096).ok()??;
+    let bytes = statefile::read_small(path, MAX_MANIFEST_BYTES as u64).ok()??;
     serde_json::from_slice(&bytes).ok()
 }
 

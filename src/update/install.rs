@@ -26,7 +26,7 @@ use std::process::{Command, ExitCode};
 
 use serde::{Deserialize, Serialize};
 
-use super::manifest::{to_hex, Manifest, PublicKey};
+use super::manifest::{to_hex, Manifest, PublicKey, MAX_MANIFEST_BYTES};
 use super::state::{self, Phase, UpdateState};
 use crate::statefile;
 
@@ -194,7 +194,9 @@ impl Installer<'_> {
 
     /// Checks what was handed over; `None` when there is nothing (or it was refused).
     fn begin(&mut self) -> io::Result<Option<Journal>> {
-        let Some(bytes) = statefile::read_small(&self.paths.handover.join(state::READY_MANIFEST), 4096)? else {
+        let Some(bytes) =
+            statefile::read_small(&self.paths.handover.join(state::READY_MANIFEST), MAX_MANIFEST_BYTES as u64)?
+        else {
             return Ok(None);
         };
         let installed = installed_version().unwrap_or_default();

@@ -17,11 +17,31 @@ use super::fetch::{sha256_of, Url};
 use super::manifest::{Manifest, SigningKey};
 use crate::cli::{EXIT_CONFIG, EXIT_FAILURE};
 
-/// What to do.
-#[derive(Debug, Clone)]
+/// What to do (`nightlight release ...`).
+#[derive(Debug, Clone, clap::Subcommand)]
 pub enum Command {
-    Keygen { dir: PathBuf },
-    Sign { key: PathBuf, url: String, version: Option<String>, arch: Option<String>, deb: PathBuf },
+    /// Make an Ed25519 key pair: DIR/release.key (private, 0600) and DIR/release.pub (for update.keys)
+    Keygen {
+        /// Where to write the two files (made if missing; existing keys are never overwritten)
+        dir: PathBuf,
+    },
+    /// Print a signed manifest (JSON) for a .deb; publish it retained on <id>/update
+    Sign {
+        /// The private key from `release keygen`
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Where devices fetch the .deb (http:// or https://)
+        #[arg(long)]
+        url: String,
+        /// The package's version [default: its control file's, through dpkg-deb]
+        #[arg(long)]
+        version: Option<String>,
+        /// The package's Debian architecture [default: its control file's, through dpkg-deb]
+        #[arg(long)]
+        arch: Option<String>,
+        /// The .deb
+        deb: PathBuf,
+    },
 }
 
 /// Runs it; prints what it made or why not.
