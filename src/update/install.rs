@@ -83,6 +83,8 @@ struct Journal {
 pub const GATE_WAIT_S: u64 = 60;
 const GATE_SETTLE_S: u64 = 10;
 const JOURNAL: &str = "journal.json";
+/// The longest reason written for the device (escaped, it stays under 4 KiB).
+const REASON_CHARS: usize = 300;
 const INCOMING: &str = "incoming.deb";
 const PREVIOUS: &str = "previous.deb";
 
@@ -314,10 +316,13 @@ impl Installer<'_> {
     }
 
     /// The phase for the device to report.
-    fn result(&self, s: UpdateState) {
+    fn result(&self, mut s: UpdateState) {
         if let Some(r) = &s.reason {
             say(&format!("{:?}: {r}", s.state));
         }
+        // The reason quotes dpkg and the service's status line: bounded and printable, so the
+        // file stays far inside what the device reads (4 KiB); the journal has it whole.
+        s.reason = s.reason.map(|r| crate::payload::printable(&r, REASON_CHARS));
         if let Err(e) = statefile::write_atomic_mode(&self.paths.handover, state::RESULT, &s.to_json(), 0o644) {
             say(&format!("cannot write {}: {e}", state::RESULT));
         }
