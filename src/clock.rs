@@ -2,9 +2,10 @@
 //!
 //! A Raspberry Pi has no real-time clock: after a boot without network its clock sits at the
 //! last saved time until NTP answers, exactly when the queue matters. What depends on the wall
-//! clock asks [`now`]: the time, and whether it is synchronized. The answer, in order:
+//! clock asks [`now`] (the device loop asks the [`Wall`] it was given, which is [`now`] unless an
+//! in-process test sets its own): the time, and whether it is synchronized. The answer, in order:
 //!
-//! 1. The tests' seams. `NIGHTLIGHT_CLOCK_SYNCED=1` or `=0`: synchronized or not, for the whole
+//! 1. The spawned-binary tests' seams. `NIGHTLIGHT_CLOCK_SYNCED=1` or `=0`: synchronized or not, for the whole
 //!    run. `NIGHTLIGHT_CLOCK_SEAM=<path>`: while that file exists the clock is not synchronized
 //!    and reads the file's number of milliseconds off (e.g. `-3600000`: an hour behind, as a Pi
 //!    that booted without network); once it is removed, the clock is right again.
@@ -87,15 +88,62 @@ fn state() -> (i64, bool) {
     (0, std::path::Path::new("/run/systemd/timesync/synchronized").exists() || kernel_synchronized())
 }
 
-/// [`now`] for a loop that reads it often: the clock's state is looked at again at most once a
-/// second, and never again once synchronized (two syscalls per reading saved).
+/// The wall clock a device is given: the system's ([`now`]), or one a test sets.
+///
+/// The device loop asks its `Wall`, never the process-wide seams directly, so an in-process test
+/// can say "synchronized" or "an hour behind" for one device without touching the environment
+/// every other test shares.
+#[derive(Debug, Clone, Default)]
+pub enum Wall {
+    /// [`now`]: the machine's clock and its NTP state (and the environment's seams).
+    #[default]
+    System,
+    /// The machine's clock shifted by an offset in ms, synchronized or not, as the test says.
+    Set(std::sync::Arc<std::sync::Mutex<(i64, bool)>>),
+}
+
+impl Wall {
+    /// A clock `offset_ms` off the machine's, synchronized or not; change it with [`Wall::set`].
+    pub fn fixed(offset_ms: i64, synced: bool) -> Self {
+        Wall::Set(std::sync::Arc::new(std::sync::Mutex::new((offset_ms, synced))))
+    }
+
+    /// A set clock is now `offset_ms` off and synchronized or not (the system's is not changed).
+    pub fn set(&self, offset_ms: i64, synced: bool) {
+        if let Wall::Set(s) = self {
+            *s.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = (offset_ms, synced);
+        }
+    }
+
+    /// The time in Unix ms, and whether it is synchronized.
+    pub fn now(&self) -> (u64, bool) {
+        match self {
+            Wall::System => now(),
+            Wall::Set(s) => {
+                let (offset, synced) = *s.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                (unix_ms().saturating_add_signed(offset), synced)
+            }
+        }
+    }
+}
+
+/// A [`Wall`] for a loop that reads it often: the system clock's state is looked at again at
+/// most once a second, and never again once synchronized (two syscalls per reading saved).
 #[derive(Debug, Default)]
 pub struct Reader {
+    wall: Wall,
     checked: Option<(std::time::Instant, i64, bool)>,
 }
 
 impl Reader {
+    pub fn new(wall: Wall) -> Self {
+        Reader { wall, checked: None }
+    }
+
     pub fn now(&mut self) -> (u64, bool) {
+        if let Wall::Set(_) = self.wall {
+            return self.wall.now();
+        }
         let fresh = match self.checked {
             Some((_, offset, true)) => (offset, true),
             Some((at, offset, synced)) if at.elapsed() < std::time::Duration::from_secs(1) => (offset, synced),

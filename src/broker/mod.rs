@@ -289,6 +289,14 @@ impl Broker {
         Ok(Broker { listener: TcpListener::bind(addr).await?, router: Arc::default() })
     }
 
+    /// The address it listens on (its port, when bound to port 0).
+    ///
+    /// # Errors
+    /// The socket cannot say (it does not happen to a bound listener).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
     /// Accepts connections until the task is dropped; each is served by its own task.
     pub async fn run(self) {
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));

@@ -81,9 +81,12 @@ pub async fn run(port: u16, web_port: u16, shutdown: impl Future<Output = ()>) -
     let device = tokio::spawn(crate::device::run_with(
         cfg.clone(),
         Security::default(),
-        Box::new(sensor),
-        Some(control.clone()),
-        Box::new(led),
+        crate::device::Io {
+            sensor: Box::new(sensor),
+            simulated: Some(control.clone()),
+            led: Box::new(led),
+            wall: crate::clock::Wall::System,
+        },
         stopped(stop_rx.clone()),
     ));
     let mut server_cfg = cfg.clone();

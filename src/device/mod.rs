@@ -76,21 +76,31 @@ const CLOCK_CHECK: Duration = Duration::from_secs(1);
 pub async fn run(cfg: Config, security: Security, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let (sensor, simulated) = sensor::open(&cfg)?;
     let led = led::open(&cfg)?;
-    run_with(cfg, security, sensor, simulated, led, shutdown).await
+    run_with(cfg, security, Io { sensor, simulated, led, wall: clock::Wall::System }, shutdown).await
 }
 
-/// As [`run`], with the sensor and LED given (the demo gives a silent virtual LED).
+/// What the device reads and drives, and the wall clock it trusts: opened from the
+/// configuration by [`run`]; given by the demo (a silent virtual LED) and by in-process tests (a
+/// clock they set).
+pub struct Io {
+    pub sensor: Box<dyn Sensor>,
+    /// The virtual sensor's control (`<id>/virtual/light`), if it is one.
+    pub simulated: Option<SimulatedControl>,
+    pub led: Box<dyn Led>,
+    pub wall: clock::Wall,
+}
+
+/// As [`run`], with what it reads and drives given.
 ///
 /// # Errors
 /// The queue directory cannot be opened.
 pub async fn run_with(
     cfg: Config,
     security: Security,
-    sensor: Box<dyn Sensor>,
-    simulated: Option<SimulatedControl>,
-    led: Box<dyn Led>,
+    io: Io,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let Io { sensor, simulated, led, wall } = io;
     // Owned: `cfg` is replaced below by the one with the live settings applied.
     let queue_dir = std::path::PathBuf::from(&cfg.queue.dir);
     let queue = DiskQueue::open(&queue_dir, cfg.queue.max_bytes, Duration::from_millis(cfg.queue.spill_ms))
@@ -125,7 +135,7 @@ pub async fn run_with(
     let (client, eventloop) = link::build(&cfg.mqtt, &security, &spec);
     let counters = Arc::new(Counters::default());
     metrics::start(&cfg.metrics, &counters);
-    let sampler = Sampler::new(sensor, Duration::from_millis(cfg.sensor.interval_ms), counters.clone());
+    let sampler = Sampler::new(sensor, Duration::from_millis(cfg.sensor.interval_ms), counters.clone(), wall.clone());
     info!(id = %cfg.id, broker = %cfg.mqtt.broker(), queued = queue.stats().readings,
         "nightlight started");
     // Configuration loaded, queue, sensor and LED open: ready as far as systemd is concerned.
@@ -154,6 +164,7 @@ pub async fn run_with(
         live: remote::Live { base, kept, refusal: None, saver: remote::Saver::new(&queue_dir) },
         sampler,
         restamp: clock::Restamp::new(run),
+        wall,
         ha_due: Alarm::default(),
         clock_wait: Alarm::default(),
         queue_on_storage: medium.is_durable(),
@@ -196,6 +207,8 @@ struct Device {
     sampler: Sampler,
     /// Readings taken before the clock was synchronized: marked, then re-stamped.
     restamp: clock::Restamp,
+    /// The wall clock: the system's, or a test's ([`clock::Wall`]).
+    wall: clock::Wall,
     /// Home Assistant came online: discovery and state go out at this moment.
     ha_due: Alarm,
     /// A certificate was refused for its dates while the clock is not synchronized: the clock
@@ -303,7 +316,7 @@ impl Device {
                     self.sampler.request();
                 }
                 _ = self.clock_wait.ring(), if self.clock_wait.is_set() => {
-                    if clock::now().1 {
+                    if self.wall.now().1 {
                         info!("the clock is synchronized: connecting again now");
                         self.clock_wait.set(None);
                         self.poller.start_after(Duration::ZERO);
@@ -444,7 +457,7 @@ impl Device {
                 self.queue.ack(seq);
                 self.counters.acked.fetch_add(1, Ordering::Relaxed);
                 // By the wall clock: a reading queued through an outage waited that long.
-                let waited = clock::now().0.saturating_sub(ts);
+                let waited = self.wall.now().0.saturating_sub(ts);
                 self.counters.delivery.observe(Duration::from_millis(waited));
                 self.notifier.delivered();
                 if self.denial.accepted() {
@@ -564,20 +577,20 @@ impl Device {
             queue_durable: self.queue_on_storage && queue.seq_durable,
             denied: self.denial.count(),
             requests_limited: self.requests.limited(),
-            clock_synced: clock::now().1,
+            clock_synced: self.wall.now().1,
             clock_jump_ms: self.restamp.shift(),
         });
     }
 
     fn publish_health(&mut self) {
-        let (uptime, started) = self.started.now(now(), clock::now());
+        let (uptime, started) = self.started.now(now(), self.wall.now());
         let h = health::health(
             &self.counters,
             uptime,
             started,
             health::Figures {
                 queue: self.queue.stats(),
-                oldest_age_s: self.queue.oldest_ts().map_or(0, |ts| clock::now().0.saturating_sub(ts) / 1000),
+                oldest_age_s: self.queue.oldest_ts().map_or(0, |ts| self.wall.now().0.saturating_sub(ts) / 1000),
                 queue_on_storage: self.queue_on_storage,
                 denied: self.denial.count(),
                 requests_limited: self.requests.limited(),
@@ -596,7 +609,7 @@ impl Device {
             info!(mode = self.local.mode().as_str(), "mode changed");
         }
         let mut reason = e.describe(&self.cfg.mqtt.host);
-        if e.certificate_dates() && !clock::now().1 {
+        if e.certificate_dates() && !self.wall.now().1 {
             // A Pi without a real-time clock boots on its last saved time: until NTP answers, a
             // certificate looks not yet valid (or expired). Name the clock, and connect again the
             // moment it is synchronized rather than at the end of a long backoff.
@@ -707,7 +720,7 @@ impl Device {
     /// A command: obeyed unless it is invalid, retained or stale (counted and logged).
     fn on_command(&mut self, p: &Message) {
         let taken = Instant::now();
-        let (wall, synced) = clock::now();
+        let (wall, synced) = self.wall.now();
         let now_ms = synced.then_some(wall);
         let max_age_s = self.cfg.led.command_max_age_s;
         match payload::parse_command(&p.payload) {

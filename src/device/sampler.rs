@@ -60,13 +60,13 @@ pub(super) struct Sample {
 }
 
 impl Sampler {
-    /// Reads `sensor` every `interval`, the first reading at once.
-    pub fn new(sensor: Box<dyn Sensor>, interval: Duration, counters: Arc<Counters>) -> Self {
+    /// Reads `sensor` every `interval`, the first reading at once, stamped by `wall`.
+    pub fn new(sensor: Box<dyn Sensor>, interval: Duration, counters: Arc<Counters>, wall: clock::Wall) -> Self {
         Sampler {
             sensor: Some(sensor),
             reading: None,
             ticker: Ticker::new(Instant::now(), interval),
-            clock: clock::Reader::default(),
+            clock: clock::Reader::new(wall),
             failed_reads: 0,
             counters,
             requested: false,
@@ -214,7 +214,8 @@ mod tests {
     #[tokio::test]
     async fn a_blocking_read_cut_short_by_the_loop_is_kept_and_failed_reads_are_counted() {
         let counters = Arc::new(Counters::default());
-        let mut s = Sampler::new(Box::new(SlowChip(0)), Duration::from_millis(10), counters.clone());
+        let mut s =
+            Sampler::new(Box::new(SlowChip(0)), Duration::from_millis(10), counters.clone(), clock::Wall::System);
         // The loop has something else to do 5 ms into each read, every time.
         let mut lights = Vec::new();
         while lights.len() < 4 {
@@ -246,7 +247,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_reading_on_request_comes_at_once_and_the_next_scheduled_one_keeps_its_time() {
         let t0 = Instant::now();
-        let mut s = Sampler::new(Box::new(Counting(0, false)), P, Arc::new(Counters::default()));
+        let mut s = Sampler::new(Box::new(Counting(0, false)), P, Arc::new(Counters::default()), clock::Wall::System);
         assert!(!s.next().await.stamp.requested, "the first reading, at once");
         tokio::time::advance(P / 2).await;
         s.request();
@@ -262,7 +263,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failed_read_on_request_is_handed_over_a_failed_scheduled_one_is_skipped() {
         let counters = Arc::new(Counters::default());
-        let mut s = Sampler::new(Box::new(Counting(0, true)), P, counters.clone());
+        let mut s = Sampler::new(Box::new(Counting(0, true)), P, counters.clone(), clock::Wall::System);
         s.request();
         let asked = s.next().await;
         assert!(asked.stamp.requested && asked.result.is_err(), "someone waits for the answer");
