@@ -183,15 +183,78 @@ impl Saver {
     }
 }
 
-/// The device's side of it: what was set, and the last refusal.
+/// The device's side of it: the configuration in effect, what was set, the last refusal, and
+/// the [`Saver`] that keeps what was set.
 #[derive(Debug)]
 pub struct Live {
-    /// The configuration of the file and the environment, which the kept settings apply to.
-    pub base: Config,
-    pub kept: Overrides,
-    pub refusal: Option<Refusal>,
-    /// Keeps what was set on disk, off the loop.
-    pub saver: Saver,
+    /// In effect: `base` with what was set live.
+    cfg: Config,
+    /// The configuration of the file and the environment, which the kept settings apply to
+    /// (`null` goes back to it).
+    base: Config,
+    kept: Overrides,
+    refusal: Option<Refusal>,
+    saver: Saver,
+}
+
+impl Live {
+    /// `base` (the file and the environment) with what was set live before, kept in the state
+    /// directory `dir`: the latest intent wins. A kept file that cannot be read or applied is
+    /// ignored (logged): the device starts on `base`.
+    pub fn open(base: Config, dir: &Path) -> Self {
+        let kept = Overrides::load(dir).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "ignored the kept live configuration");
+            Overrides::default()
+        });
+        let (cfg, kept) = match kept.apply_to(&base) {
+            Ok(c) => (c, kept),
+            Err(r) => {
+                tracing::warn!(refused = %r, "ignored the kept live configuration");
+                (base.clone(), Overrides::default())
+            }
+        };
+        Live { cfg, base, kept, refusal: None, saver: Saver::new(dir) }
+    }
+
+    /// The configuration in effect.
+    pub fn cfg(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// One `<id>/config/set` message at `now` (`retained` as the broker marked it): applied and
+    /// kept (the [`Saver`] writes it later), or refused with nothing changed. Either way the
+    /// next [`Live::report`] says so.
+    ///
+    /// # Errors
+    /// The refusal: retained, or what [`set`] refuses.
+    pub fn set(&mut self, payload: &[u8], retained: bool, now: tokio::time::Instant) -> Result<&Config, &Refusal> {
+        let outcome = if retained {
+            // Applied again at every new session, long after its sender changed their mind.
+            Err(refuse("(message)", "retained: live configuration is applied once, as sent; publish it without retain"))
+        } else {
+            set(&self.base, &self.kept, payload)
+        };
+        match outcome {
+            Ok((cfg, kept)) => {
+                if kept != self.kept {
+                    self.saver.changed(&kept, now);
+                }
+                (self.cfg, self.kept, self.refusal) = (cfg, kept, None);
+                Ok(&self.cfg)
+            }
+            Err(refusal) => Err(self.refusal.insert(refusal)),
+        }
+    }
+
+    /// The retained `<id>/config` ([`report`]).
+    pub fn report(&self) -> Vec<u8> {
+        report(&self.cfg, self.refusal.as_ref())
+    }
+
+    /// What keeps the settings on disk: its deadline and writes are the loop's.
+    pub fn saver(&mut self) -> &mut Saver {
+        &mut self.saver
+    }
 }
 
 /// Applies one `<id>/config/set` message: `base` (the file and the environment) with `kept`

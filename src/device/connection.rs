@@ -12,6 +12,11 @@
 //!   message is read and rejected; a larger one starts a new session without it. The connection
 //!   after that one is as configured again.
 //!
+//! - A certificate refused for its dates while the wall clock is not synchronized: the clock is
+//!   looked at again every [`CLOCK_CHECK`], and the link connects the moment it is
+//!   ([`Connection::wait_for_clock`]), not at the end of a long backoff. A connection ends the
+//!   wait.
+//!
 //! Pure: time is passed in; the device applies what [`Connection::down`] returns to the event
 //! loop and logs it.
 
@@ -21,6 +26,8 @@ use crate::link::{self, Backoff};
 
 /// A connection that lasted this long resets the reconnect backoff.
 pub const STABLE: Duration = Duration::from_secs(5);
+/// While a certificate waits for the clock, how often the clock is looked at.
+pub const CLOCK_CHECK: Duration = Duration::from_secs(1);
 
 /// How the connection after an oversized message gets past it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,11 +75,13 @@ pub(super) struct Connection {
     oversize: Option<Oversize>,
     /// `mqtt.clean_session`, what every other connection starts with.
     clean_session: bool,
+    /// A certificate waits for the clock: it is looked at again at this moment.
+    clock_check: Option<Instant>,
 }
 
 impl Connection {
     pub fn new(backoff: Backoff, clean_session: bool) -> Self {
-        Connection { since: None, last_failure: None, backoff, oversize: None, clean_session }
+        Connection { since: None, last_failure: None, backoff, oversize: None, clean_session, clock_check: None }
     }
 
     /// Whether a connection is up.
@@ -80,10 +89,29 @@ impl Connection {
         self.since.is_some()
     }
 
+    /// A certificate was refused for its dates and the clock is not synchronized: look at the
+    /// clock again from `now` on.
+    pub fn wait_for_clock(&mut self, now: Instant) {
+        self.clock_check = Some(now + CLOCK_CHECK);
+    }
+
+    /// When the clock is to be looked at next, while a certificate waits for it.
+    pub fn clock_check(&self) -> Option<Instant> {
+        self.clock_check
+    }
+
+    /// The clock was looked at, at `now`: true when it is synchronized and the link is to
+    /// connect at once (the wait ends); otherwise it is looked at again later.
+    pub fn clock_checked(&mut self, synced: bool, now: Instant) -> bool {
+        self.clock_check = (!synced).then(|| now + CLOCK_CHECK);
+        synced
+    }
+
     /// The broker acknowledged a connection at `now`; returns the limit it reads an oversized
     /// message with, if it was made for that.
     pub fn up(&mut self, now: Instant) -> Option<usize> {
         self.since = Some(now);
+        self.clock_check = None;
         self.last_failure = None;
         match self.oversize.take() {
             Some(Oversize::Read(limit)) => Some(limit),
@@ -181,5 +209,21 @@ mod tests {
         let retry = c.down(t0, "no route", None);
         assert_eq!((retry.max_incoming, retry.clean), (None, None), "the attempt to get past it is made again");
         assert_eq!(c.up(t0), None);
+    }
+
+    #[test]
+    fn a_certificate_waiting_for_the_clock_is_looked_at_every_second_until_it_is_synchronized() {
+        let (t0, mut c) = (Instant::now(), conn());
+        assert_eq!(c.clock_check(), None);
+        c.wait_for_clock(t0);
+        assert_eq!(c.clock_check(), Some(t0 + CLOCK_CHECK));
+        let t1 = t0 + CLOCK_CHECK;
+        assert!(!c.clock_checked(false, t1), "not yet: no connect");
+        assert_eq!(c.clock_check(), Some(t1 + CLOCK_CHECK), "and looked at again");
+        assert!(c.clock_checked(true, t1 + CLOCK_CHECK), "synchronized: connect now");
+        assert_eq!(c.clock_check(), None, "and the wait is over");
+        c.wait_for_clock(t1);
+        c.up(t1);
+        assert_eq!(c.clock_check(), None, "a connection ends the wait");
     }
 }

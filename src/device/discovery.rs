@@ -2,9 +2,15 @@
 //! Assistant's birth, the look-up of old per-entity configs and the migration it leads to, and
 //! the last reading (the rules are [`crate::homeassistant`]'s module doc).
 //!
-//! Pure: the loop tells it what happened and publishes what it returns, retained, in that
-//! order. The one file it depends on, `ha-migrated` in the state directory, the loop reads and
+//! Home Assistant's birth message (`online` on `<prefix>/status`) makes discovery, state and the
+//! last reading due after a delay the loop draws (a fleet must not answer in one burst); a
+//! birth while one is due changes nothing.
+//!
+//! Pure: the loop tells it what happened (time passed in) and publishes what it returns,
+//! retained, in that order. The one file it depends on, `ha-migrated` in the state directory, the loop reads and
 //! writes ([`Discovery::looked_up`] says when).
+
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::homeassistant;
@@ -52,6 +58,8 @@ pub struct Discovery {
     probe: Option<Probe>,
     /// The last reading as `<id>/reading` carries it.
     last_reading: Option<Vec<u8>>,
+    /// Home Assistant came online: discovery and state go out at this moment.
+    due: Option<Instant>,
 }
 
 impl Discovery {
@@ -79,6 +87,26 @@ impl Discovery {
             return Announce::LookUp(homeassistant::legacy_filter(cfg));
         }
         Announce::Publish(vec![self.device_message(cfg)])
+    }
+
+    /// A message on Home Assistant's status topic at `now`: its birth makes the announcement due
+    /// `delay` later. Returns the delay when it did.
+    pub fn ha_status(&mut self, payload: &[u8], now: Instant, delay: Duration) -> Option<Duration> {
+        if payload != homeassistant::HA_ONLINE || self.due.is_some() {
+            return None;
+        }
+        self.due = Some(now + delay);
+        Some(delay)
+    }
+
+    /// When the announcement after Home Assistant's birth is due.
+    pub fn due(&self) -> Option<Instant> {
+        self.due
+    }
+
+    /// The announcement after the birth is being made ([`Discovery::announce`] follows).
+    pub fn answered_birth(&mut self) {
+        self.due = None;
     }
 
     /// The broker refused the look-up's subscription (its ACL).
@@ -155,6 +183,21 @@ mod tests {
 
     fn topics(out: &[Out]) -> Vec<(&str, bool)> {
         out.iter().map(|o| (o.topic.as_str(), o.payload.is_empty())).collect()
+    }
+
+    #[test]
+    fn home_assistants_birth_makes_one_announcement_due_and_another_birth_meanwhile_changes_nothing() {
+        let (t0, d) = (Instant::now(), Duration::from_secs(2));
+        let mut ha = Discovery::new(None);
+        assert_eq!(ha.ha_status(b"offline", t0, d), None, "its Last Will is no birth");
+        assert_eq!(ha.due(), None);
+        assert_eq!(ha.ha_status(b"online", t0, d), Some(d));
+        assert_eq!(ha.due(), Some(t0 + d));
+        assert_eq!(ha.ha_status(b"online", t0 + d / 2, d), None, "one due already");
+        assert_eq!(ha.due(), Some(t0 + d));
+        ha.answered_birth();
+        assert_eq!(ha.due(), None);
+        assert_eq!(ha.ha_status(b"online", t0 + d, d), Some(d), "a later birth is answered again");
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod denial;
 mod discovery;
 mod health;
 mod inbox;
+mod lamp;
 mod outbox;
 mod oversized;
 mod request;
@@ -41,7 +42,7 @@ use crate::homeassistant;
 use crate::led::power_on::KeptLed;
 use crate::led::{self, Led};
 use crate::link::{self, Backoff, Event, LinkError, Message, Poller, Qos, Security, Sent, Spec};
-use crate::local::{self, LocalRule};
+use crate::local::LocalRule;
 use crate::metrics::{self, Reject};
 use crate::payload::{self, OFFLINE, ONLINE};
 use crate::queue::DiskQueue;
@@ -66,8 +67,6 @@ const STOP_GRACE: Duration = Duration::from_millis(1200);
 pub const HEALTH_EVERY: Duration = Duration::from_secs(60);
 /// While metrics are on, how often the device loop copies its figures for them.
 const METRICS_EVERY: Duration = Duration::from_secs(1);
-/// While a certificate waits for the clock, how often the clock is looked at.
-const CLOCK_CHECK: Duration = Duration::from_secs(1);
 
 /// Runs the device until `shutdown` completes; returns after a clean stop.
 ///
@@ -101,27 +100,11 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let Io { sensor, simulated, led, wall } = io;
-    // Owned: `cfg` is replaced below by the one with the live settings applied.
     let queue_dir = std::path::PathBuf::from(&cfg.queue.dir);
     let queue = DiskQueue::open(&queue_dir, cfg.queue.max_bytes, Duration::from_millis(cfg.queue.spill_ms))
         .with_context(|| format!("cannot open the offline queue (queue.dir = {})", queue_dir.display()))?;
-    // What was set live before (kept in the state directory) wins over the file and the env.
-    let kept = match remote::Overrides::load(&queue_dir) {
-        Ok(kept) => kept,
-        Err(e) => {
-            warn!(error = %e, "ignored the kept live configuration");
-            remote::Overrides::default()
-        }
-    };
-    // The file and the environment, what live settings apply to (`null` goes back to it).
-    let base = cfg;
-    let (cfg, kept) = match kept.apply_to(&base) {
-        Ok(c) => (c, kept),
-        Err(r) => {
-            warn!(refused = %r, "ignored the kept live configuration");
-            (base.clone(), remote::Overrides::default())
-        }
-    };
+    let live = remote::Live::open(cfg, &queue_dir);
+    let cfg = live.cfg().clone();
     // A queue in RAM believes it is durable and is not: say so, at start and in health.
     let medium = crate::queue::medium::of_dir(&queue_dir);
     if let Some(w) = medium.warning(&queue_dir) {
@@ -135,7 +118,8 @@ pub async fn run_with(
     let (client, eventloop) = link::build(&cfg.mqtt, &security, &spec);
     let counters = Arc::new(Counters::default());
     metrics::start(&cfg.metrics, &counters);
-    let sampler = Sampler::new(sensor, Duration::from_millis(cfg.sensor.interval_ms), counters.clone(), wall.clone());
+    let interval = Duration::from_millis(cfg.sensor.interval_ms);
+    let sampler = Sampler::new(sensor, simulated, interval, counters.clone(), wall.clone());
     info!(id = %cfg.id, broker = %cfg.mqtt.broker(), queued = queue.stats().readings,
         "nightlight started");
     // Configuration loaded, queue, sensor and LED open: ready as far as systemd is concerned.
@@ -149,24 +133,19 @@ pub async fn run_with(
     let reading_qos = if cfg.mqtt.qos == 0 { Qos::AtMostOnce } else { Qos::AtLeastOnce };
     let mut device = Device {
         conn: Connection::new(Backoff::new(backoff.0, backoff.1), cfg.mqtt.clean_session),
-        cfg,
         topics,
         queue,
-        led,
-        simulated,
         out: outbox::Outbox::new(client, reading_qos),
         poller: Poller::new(eventloop),
         counters,
         denial: Denial::new(backoff.0, backoff.1),
         started: Started::new(now()),
         notifier,
-        local: LocalRule::new(cfg_local.0, cfg_local.1, cfg_local.2, now()),
-        live: remote::Live { base, kept, refusal: None, saver: remote::Saver::new(&queue_dir) },
+        lamp: lamp::Lamp::new(led, LocalRule::new(cfg_local.0, cfg_local.1, cfg_local.2, now())),
+        live,
         sampler,
         restamp: clock::Restamp::new(run),
         wall,
-        ha_due: Alarm::default(),
-        clock_wait: Alarm::default(),
         queue_on_storage: medium.is_durable(),
         subs: subscriptions::Subscriptions::default(),
         requests,
@@ -182,11 +161,8 @@ pub async fn run_with(
 }
 
 struct Device {
-    cfg: Config,
     topics: Topics,
     queue: DiskQueue,
-    led: KeptLed,
-    simulated: Option<SimulatedControl>,
     /// What is handed to the MQTT client, and what each packet id stands for ([`outbox`]).
     out: outbox::Outbox,
     poller: Poller,
@@ -199,8 +175,8 @@ struct Device {
     started: Started,
     /// READY, the watchdog and the status line systemd shows.
     notifier: Notifier,
-    /// Whether a controller or the device itself switches the LED.
-    local: LocalRule,
+    /// The LED, and whether a controller or the device itself switches it ([`lamp`]).
+    lamp: lamp::Lamp,
     /// Live configuration: what was set, the last refusal.
     live: remote::Live,
     /// The sensor, read every `sensor.interval_ms`.
@@ -209,11 +185,6 @@ struct Device {
     restamp: clock::Restamp,
     /// The wall clock: the system's, or a test's ([`clock::Wall`]).
     wall: clock::Wall,
-    /// Home Assistant came online: discovery and state go out at this moment.
-    ha_due: Alarm,
-    /// A certificate was refused for its dates while the clock is not synchronized: the clock
-    /// is looked at again at this moment, and the link connects as soon as it is synchronized.
-    clock_wait: Alarm,
     /// `queue.dir` is on storage, not in memory ([`crate::queue::medium`]).
     queue_on_storage: bool,
     /// Home Assistant: what to announce, and when.
@@ -266,17 +237,23 @@ impl Device {
         feed.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut health = tokio::time::interval_at(tokio::time::Instant::now() + HEALTH_EVERY, HEALTH_EVERY);
         health.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let metrics_on = self.cfg.metrics.enabled();
+        let metrics_on = self.live.cfg().metrics.enabled();
         let mut snapshot = tokio::time::interval(METRICS_EVERY);
         snapshot.set_missed_tick_behavior(MissedTickBehavior::Delay);
         self.poller.start(); // connect
         let (mut queue_alarm, mut denied_alarm, mut save_alarm, mut request_alarm) =
             (Alarm::default(), Alarm::default(), Alarm::default(), Alarm::default());
+        let (mut ha_alarm, mut clock_alarm) = (Alarm::default(), Alarm::default());
         loop {
             queue_alarm.set(self.queue.next_deadline().map(tokio::time::Instant::from_std));
             denied_alarm.set(self.denial.deadline().map(tokio::time::Instant::from_std));
-            save_alarm.set(self.live.saver.deadline());
+            save_alarm.set(self.live.saver().deadline());
             request_alarm.set(self.requests.deadline().map(tokio::time::Instant::from_std));
+            ha_alarm.set(self.ha.due().map(tokio::time::Instant::from_std));
+            if let Some(sim) = self.sampler.simulated() {
+                sim.set_queued(self.queue.stats().readings); // for the demo's page
+            }
+            clock_alarm.set(self.conn.clock_check().map(tokio::time::Instant::from_std));
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
@@ -300,13 +277,13 @@ impl Device {
                     self.pump(); // the refused readings, again
                 }
                 _ = save_alarm.ring(), if save_alarm.is_set() => {
-                    self.live.saver.write_due(tokio::time::Instant::now());
+                    self.live.saver().write_due(tokio::time::Instant::now());
                 }
-                _ = self.ha_due.ring(), if self.ha_due.is_set() => {
-                    self.ha_due.set(None);
+                _ = ha_alarm.ring(), if ha_alarm.is_set() => {
+                    self.ha.answered_birth();
                     self.publish_discovery();
                     self.publish_state();
-                    if let Some(out) = self.ha.last_reading(&self.cfg, Qos::AtLeastOnce) {
+                    if let Some(out) = self.ha.last_reading(self.live.cfg(), Qos::AtLeastOnce) {
                         self.publish_retained(out);
                     }
                 }
@@ -315,13 +292,10 @@ impl Device {
                     self.requests.fire(now());
                     self.sampler.request();
                 }
-                _ = self.clock_wait.ring(), if self.clock_wait.is_set() => {
-                    if self.wall.now().1 {
+                _ = clock_alarm.ring(), if clock_alarm.is_set() => {
+                    if self.conn.clock_checked(self.wall.now().1, now()) {
                         info!("the clock is synchronized: connecting again now");
-                        self.clock_wait.set(None);
                         self.poller.start_after(Duration::ZERO);
-                    } else {
-                        self.clock_wait.set(Some(tokio::time::Instant::now() + CLOCK_CHECK));
                     }
                 }
                 _ = snapshot.tick(), if metrics_on => self.snapshot(),
@@ -384,19 +358,10 @@ impl Device {
         self.counters.readings.fetch_add(1, Ordering::Relaxed);
         let ts = stamp.ts;
         let ts_ok = self.restamp.observe(ts, stamp.mono_ms, stamp.synced);
-        let first = self.led.reading(reading.light).is_some();
-        let step = self.local.reading(reading.light, self.led.is_on(), now());
-        if let Some(on) = step.switch {
-            info!(led_on = on, light = reading.light, "local rule: switching the LED");
-            self.led.set(on);
-        }
-        if step.mode_changed {
-            info!(mode = self.local.mode().as_str(), "mode changed");
-        }
-        if first || step.switch.is_some() || step.mode_changed {
+        if self.lamp.reading(reading.light, now()) {
             self.publish_state();
         }
-        if let Some(out) = self.ha.reading(&self.cfg, payload::reading_json(reading.light, reading.lux, ts)) {
+        if let Some(out) = self.ha.reading(self.live.cfg(), payload::reading_json(reading.light, reading.lux, ts)) {
             self.publish_retained(out);
         }
         let seq = self.queue.push_stamped(now(), reading.light, ts, ts_ok, reading.lux);
@@ -441,7 +406,7 @@ impl Device {
                 _ => {}
             },
             Ok(Event::Unsubscribed) => {
-                if let Some(out) = self.ha.looked_up(&self.cfg) {
+                if let Some(out) = self.ha.looked_up(self.live.cfg()) {
                     self.migrated(out);
                 }
             }
@@ -483,22 +448,22 @@ impl Device {
 
     fn on_connected(&mut self, session_present: bool) {
         let reads_oversized = self.conn.up(now());
-        self.clock_wait.set(None);
         self.queue.connected();
         // This connection gets past the message; the next one is as configured again (set
         // when this one ends, with the event loop in hand).
         if let Some(limit) = reads_oversized {
             info!(limit, "reconnected to the same session to read the oversized message and reject it");
         }
-        info!(broker = %self.cfg.mqtt.broker(), session_present,
+        info!(broker = %self.live.cfg().mqtt.broker(), session_present,
             backlog = self.queue.stats().readings, "connected");
         self.notifier.connected(self.queue.stats().readings);
         // A session the broker kept still has our subscriptions; re-subscribing would make it
         // deliver retained messages again.
         self.subs.connected();
         if !session_present {
-            let ha_status = self.cfg.homeassistant.enabled.then(|| homeassistant::ha_status_topic(&self.cfg));
-            let simulated = self.cfg.sensor.kind == SensorKind::Virtual;
+            let ha_status =
+                self.live.cfg().homeassistant.enabled.then(|| homeassistant::ha_status_topic(self.live.cfg()));
+            let simulated = self.live.cfg().sensor.kind == SensorKind::Virtual;
             let wanted = inbox::wanted(&self.topics, simulated, ha_status.as_deref(), self.updates.is_some());
             for packet in self.subs.packets(wanted, now()) {
                 match self.out.client().subscribe(&packet) {
@@ -507,17 +472,15 @@ impl Device {
                 }
             }
         }
-        if self.local.link(true, session_present, now()) {
-            info!(mode = self.local.mode().as_str(), "mode changed");
-        }
-        if self.local.must_ask() {
+        self.lamp.link(true, session_present, now());
+        if self.lamp.must_ask() {
             // A restart that resumed the session: the controllers' retained statuses come only
             // with a new SUBSCRIBE (the other subscriptions stand).
             let topics = vec![crate::topics::CONTROLLERS.to_owned()];
             match self.out.client().subscribe(&topics) {
                 Ok(()) => {
                     self.subs.sent(topics);
-                    self.local.asking();
+                    self.lamp.asking();
                 }
                 Err(e) => warn!(error = %e, "cannot subscribe to the controllers' statuses"),
             }
@@ -529,7 +492,7 @@ impl Device {
             self.publish_update(&u.state());
         }
         self.publish_discovery();
-        if let Some(out) = self.ha.last_reading(&self.cfg, Qos::AtLeastOnce) {
+        if let Some(out) = self.ha.last_reading(self.live.cfg(), Qos::AtLeastOnce) {
             self.publish_retained(out);
         }
         self.publish_health();
@@ -537,14 +500,14 @@ impl Device {
 
     /// Home Assistant discovery ([`discovery`]): on every connect and Home Assistant's birth.
     fn publish_discovery(&mut self) {
-        let migrated = Path::new(&self.cfg.queue.dir).join("ha-migrated").exists();
-        match self.ha.announce(&self.cfg, migrated) {
+        let migrated = Path::new(&self.live.cfg().queue.dir).join("ha-migrated").exists();
+        match self.ha.announce(self.live.cfg(), migrated) {
             discovery::Announce::Publish(out) => out.into_iter().for_each(|o| self.publish_retained(o)),
             discovery::Announce::LookUp(filter) => match self.out.client().look_up_retained(&filter) {
                 Ok(()) => self.subs.look_up_sent(),
                 Err(e) => {
                     warn!(error = %e, "cannot look up old discovery configs: migrating every old topic");
-                    let out = self.ha.look_up_failed(&self.cfg);
+                    let out = self.ha.look_up_failed(self.live.cfg());
                     self.migrated(out);
                 }
             },
@@ -560,7 +523,7 @@ impl Device {
             );
         }
         out.into_iter().for_each(|o| self.publish_retained(o));
-        if let Err(e) = crate::statefile::write_atomic(Path::new(&self.cfg.queue.dir), "ha-migrated", b"1\n") {
+        if let Err(e) = crate::statefile::write_atomic(Path::new(&self.live.cfg().queue.dir), "ha-migrated", b"1\n") {
             warn!(error = %e, "cannot note the discovery migration; it runs again at the next connect");
         }
     }
@@ -594,7 +557,7 @@ impl Device {
                 queue_on_storage: self.queue_on_storage,
                 denied: self.denial.count(),
                 requests_limited: self.requests.limited(),
-                mode: self.local.mode().as_str(),
+                mode: self.lamp.mode().as_str(),
                 protocol: self.out.client().protocol(),
             },
         );
@@ -604,11 +567,8 @@ impl Device {
     }
 
     fn on_disconnected(&mut self, e: &LinkError) {
-        if self.local.link(false, false, now()) {
-            // Unattended long enough: the local rule takes over (its next reading switches).
-            info!(mode = self.local.mode().as_str(), "mode changed");
-        }
-        let mut reason = e.describe(&self.cfg.mqtt.host);
+        self.lamp.link(false, false, now());
+        let mut reason = e.describe(&self.live.cfg().mqtt.host);
         if e.certificate_dates() && !self.wall.now().1 {
             // A Pi without a real-time clock boots on its last saved time: until NTP answers, a
             // certificate looks not yet valid (or expired). Name the clock, and connect again the
@@ -617,9 +577,11 @@ impl Device {
                 "{reason}: this machine's clock is not synchronized (no NTP answer yet), so the certificate's dates \
                  cannot be trusted; connecting again as soon as it is"
             );
-            self.clock_wait.set(Some(tokio::time::Instant::now() + CLOCK_CHECK));
+            self.conn.wait_for_clock(now());
         }
-        if !self.conn.is_up() && self.cfg.mqtt.protocol == crate::config::Protocol::V5 && e.v5_refused_at_connect() == 1
+        if !self.conn.is_up()
+            && self.live.cfg().mqtt.protocol == crate::config::Protocol::V5
+            && e.v5_refused_at_connect() == 1
         {
             reason = format!(
                 "{reason} at our MQTT 5 CONNECT: if the broker speaks only MQTT 3.1.1, remove mqtt.protocol (the \
@@ -634,7 +596,7 @@ impl Device {
                 self.notifier.unreachable(&reason);
             }
             Ended::CannotConnect => {
-                warn!(broker = %self.cfg.mqtt.broker(), reason = %reason, "cannot connect; retrying with backoff");
+                warn!(broker = %self.live.cfg().mqtt.broker(), reason = %reason, "cannot connect; retrying with backoff");
                 self.notifier.unreachable(&reason);
             }
             Ended::Still => debug!(reason = %reason, "still cannot connect"),
@@ -689,10 +651,10 @@ impl Device {
     }
 
     fn on_message(&mut self, p: &Message) {
-        if self.ha.message(&self.cfg, &p.topic, &p.payload) {
+        if self.ha.message(self.live.cfg(), &p.topic, &p.payload) {
             return; // an old discovery config, looked up
         }
-        let ha_status = self.cfg.homeassistant.enabled.then(|| homeassistant::ha_status_topic(&self.cfg));
+        let ha_status = self.live.cfg().homeassistant.enabled.then(|| homeassistant::ha_status_topic(self.live.cfg()));
         match inbox::classify(&self.topics, ha_status.as_deref(), &p.topic) {
             inbox::Kind::Command => self.on_command(p),
             inbox::Kind::ControllerStatus => self.on_controller_status(p),
@@ -722,15 +684,12 @@ impl Device {
         let taken = Instant::now();
         let (wall, synced) = self.wall.now();
         let now_ms = synced.then_some(wall);
-        let max_age_s = self.cfg.led.command_max_age_s;
+        let max_age_s = self.live.cfg().led.command_max_age_s;
         match payload::parse_command(&p.payload) {
             Ok(cmd) => match payload::check_fresh(&cmd, p.retain, now_ms, max_age_s) {
                 Ok(()) => {
-                    self.led.set(cmd.led_on);
+                    self.lamp.command(cmd.led_on, now());
                     self.counters.command_led.observe(taken.elapsed());
-                    if self.local.command(now()) {
-                        info!(mode = self.local.mode().as_str(), "a command holds until the next dusk or dawn");
-                    }
                     self.publish_state();
                 }
                 Err(why) => {
@@ -749,33 +708,23 @@ impl Device {
 
     /// A controller's `online` or `offline` ([`local`]).
     fn on_controller_status(&mut self, p: &Message) {
-        let ignored = self.local.ignored();
-        let changed = self.local.controller_status(&p.topic, &p.payload, now());
-        if ignored == 0 && self.local.ignored() > 0 {
-            warn!(
-                max = local::MAX_CONTROLLERS,
-                "more controllers say online than a device keeps track of: ignoring the rest"
-            );
-        }
-        if changed {
-            info!(mode = self.local.mode().as_str(), controller = %p.topic, "mode changed");
+        if self.lamp.controller_status(&p.topic, &p.payload, now()) {
             self.publish_state();
         }
     }
 
     /// Home Assistant's birth message: discovery, state and the last reading again, soon.
     fn on_ha_status(&mut self, p: &Message) {
-        if p.payload.as_ref() == homeassistant::HA_ONLINE && !self.ha_due.is_set() {
-            // A fleet must not answer in one burst.
-            let delay = Duration::from_millis(fastrand::u64(500..=5000));
+        // A fleet must not answer in one burst.
+        let delay = Duration::from_millis(fastrand::u64(500..=5000));
+        if let Some(delay) = self.ha.ha_status(&p.payload, now(), delay) {
             info!(in_ms = delay.as_millis() as u64, "Home Assistant is online: discovery follows");
-            self.ha_due.set(Some(tokio::time::Instant::now() + delay));
         }
     }
 
     /// The simulated sensor's control topic (virtual sensor only).
     fn on_virtual_light(&mut self, p: &Message) {
-        match (payload::parse_simulated_light(&p.payload), &self.simulated) {
+        match (payload::parse_simulated_light(&p.payload), self.sampler.simulated()) {
             (Some(v), Some(ctl)) => {
                 info!(?v, "simulated light set");
                 ctl.set(v);
@@ -787,9 +736,6 @@ impl Device {
 
     /// Publishes queued readings, oldest first, while the window has room.
     fn pump(&mut self) {
-        if let Some(sim) = &self.simulated {
-            sim.set_queued(self.queue.stats().readings); // for the demo's page
-        }
         if !self.conn.is_up() || self.out.is_closing() || self.denial.holds() {
             return;
         }
@@ -805,34 +751,19 @@ impl Device {
 
     /// A live change: applied and kept, or refused (counted) with nothing changed; reported.
     fn on_config_set(&mut self, payload: &[u8], retained: bool) {
-        let outcome = if retained {
-            // Applied again at every new session, long after its sender changed their mind.
-            Err(remote::Refusal {
-                key: "(message)".into(),
-                reason: "retained: live configuration is applied once, as sent; publish it without retain".into(),
-            })
-        } else {
-            remote::set(&self.live.base, &self.live.kept, payload)
-        };
-        match outcome {
-            Ok((cfg, kept)) => {
-                if kept != self.live.kept {
-                    self.live.saver.changed(&kept, tokio::time::Instant::now());
-                }
+        let interval = self.live.cfg().sensor.interval_ms;
+        match self.live.set(payload, retained, tokio::time::Instant::now()) {
+            Ok(cfg) => {
                 info!(changed = %crate::payload::printable(&String::from_utf8_lossy(payload), 400), "live configuration applied");
-                if cfg.sensor.interval_ms != self.cfg.sensor.interval_ms {
+                if cfg.sensor.interval_ms != interval {
                     self.sampler.set_interval(Duration::from_millis(cfg.sensor.interval_ms));
                 }
-                self.local.reconfigure(cfg.led.local_after_s, cfg.server.threshold, cfg.server.hysteresis);
-                self.cfg = cfg;
-                self.live.kept = kept;
-                self.live.refusal = None;
+                self.lamp.reconfigure(cfg.led.local_after_s, cfg.server.threshold, cfg.server.hysteresis);
             }
             Err(refusal) => {
                 let n = self.counters.reject(Reject::Config);
                 warn!(topic = %self.topics.config_set, bytes = payload.len(), retained, refused = %refusal,
                     rejected_total = n, "refused a live configuration change");
-                self.live.refusal = Some(refusal);
             }
         }
         self.publish_config();
@@ -843,7 +774,7 @@ impl Device {
         if !self.conn.is_up() {
             return;
         }
-        let report = remote::report(&self.cfg, self.live.refusal.as_ref());
+        let report = self.live.report();
         self.publish_other(&self.topics.config.clone(), report, true);
     }
 
@@ -859,7 +790,7 @@ impl Device {
         if !self.conn.is_up() {
             return; // sent on the next connection
         }
-        let state = payload::state_json(self.led.is_on(), self.local.mode().as_str());
+        let state = self.lamp.state();
         self.publish_other(&self.topics.state.clone(), state, true);
     }
 
@@ -886,7 +817,7 @@ impl Device {
                 self.on_event(ev);
             }
         }
-        self.live.saver.flush().await;
+        self.live.saver().flush().await;
         let closed = self.queue.close(now());
         let st = self.queue.stats();
         match closed {

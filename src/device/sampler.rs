@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use super::Counters;
 use crate::clock;
-use crate::sensor::{Reading, Sensor, SensorError};
+use crate::sensor::{Reading, Sensor, SensorError, SimulatedControl};
 
 /// When a reading was taken: the wall clock, the monotonic clock, and whether the wall clock
 /// was known to be synchronized.
@@ -49,6 +49,8 @@ pub(super) struct Sampler {
     counters: Arc<Counters>,
     /// A reading on request is due at once.
     requested: bool,
+    /// The virtual sensor's control, if it is one.
+    simulated: Option<SimulatedControl>,
 }
 
 /// What [`Sampler::next`] hands over: a reading, or a read on request that failed (a failed
@@ -61,7 +63,14 @@ pub(super) struct Sample {
 
 impl Sampler {
     /// Reads `sensor` every `interval`, the first reading at once, stamped by `wall`.
-    pub fn new(sensor: Box<dyn Sensor>, interval: Duration, counters: Arc<Counters>, wall: clock::Wall) -> Self {
+    /// `simulated`: the virtual sensor's control, if it is one.
+    pub fn new(
+        sensor: Box<dyn Sensor>,
+        simulated: Option<SimulatedControl>,
+        interval: Duration,
+        counters: Arc<Counters>,
+        wall: clock::Wall,
+    ) -> Self {
         Sampler {
             sensor: Some(sensor),
             reading: None,
@@ -70,7 +79,14 @@ impl Sampler {
             failed_reads: 0,
             counters,
             requested: false,
+            simulated,
         }
+    }
+
+    /// The virtual sensor's control, if it is one: `<id>/virtual/light` sets its light, and the
+    /// demo's page reads the queue's length through it.
+    pub fn simulated(&self) -> Option<&SimulatedControl> {
+        self.simulated.as_ref()
     }
 
     /// A live change of `sensor.interval_ms`: the next reading comes one new interval on.
@@ -215,7 +231,7 @@ mod tests {
     async fn a_blocking_read_cut_short_by_the_loop_is_kept_and_failed_reads_are_counted() {
         let counters = Arc::new(Counters::default());
         let mut s =
-            Sampler::new(Box::new(SlowChip(0)), Duration::from_millis(10), counters.clone(), clock::Wall::System);
+            Sampler::new(Box::new(SlowChip(0)), None, Duration::from_millis(10), counters.clone(), clock::Wall::System);
         // The loop has something else to do 5 ms into each read, every time.
         let mut lights = Vec::new();
         while lights.len() < 4 {
@@ -247,7 +263,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_reading_on_request_comes_at_once_and_the_next_scheduled_one_keeps_its_time() {
         let t0 = Instant::now();
-        let mut s = Sampler::new(Box::new(Counting(0, false)), P, Arc::new(Counters::default()), clock::Wall::System);
+        let mut s =
+            Sampler::new(Box::new(Counting(0, false)), None, P, Arc::new(Counters::default()), clock::Wall::System);
         assert!(!s.next().await.stamp.requested, "the first reading, at once");
         tokio::time::advance(P / 2).await;
         s.request();
@@ -263,7 +280,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failed_read_on_request_is_handed_over_a_failed_scheduled_one_is_skipped() {
         let counters = Arc::new(Counters::default());
-        let mut s = Sampler::new(Box::new(Counting(0, true)), P, counters.clone(), clock::Wall::System);
+        let mut s = Sampler::new(Box::new(Counting(0, true)), None, P, counters.clone(), clock::Wall::System);
         s.request();
         let asked = s.next().await;
         assert!(asked.stamp.requested && asked.result.is_err(), "someone waits for the answer");
