@@ -20,7 +20,7 @@
 //!   the device loop ([`Saver`]): a flood of `config/set` costs no SD-card writes beyond one per
 //!   [`SAVE_AFTER`], and no sync stalls the loop.
 //!
-//! Pure but for [`Overrides::load`], [`Overrides::save`] and [`Saver`].
+//! Pure but for [`Overrides::load`] and [`Saver`] (which writes through [`StateDir::keep`]).
 
 use std::path::{Path, PathBuf};
 
@@ -28,6 +28,7 @@ use serde_json::{json, Map, Value};
 
 use crate::config::Config;
 use crate::payload;
+use crate::statefile::StateDir;
 
 /// What a kept file adds to `base`, for `nightlight check`: `(key, value)` of each kept setting.
 pub fn kept_lines(kept: &Overrides) -> Vec<(String, String)> {
@@ -87,13 +88,9 @@ impl Overrides {
         }
     }
 
-    /// Keeps the overrides in `dir`, atomically.
-    ///
-    /// # Errors
-    /// The disk refused (full, failing); the file is then unchanged.
-    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
-        let bytes = serde_json::to_vec(&self.0).expect("a JSON map serializes");
-        crate::statefile::write_atomic(dir, Self::FILE, &bytes)
+    /// As `config.json` holds them.
+    fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.0).expect("a JSON map serializes")
     }
 
     /// `base` with these overrides applied, checked like `nightlight check`.
@@ -118,19 +115,21 @@ pub const SAVE_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 /// first change not yet written, one write at a time.
 #[derive(Debug)]
 pub struct Saver {
-    dir: PathBuf,
+    state: StateDir,
     /// Set and not yet handed to a write.
     pending: Option<Overrides>,
     /// When to write `pending`.
     due: Option<tokio::time::Instant>,
-    writing: Option<tokio::task::JoinHandle<()>>,
     /// Writes handed to the disk since start.
     writes: u64,
 }
 
+/// What a failed write of the kept settings costs.
+const SAVE_FAILING: &str = "the live configuration holds until the next start";
+
 impl Saver {
-    pub fn new(dir: &Path) -> Self {
-        Saver { dir: dir.to_owned(), pending: None, due: None, writing: None, writes: 0 }
+    pub fn new(state: StateDir) -> Self {
+        Saver { state, pending: None, due: None, writes: 0 }
     }
 
     /// The settings changed to `kept`.
@@ -149,37 +148,19 @@ impl Saver {
         self.due
     }
 
-    /// Hands the pending settings to a blocking write, unless one is still running (then a bit
-    /// later).
-    pub fn write_due(&mut self, now: tokio::time::Instant) {
-        if self.writing.as_ref().is_some_and(|w| !w.is_finished()) {
-            self.due = Some(now + std::time::Duration::from_millis(200));
-            return;
-        }
+    /// Hands the pending settings to the state directory's writer.
+    pub fn write_due(&mut self) {
         self.due = None;
         if let Some(kept) = self.pending.take() {
             self.writes += 1;
-            let dir = self.dir.clone();
-            self.writing = Some(tokio::task::spawn_blocking(move || {
-                if let Err(e) = kept.save(&dir) {
-                    tracing::warn!(error = %e, "cannot keep the live configuration: it holds until the next start");
-                }
-            }));
+            self.state.keep(Overrides::FILE, kept.to_bytes(), SAVE_FAILING);
         }
     }
 
-    /// At a stop: the write under way finished, and what is pending written now.
+    /// At a stop: what is pending handed over, and everything handed on disk.
     pub async fn flush(&mut self) {
-        if let Some(w) = self.writing.take() {
-            let _ = w.await;
-        }
-        self.due = None;
-        if let Some(kept) = self.pending.take() {
-            self.writes += 1;
-            if let Err(e) = kept.save(&self.dir) {
-                tracing::warn!(error = %e, "cannot keep the live configuration: it holds until the next start");
-            }
-        }
+        self.write_due();
+        self.state.flush().await;
     }
 }
 
@@ -201,8 +182,8 @@ impl Live {
     /// `base` (the file and the environment) with what was set live before, kept in the state
     /// directory `dir`: the latest intent wins. A kept file that cannot be read or applied is
     /// ignored (logged): the device starts on `base`.
-    pub fn open(base: Config, dir: &Path) -> Self {
-        let kept = Overrides::load(dir).unwrap_or_else(|e| {
+    pub fn open(base: Config, state: &StateDir) -> Self {
+        let kept = Overrides::load(state.path()).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "ignored the kept live configuration");
             Overrides::default()
         });
@@ -213,7 +194,7 @@ impl Live {
                 (base.clone(), Overrides::default())
             }
         };
-        Live { cfg, base, kept, refusal: None, saver: Saver::new(dir) }
+        Live { cfg, base, kept, refusal: None, saver: Saver::new(state.clone()) }
     }
 
     /// The configuration in effect.
@@ -419,7 +400,7 @@ mod tests {
     fn what_was_set_survives_a_restart_on_top_of_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let (_, kept) = set(&cfg(), &Overrides::default(), br#"{"sensor": {"interval_ms": 1500}}"#).unwrap();
-        kept.save(dir.path()).unwrap();
+        crate::statefile::write_atomic(dir.path(), Overrides::FILE, &kept.to_bytes()).unwrap();
         let again = Overrides::load(dir.path()).unwrap();
         assert_eq!(again.apply_to(&cfg()).unwrap().sensor.interval_ms, 1500);
         std::fs::write(dir.path().join("config.json"), br#"{"mqtt.host": "x"}"#).unwrap();
@@ -450,7 +431,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_burst_of_changes_is_one_write_of_the_last_one_save_after_the_first() {
         let dir = tempfile::tempdir().unwrap();
-        let mut saver = Saver::new(dir.path());
+        let mut saver = Saver::new(StateDir::open(dir.path()).unwrap());
         let t0 = tokio::time::Instant::now();
         let mut kept = Overrides::default();
         for ms in 0..100u64 {
@@ -460,7 +441,7 @@ mod tests {
         }
         assert_eq!(saver.deadline(), Some(t0 + SAVE_AFTER), "due SAVE_AFTER after the first change");
         assert_eq!(saver.writes(), 0, "nothing written before");
-        saver.write_due(t0 + SAVE_AFTER);
+        saver.write_due();
         saver.flush().await;
         assert_eq!(saver.writes(), 1, "one write for the burst");
         assert_eq!(Overrides::load(dir.path()).unwrap(), kept, "the last of them");

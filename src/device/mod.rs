@@ -48,6 +48,7 @@ use crate::payload::{self, OFFLINE, ONLINE};
 use crate::queue::DiskQueue;
 use crate::remote;
 use crate::sensor::{self, Reading, Sensor, SimulatedControl};
+use crate::statefile::StateDir;
 use crate::systemd::Notifier;
 use crate::topics::Topics;
 use crate::update;
@@ -62,6 +63,9 @@ use sampler::Sampler;
 pub const WINDOW: usize = 64;
 /// How long a clean stop waits for the broker to take the `offline` status.
 const STOP_GRACE: Duration = Duration::from_millis(1200);
+
+/// Home Assistant's migration to device-based discovery was made: the state directory's marker.
+const MIGRATED: &str = "ha-migrated";
 
 /// How often `<id>/health` is published while connected (and on every connect).
 pub const HEALTH_EVERY: Duration = Duration::from_secs(60);
@@ -100,18 +104,17 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let Io { sensor, simulated, led, wall } = io;
-    let queue_dir = std::path::PathBuf::from(&cfg.queue.dir);
-    let queue = DiskQueue::open(&queue_dir, cfg.queue.max_bytes, Duration::from_millis(cfg.queue.spill_ms))
-        .with_context(|| format!("cannot open the offline queue (queue.dir = {})", queue_dir.display()))?;
-    let live = remote::Live::open(cfg, &queue_dir);
+    // One state directory, handed to every part that keeps a file there ([`StateDir`]); a
+    // directory in RAM believes it is durable and is not: said at start and in health.
+    let state = StateDir::open(Path::new(&cfg.queue.dir))
+        .with_context(|| format!("cannot start the state directory's writer (queue.dir = {})", cfg.queue.dir))?;
+    // The queue first: its lock is the whole directory's.
+    let queue = DiskQueue::open(state.path(), cfg.queue.max_bytes, Duration::from_millis(cfg.queue.spill_ms))
+        .with_context(|| format!("cannot open the offline queue (queue.dir = {})", cfg.queue.dir))?;
+    let live = remote::Live::open(cfg, &state);
     let cfg = live.cfg().clone();
-    // A queue in RAM believes it is durable and is not: say so, at start and in health.
-    let medium = crate::queue::medium::of_dir(&queue_dir);
-    if let Some(w) = medium.warning(&queue_dir) {
-        warn!("{w}");
-    }
     // Before any network: the LED as `led.power_on` says.
-    let led = KeptLed::start(led, cfg.led.power_on, cfg.server.threshold, &queue_dir);
+    let led = KeptLed::start(led, cfg.led.power_on, cfg.server.threshold, state.path());
     let topics = Topics::new(&cfg.id);
     let mut spec = Spec::new(&cfg.mqtt, cfg.client_id().to_owned(), cfg.mqtt.clean_session);
     spec.will = Some((topics.status.clone(), OFFLINE.as_bytes().to_vec()));
@@ -127,7 +130,7 @@ pub async fn run_with(
     notifier.ready();
     let cfg_local = (cfg.led.local_after_s, cfg.server.threshold, cfg.server.hysteresis);
     let run = queue.run();
-    let updates = start_updates(&cfg, &queue_dir);
+    let updates = start_updates(&cfg, state.path());
     let requests = request::Requests::new(&cfg.id, Duration::from_millis(cfg.sensor.min_request_ms));
     let backoff = (Duration::from_millis(cfg.mqtt.reconnect_min_ms), Duration::from_millis(cfg.mqtt.reconnect_max_ms));
     let reading_qos = if cfg.mqtt.qos == 0 { Qos::AtMostOnce } else { Qos::AtLeastOnce };
@@ -146,7 +149,7 @@ pub async fn run_with(
         sampler,
         restamp: clock::Restamp::new(run),
         wall,
-        queue_on_storage: medium.is_durable(),
+        state,
         subs: subscriptions::Subscriptions::default(),
         requests,
         updates,
@@ -185,8 +188,8 @@ struct Device {
     restamp: clock::Restamp,
     /// The wall clock: the system's, or a test's ([`clock::Wall`]).
     wall: clock::Wall,
-    /// `queue.dir` is on storage, not in memory ([`crate::queue::medium`]).
-    queue_on_storage: bool,
+    /// `queue.dir`: where the discovery marker is kept, and whether it is on storage.
+    state: StateDir,
     /// Home Assistant: what to announce, and when.
     ha: discovery::Discovery,
     /// The SUBSCRIBEs in flight and what each asked for; filters left out for a retained
@@ -277,7 +280,7 @@ impl Device {
                     self.pump(); // the refused readings, again
                 }
                 _ = save_alarm.ring(), if save_alarm.is_set() => {
-                    self.live.saver().write_due(tokio::time::Instant::now());
+                    self.live.saver().write_due();
                 }
                 _ = ha_alarm.ring(), if ha_alarm.is_set() => {
                     self.ha.answered_birth();
@@ -500,7 +503,7 @@ impl Device {
 
     /// Home Assistant discovery ([`discovery`]): on every connect and Home Assistant's birth.
     fn publish_discovery(&mut self) {
-        let migrated = Path::new(&self.live.cfg().queue.dir).join("ha-migrated").exists();
+        let migrated = self.state.has(MIGRATED);
         match self.ha.announce(self.live.cfg(), migrated) {
             discovery::Announce::Publish(out) => out.into_iter().for_each(|o| self.publish_retained(o)),
             discovery::Announce::LookUp(filter) => match self.out.client().look_up_retained(&filter) {
@@ -523,9 +526,7 @@ impl Device {
             );
         }
         out.into_iter().for_each(|o| self.publish_retained(o));
-        if let Err(e) = crate::statefile::write_atomic(Path::new(&self.live.cfg().queue.dir), "ha-migrated", b"1\n") {
-            warn!(error = %e, "cannot note the discovery migration; it runs again at the next connect");
-        }
+        self.state.keep(MIGRATED, b"1\n".to_vec(), "the discovery migration runs again at the next connect");
     }
 
     /// The figures only the loop knows, for the metrics ([`metrics::Snapshot`]).
@@ -537,7 +538,7 @@ impl Device {
             connected: self.conn.is_up(),
             queue,
             oldest_ts: self.queue.oldest_ts(),
-            queue_durable: self.queue_on_storage && queue.seq_durable,
+            queue_durable: self.state.on_storage() && queue.seq_durable,
             denied: self.denial.count(),
             requests_limited: self.requests.limited(),
             clock_synced: self.wall.now().1,
@@ -554,7 +555,7 @@ impl Device {
             health::Figures {
                 queue: self.queue.stats(),
                 oldest_age_s: self.queue.oldest_ts().map_or(0, |ts| self.wall.now().0.saturating_sub(ts) / 1000),
-                queue_on_storage: self.queue_on_storage,
+                queue_on_storage: self.state.on_storage(),
                 denied: self.denial.count(),
                 requests_limited: self.requests.limited(),
                 mode: self.lamp.mode().as_str(),
