@@ -157,10 +157,10 @@ impl Saver {
         }
     }
 
-    /// At a stop: what is pending handed over, and everything handed on disk.
-    pub async fn flush(&mut self) {
+    /// At a stop: what is pending handed over, and everything handed on disk (blocks).
+    pub fn flush(&mut self) {
         self.write_due();
-        self.state.flush().await;
+        self.state.flush();
     }
 }
 
@@ -442,10 +442,10 @@ mod tests {
         assert_eq!(saver.deadline(), Some(t0 + SAVE_AFTER), "due SAVE_AFTER after the first change");
         assert_eq!(saver.writes(), 0, "nothing written before");
         saver.write_due();
-        saver.flush().await;
+        saver.flush();
         assert_eq!(saver.writes(), 1, "one write for the burst");
         assert_eq!(Overrides::load(dir.path()).unwrap(), kept, "the last of them");
-        saver.flush().await;
+        saver.flush();
         assert_eq!(saver.writes(), 1, "nothing pending, nothing written");
     }
 }

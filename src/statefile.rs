@@ -87,14 +87,12 @@ impl StateDir {
         let _ = self.writer.send(Job::Write { name, bytes, failing });
     }
 
-    /// Waits until everything handed to [`StateDir::keep`] before this call is on disk (or
-    /// failed, logged).
-    pub async fn flush(&self) {
+    /// Blocks until everything handed to [`StateDir::keep`] before this call is on disk (or
+    /// failed, logged): for a stop, when nothing else is left to do.
+    pub fn flush(&self) {
         let (done, written) = mpsc::channel();
         if self.writer.send(Job::Flush(done)).is_ok() {
-            // Waited for on the blocking pool: tokio sees the wait (a test on paused time does
-            // not jump ahead meanwhile), and the runtime's threads are not held.
-            let _ = tokio::task::spawn_blocking(move || written.recv()).await;
+            let _ = written.recv();
         }
     }
 }
@@ -217,8 +215,8 @@ mod tests {
         assert_eq!(fs::read(state.join("config.json")).unwrap(), b"{}");
     }
 
-    #[tokio::test]
-    async fn what_is_kept_is_on_disk_after_a_flush_in_the_order_handed_and_a_failure_changes_nothing() {
+    #[test]
+    fn what_is_kept_is_on_disk_after_a_flush_in_the_order_handed_and_a_failure_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
         assert!(!state.has("marker"));
@@ -226,14 +224,14 @@ mod tests {
         for i in 0..50u32 {
             state.keep("config.json", i.to_string().into_bytes(), "test");
         }
-        state.flush().await;
+        state.flush();
         assert!(state.has("marker"));
         assert_eq!(fs::read(dir.path().join("config.json")).unwrap(), b"49", "the last one handed");
         // A directory where `<name>.new` cannot be made: the file stays as it was.
         fs::create_dir(dir.path().join("blocked.new")).unwrap();
         fs::write(dir.path().join("blocked"), b"old").unwrap();
         state.keep("blocked", b"new".to_vec(), "test");
-        state.flush().await;
+        state.flush();
         assert_eq!(fs::read(dir.path().join("blocked")).unwrap(), b"old");
         std::os::unix::fs::symlink("/dev/null", dir.path().join("link")).unwrap();
         assert!(!state.has("link"), "a symlink is not a kept file");

@@ -220,11 +220,13 @@ async fn online_a_reading_the_broker_does_not_acknowledge_within_spill_ms_goes_t
 }
 
 /// The demo's embedded broker on a free port, and a watcher of everything the device says
-/// (`loop/#`), of Home Assistant's prefix and of the controllers' statuses.
+/// (`loop/#`), of Home Assistant's prefix and of the controllers' statuses. The watcher's event
+/// loop runs in a task of its own, so it keeps its connection alive while a test waits for
+/// something else (a stop, say) and the paused clock jumps ahead.
 struct Rig {
     port: u16,
     client: rumqttc::AsyncClient,
-    events: rumqttc::EventLoop,
+    events: tokio::sync::mpsc::UnboundedReceiver<rumqttc::Event>,
     /// Every message the watcher saw, in order: topic and payload.
     seen: Vec<(String, String)>,
 }
@@ -239,7 +241,16 @@ impl Rig {
         tokio::spawn(broker.run());
         let mut opts = rumqttc::MqttOptions::new("watcher", "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(60));
-        let (client, events) = rumqttc::AsyncClient::new(opts, 100);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 100);
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let ev = eventloop.poll().await.unwrap_or_else(|e| panic!("the watcher lost the broker: {e}"));
+                if tx.send(ev).is_err() {
+                    return; // the test is over
+                }
+            }
+        });
         let filters = ["loop/#", "homeassistant/#", "nightlight/#"];
         for f in filters {
             client.subscribe(f, rumqttc::QoS::AtLeastOnce).await.unwrap();
@@ -257,9 +268,9 @@ impl Rig {
 
     async fn poll(&mut self) -> rumqttc::Event {
         let deadline = tokio::time::Instant::now() + BOUND;
-        match tokio::time::timeout_at(deadline, self.events.poll()).await {
-            Ok(Ok(ev)) => ev,
-            Ok(Err(e)) => panic!("the watcher lost the broker: {e}"),
+        match tokio::time::timeout_at(deadline, self.events.recv()).await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => panic!("the watcher lost the broker; seen: {:#?}", self.seen),
             Err(_) => panic!("nothing happened for {BOUND:?}; seen: {:#?}", self.seen),
         }
     }

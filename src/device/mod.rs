@@ -818,7 +818,7 @@ impl Device {
                 self.on_event(ev);
             }
         }
-        self.live.saver().flush().await;
+        self.live.saver().flush();
         let closed = self.queue.close(now());
         let st = self.queue.stats();
         match closed {
