@@ -3,6 +3,10 @@
 //! safe). It is a part of the loop's task, not a task of its own: a reading costs no hand-over
 //! between tasks. A sensor that blocks (I2C) is read on tokio's blocking pool.
 //!
+//! Every reading is stamped with the wall clock the device was given; readings taken before that
+//! clock was synchronized are marked and re-stamped when sent, once it is ([`clock::Restamp`],
+//! kept here with the stamps it judges).
+//!
 //! Its clock is a [`Ticker`]: a fixed-rate tick (a late tick delays the ones after it, never a
 //! burst) that keeps the *next two* deadlines armed in tokio's timer. Re-arming the only timer
 //! that is due makes tokio wake its own driver (an eventfd write and one more `epoll_wait` per
@@ -19,17 +23,16 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, info, warn};
 
-use super::Counters;
+use super::health::Counters;
 use crate::clock;
 use crate::sensor::{Reading, Sensor, SensorError, SimulatedControl};
 
-/// When a reading was taken: the wall clock, the monotonic clock, and whether the wall clock
-/// was known to be synchronized.
+/// When a reading was taken, by the wall clock.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Stamp {
     pub ts: u64,
-    pub mono_ms: u64,
-    pub synced: bool,
+    /// The `ts` can be trusted (false: marked, re-stamped when sent if this run learns how).
+    pub ts_ok: bool,
     /// Taken on request.
     pub requested: bool,
 }
@@ -51,6 +54,8 @@ pub(super) struct Sampler {
     requested: bool,
     /// The virtual sensor's control, if it is one.
     simulated: Option<SimulatedControl>,
+    /// Readings of this `run` taken before the clock was synchronized: marked, then re-stamped.
+    restamp: clock::Restamp,
 }
 
 /// What [`Sampler::next`] hands over: a reading, or a read on request that failed (a failed
@@ -70,8 +75,10 @@ impl Sampler {
         interval: Duration,
         counters: Arc<Counters>,
         wall: clock::Wall,
+        run: u64,
     ) -> Self {
         Sampler {
+            restamp: clock::Restamp::new(run),
             sensor: Some(sensor),
             reading: None,
             ticker: Ticker::new(Instant::now(), interval),
@@ -81,6 +88,17 @@ impl Sampler {
             requested: false,
             simulated,
         }
+    }
+
+    /// A queued reading as it is to be sent: re-stamped if it was marked and the clock's error
+    /// is now known ([`clock::Restamp::apply`]).
+    pub fn restamped(&self, rec: crate::payload::Telemetry) -> crate::payload::Telemetry {
+        self.restamp.apply(rec)
+    }
+
+    /// How far the wall clock jumped when it was synchronized, if it did in this run.
+    pub fn clock_jump_ms(&self) -> Option<i64> {
+        self.restamp.shift()
     }
 
     /// The virtual sensor's control, if it is one: `<id>/virtual/light` sets its light, and the
@@ -120,7 +138,9 @@ impl Sampler {
                         self.ticker.tick().await;
                     }
                     let (ts, synced) = self.clock.now();
-                    let stamp = Stamp { ts, mono_ms: clock::monotonic_ms(), synced, requested };
+                    let mono_ms = clock::monotonic_ms();
+                    let ts_ok = self.restamp.observe(ts, mono_ms, synced);
+                    let stamp = Stamp { ts, ts_ok, requested };
                     let mut sensor = self.sensor.take().expect("the sensor is in hand between reads");
                     if sensor.blocks() {
                         let handle = tokio::task::spawn_blocking(move || {
@@ -230,8 +250,14 @@ mod tests {
     #[tokio::test]
     async fn a_blocking_read_cut_short_by_the_loop_is_kept_and_failed_reads_are_counted() {
         let counters = Arc::new(Counters::default());
-        let mut s =
-            Sampler::new(Box::new(SlowChip(0)), None, Duration::from_millis(10), counters.clone(), clock::Wall::System);
+        let mut s = Sampler::new(
+            Box::new(SlowChip(0)),
+            None,
+            Duration::from_millis(10),
+            counters.clone(),
+            clock::Wall::System,
+            1,
+        );
         // The loop has something else to do 5 ms into each read, every time.
         let mut lights = Vec::new();
         while lights.len() < 4 {
@@ -264,7 +290,7 @@ mod tests {
     async fn a_reading_on_request_comes_at_once_and_the_next_scheduled_one_keeps_its_time() {
         let t0 = Instant::now();
         let mut s =
-            Sampler::new(Box::new(Counting(0, false)), None, P, Arc::new(Counters::default()), clock::Wall::System);
+            Sampler::new(Box::new(Counting(0, false)), None, P, Arc::new(Counters::default()), clock::Wall::System, 1);
         assert!(!s.next().await.stamp.requested, "the first reading, at once");
         tokio::time::advance(P / 2).await;
         s.request();
@@ -280,7 +306,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failed_read_on_request_is_handed_over_a_failed_scheduled_one_is_skipped() {
         let counters = Arc::new(Counters::default());
-        let mut s = Sampler::new(Box::new(Counting(0, true)), None, P, counters.clone(), clock::Wall::System);
+        let mut s = Sampler::new(Box::new(Counting(0, true)), None, P, counters.clone(), clock::Wall::System, 1);
         s.request();
         let asked = s.next().await;
         assert!(asked.stamp.requested && asked.result.is_err(), "someone waits for the answer");
