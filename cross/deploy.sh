@@ -166,7 +166,7 @@ if ! err=$(on_pi true 2>&1); then
   die 3 "cannot reach $host over ssh: ${err##*$'\n'}"
 fi
 if ! err=$(on_pi sudo -n true 2>&1); then
-  die 3 "$host: the ssh user cannot run sudo without a password (sudo -n true: ${err##*$'\n'}); see the README, 'Deploying to a Pi over ssh'"
+  die 3 "$host: the ssh user cannot run sudo without a password (sudo -n true: ${err##*$'\n'}); see docs/raspberry-pi.md, 'Deploying to a Pi over ssh' (/usr/share/doc/nightlight on the Pi)"
 fi
 on_pi 'command -v dpkg >/dev/null && [ -d /run/systemd/system ]' \
   || die 3 "$host: not a Debian-based system running systemd (Raspberry Pi OS is one); nothing changed"

@@ -3,15 +3,16 @@
 //! The device reads a light sensor, publishes `{"light", "ts", "seq"}` to `<id>/telemetry`, and
 //! switches an LED on `{"led_on": bool}` from `<id>/commands`, over MQTT. Readings are owned by a
 //! durable queue until the broker acknowledges them, so a broker outage, a crash or a power cut
-//! loses nothing. The interface is specified in the README (and the project's CONTRACT.md).
+//! loses nothing. The interface (commands, configuration, topics, payloads, exit codes) is in the
+//! README and `docs/`.
 //!
 //! # Layout
 //! - [`cli`]: command-line parsing, logging set-up, exit codes (`main.rs` only calls it).
-//! - [`clock`]: whether the wall clock is known to be synchronized; readings re-stamped after.
+//! - [`clock`]: the wall clock a device is given, whether it is synchronized; re-stamping.
 //! - [`config`]: the configuration schema, layered loading and validation.
-//! - [`device`]: the device loop over its parts (sampler, connection, inbox, subscriptions,
-//!   outbox, health, readings on request, refused readings, Home Assistant discovery), and the
-//!   clean stop.
+//! - [`device`]: the device loop over its parts (sampler, lamp, connection, inbox, subscriptions,
+//!   outbox, health, readings on request, refused readings, Home Assistant discovery), its
+//!   handlers by concern, and the clean stop.
 //! - [`local`]: the local rule: the device switches the LED itself when unattended.
 //! - [`link`]: one MQTT client for MQTT 5 and 3.1.1 (the protocol chosen per broker), reconnect
 //!   backoff, the cancel-safe poller around rumqttc, request/response.
@@ -19,7 +20,7 @@
 //! - [`remote`]: live configuration from `<id>/config/set`.
 //! - [`metrics`]: counters shared by the device's parts; the Prometheus endpoint and textfile.
 //! - [`queue`]: the durable offline queue (segments, checksums, group commit, byte cap).
-//! - [`statefile`]: the state directory's small files: atomic writes, no-follow opens.
+//! - [`statefile`]: the state directory ([`statefile::StateDir`]): its files, its lock, one writer.
 //! - [`topics`]: every topic and topic filter.
 //! - [`payload`]: JSON payloads; defensive command decoding.
 //! - [`homeassistant`]: MQTT discovery configs and the health payload.

@@ -11,7 +11,7 @@
 //!   holds it; `active_low` is the kernel's flag, so `gpioinfo` shows that too. The request is
 //!   released when the LED is dropped, LED off first.
 //! - A missing chip, a permission problem and a pin held by another process each get a message
-//!   that says what to do (README "Troubleshooting").
+//!   that says what to do (docs/hardware.md, "Troubleshooting").
 
 use std::path::{Path, PathBuf};
 

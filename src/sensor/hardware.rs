@@ -1,5 +1,5 @@
 //! Opens the real I2C bus through rppal and probes the configured chip, turning failures into
-//! messages that say how to fix them (README "Troubleshooting").
+//! messages that say how to fix them (docs/hardware.md, "Troubleshooting").
 
 use anyhow::{anyhow, Context};
 use rppal::i2c::I2c;

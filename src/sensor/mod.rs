@@ -2,7 +2,7 @@
 //!
 //! Drivers are generic over `embedded_hal::i2c::I2c` and know nothing of MQTT or the queue; they
 //! return `light` on the contract's 0-1000 scale. [`open`] picks one from `sensor.kind`.
-//! Operator troubleshooting (enabling I2C, the `i2c` group, hat addresses) is in the README.
+//! Operator troubleshooting (enabling I2C, the `i2c` group, hat addresses) is in docs/hardware.md.
 
 pub mod ads1115;
 pub mod bh1750;
