@@ -27,7 +27,7 @@ for pair in aarch64-unknown-linux-gnu:arm64 armv7-unknown-linux-gnueabihf:armhf;
   files=$(dpkg-deb -c "$deb")
   for f in ./usr/bin/nightlight ./etc/nightlight/device.toml ./usr/lib/systemd/system/nightlight.service \
     ./usr/lib/systemd/system/nightlight-update.path ./usr/lib/systemd/system/nightlight-update.service \
-    ./usr/lib/nightlight/health-gate; do
+    ./usr/lib/nightlight/health-gate ./usr/share/doc/nightlight/hardware.md; do
     grep -q " $f\$" <<<"$files" || fail "$deb lacks $f"
   done
   ctl=$(mktemp -d)

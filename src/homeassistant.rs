@@ -1,6 +1,6 @@
 //! Home Assistant MQTT discovery: the one retained device-based message that makes the
-//! nightlight appear in Home Assistant with no YAML, and the health payload its diagnostic
-//! sensors read.
+//! nightlight appear in Home Assistant with no YAML (its diagnostic sensors read the health
+//! payload, [`crate::payload::Health`]).
 //!
 //! Rules (the device applies them; this module only builds the messages):
 //! - On every connect, and after Home Assistant's birth message (`online` on `<prefix>/status`,
@@ -18,7 +18,6 @@
 //!   (telemetry is not retained: it is the durable, ordered record).
 //! - `homeassistant.enabled = false` empties the device message and the old topics, once.
 
-use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::config::{Config, SensorKind};
@@ -300,67 +299,6 @@ fn merge(into: &mut Value, from: Value) {
     if let (Some(a), Value::Object(b)) = (into.as_object_mut(), from) {
         a.extend(b);
     }
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// The retained `<id>/health` message.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-pub struct Health {
-    pub uptime_s: u64,
-    /// When this run started, RFC 3339 in UTC: by the clock as it was at the first health
-    /// message, worked out again once the clock is synchronized.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started: Option<String>,
-    pub queue_readings: u64,
-    pub queue_bytes: u64,
-    /// How long the oldest queued reading has waited, by its timestamp (0: none queued).
-    #[serde(default)]
-    pub queue_oldest_age_s: u64,
-    /// Bytes written and syncs issued to the queue's storage in this run.
-    #[serde(default)]
-    pub storage_written_bytes: u64,
-    #[serde(default)]
-    pub storage_syncs: u64,
-    pub dropped: u64,
-    /// Failed queue storage calls (full disk, I/O errors); each is retried.
-    #[serde(default)]
-    pub queue_errors: u64,
-    /// False while `seq` comes from the wall clock because the queue's meta cannot be written.
-    #[serde(default = "yes")]
-    pub seq_durable: bool,
-    /// False while `queue.dir` is in memory (tmpfs, ramfs, zram, an overlay with its upper layer
-    /// in memory) or unusable: a reboot loses what is queued.
-    #[serde(default = "yes")]
-    pub queue_durable: bool,
-    pub sensor_errors: u64,
-    pub rejected_commands: u64,
-    pub reconnects: u64,
-    /// Readings the broker refused (MQTT 5 PUBACK reason codes); each stays queued.
-    #[serde(default)]
-    pub denied: u64,
-    /// Requests on `<id>/read` held back by `sensor.min_request_ms` (answered by a reading
-    /// asked for earlier or at the window's end, or dropped when too many wait).
-    #[serde(default)]
-    pub requests_limited: u64,
-    /// The last connection or sensor error, if any.
-    pub last_error: Option<String>,
-    /// Who switches the LED: `remote` (a controller's commands) or `local` (the local rule).
-    #[serde(default = "remote")]
-    pub mode: String,
-    /// The MQTT protocol of the connection: `5` or `3.1.1`.
-    #[serde(default = "five")]
-    pub protocol: String,
-}
-
-fn five() -> String {
-    "5".into()
-}
-
-fn remote() -> String {
-    "remote".into()
 }
 
 #[cfg(test)]

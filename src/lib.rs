@@ -22,8 +22,8 @@
 //! - [`queue`]: the durable offline queue (segments, checksums, group commit, byte cap).
 //! - [`statefile`]: the state directory ([`statefile::StateDir`]): its files, its lock, one writer.
 //! - [`topics`]: every topic and topic filter.
-//! - [`payload`]: JSON payloads; defensive command decoding.
-//! - [`homeassistant`]: MQTT discovery configs and the health payload.
+//! - [`payload`]: JSON payloads (telemetry, state, health); defensive command decoding.
+//! - [`homeassistant`]: MQTT discovery configs.
 //! - [`status`]: `nightlight status`, a device's retained status, state and health, and
 //!   `status --read`, a reading asked for now.
 //! - [`sensor`]: the `Sensor` trait, I2C chip drivers and the simulated sensor.

@@ -1,7 +1,8 @@
 //! The wire format: the JSON payloads of the contract (the topics are in [`crate::topics`]).
 //!
-//! Pure data and logic: encoding telemetry and state, and decoding commands defensively (size
-//! limit first, then JSON with serde_json's recursion limit, then the one field that matters).
+//! Pure data and logic: encoding telemetry, state and health ([`Health`]), and decoding commands
+//! defensively (size limit first, then JSON with serde_json's recursion limit, then the one
+//! field that matters).
 
 use serde::{Deserialize, Serialize};
 
@@ -36,10 +37,6 @@ pub struct Telemetry {
 
 fn is_true(b: &bool) -> bool {
     *b
-}
-
-fn yes() -> bool {
-    true
 }
 
 impl Telemetry {
@@ -238,6 +235,67 @@ pub fn parse_simulated_light(payload: &[u8]) -> Option<SimulatedLight> {
         return Some(SimulatedLight::Fail);
     }
     text.parse::<u16>().ok().filter(|v| *v <= 1000).map(SimulatedLight::Level)
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The retained `<id>/health` message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    pub uptime_s: u64,
+    /// When this run started, RFC 3339 in UTC: by the clock as it was at the first health
+    /// message, worked out again once the clock is synchronized.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<String>,
+    pub queue_readings: u64,
+    pub queue_bytes: u64,
+    /// How long the oldest queued reading has waited, by its timestamp (0: none queued).
+    #[serde(default)]
+    pub queue_oldest_age_s: u64,
+    /// Bytes written and syncs issued to the queue's storage in this run.
+    #[serde(default)]
+    pub storage_written_bytes: u64,
+    #[serde(default)]
+    pub storage_syncs: u64,
+    pub dropped: u64,
+    /// Failed queue storage calls (full disk, I/O errors); each is retried.
+    #[serde(default)]
+    pub queue_errors: u64,
+    /// False while `seq` comes from the wall clock because the queue's meta cannot be written.
+    #[serde(default = "yes")]
+    pub seq_durable: bool,
+    /// False while `queue.dir` is in memory (tmpfs, ramfs, zram, an overlay with its upper layer
+    /// in memory) or unusable: a reboot loses what is queued.
+    #[serde(default = "yes")]
+    pub queue_durable: bool,
+    pub sensor_errors: u64,
+    pub rejected_commands: u64,
+    pub reconnects: u64,
+    /// Readings the broker refused (MQTT 5 PUBACK reason codes); each stays queued.
+    #[serde(default)]
+    pub denied: u64,
+    /// Requests on `<id>/read` held back by `sensor.min_request_ms` (answered by a reading
+    /// asked for earlier or at the window's end, or dropped when too many wait).
+    #[serde(default)]
+    pub requests_limited: u64,
+    /// The last connection or sensor error, if any.
+    pub last_error: Option<String>,
+    /// Who switches the LED: `remote` (a controller's commands) or `local` (the local rule).
+    #[serde(default = "remote")]
+    pub mode: String,
+    /// The MQTT protocol of the connection: `5` or `3.1.1`.
+    #[serde(default = "five")]
+    pub protocol: String,
+}
+
+fn five() -> String {
+    "5".into()
+}
+
+fn remote() -> String {
+    "remote".into()
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@ use anyhow::bail;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::homeassistant::Health;
 use crate::link::{self, Event, Poller, Security, Spec};
+use crate::payload::Health;
 use crate::payload::{self, LedState};
 use crate::topics::{self, Topics};
 

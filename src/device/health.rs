@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use crate::clock;
 use crate::config::Protocol;
-use crate::homeassistant::Health;
 pub use crate::metrics::Counters;
+use crate::payload::Health;
 use crate::queue::QueueStats;
 
 /// When the run started: by the monotonic clock, and by the wall clock as health reports it.
