@@ -64,6 +64,106 @@ enum Command {
         #[arg(long, default_value_t = 8080)]
         web_port: u16,
     },
+    /// Many simulated nightlights in one process against a broker; reports lost and duplicated readings
+    #[cfg(feature = "virtual")]
+    Fleet(FleetArgs),
+}
+
+#[cfg(feature = "virtual")]
+#[derive(Debug, Clone, clap::Args)]
+struct FleetArgs {
+    /// How many devices (ids fleet-00000, fleet-00001, ...)
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    devices: u64,
+    /// The broker, HOST:PORT (MQTT 3.1.1 or 5, no TLS)
+    #[arg(long, value_name = "HOST:PORT")]
+    broker: String,
+    /// How long to run, in seconds
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    duration_s: u64,
+    /// A reading every this many ms, per device
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(50..=3_600_000))]
+    interval_ms: u64,
+    /// A release.pub the devices trust: they take signed manifests on <id>/update
+    #[arg(long, value_name = "FILE")]
+    update_keys: Option<PathBuf>,
+    /// This share of the devices' simulated installs fail and roll back, in percent
+    #[arg(long, default_value_t = 0.0, value_name = "PERCENT", value_parser = percent)]
+    fail_installs: f64,
+    /// This share of the devices has a wall clock an hour ahead, in percent
+    #[arg(long, default_value_t = 0.0, value_name = "PERCENT", value_parser = percent)]
+    skew: f64,
+    /// A third into the run, this share of the fleet loses the broker (for --partition-s)
+    #[arg(long, value_name = "PERCENT", value_parser = percent, conflicts_with = "storm")]
+    partition: Option<f64>,
+    /// How long a partition lasts, in seconds
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    partition_s: u64,
+    /// A third into the run, every device drops its connection at once and reconnects
+    #[arg(long)]
+    storm: bool,
+}
+
+#[cfg(feature = "virtual")]
+fn percent(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s} is not a percentage from 0 to 100")),
+    }
+}
+
+#[cfg(feature = "virtual")]
+fn fleet(a: &FleetArgs) -> ExitCode {
+    use crate::fleet::{Options, Scenario};
+    use std::time::Duration;
+    let keys = match &a.update_keys {
+        None => Vec::new(),
+        Some(path) => match std::fs::read_to_string(path).map_err(|e| e.to_string()).and_then(|text| {
+            text.lines().filter(|l| !l.trim().is_empty()).map(crate::update::manifest::PublicKey::parse).collect()
+        }) {
+            Ok(k) => k,
+            Err(e) => {
+                eprintln!("nightlight: --update-keys {}: {e}", path.display());
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
+    let scenario = match (a.partition, a.storm) {
+        (Some(percent), _) => Some(Scenario::Partition { percent, length: Duration::from_secs(a.partition_s) }),
+        (None, true) => Some(Scenario::Storm),
+        (None, false) => None,
+    };
+    let opts = Options {
+        devices: a.devices as usize,
+        broker: a.broker.clone(),
+        duration: Duration::from_secs(a.duration_s),
+        interval: Duration::from_millis(a.interval_ms),
+        update_keys: keys,
+        fail_installs: a.fail_installs,
+        skew: a.skew,
+        scenario,
+    };
+    match crate::fleet::run(&opts) {
+        Ok(r) => {
+            println!("fleet: {} connections lost, {} connects failed", r.drops, r.connect_failures);
+            for took in &r.reconverged {
+                println!("fleet: reconverged in {} ms", took.as_millis());
+            }
+            if !opts.update_keys.is_empty() {
+                println!("fleet: {} updated, {} rolled back", r.updated, r.rolled_back);
+            }
+            println!("{r}");
+            if r.lost > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("nightlight: fleet: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -89,6 +189,12 @@ pub fn main() -> ExitCode {
         // The demo needs no configuration; its info lines would scroll over the live view.
         init_logging(LevelFilter::WARN);
         return serve(|shutdown| crate::demo::run(port, web_port, shutdown));
+    }
+    #[cfg(feature = "virtual")]
+    if let Some(Command::Fleet(a)) = &cli.command {
+        // A fleet needs no device configuration: it is told its broker.
+        init_logging(LevelFilter::WARN);
+        return fleet(a);
     }
     init_logging(LevelFilter::INFO);
     let source = config::locate(cli.config.as_deref(), std::env::var(config::CONFIG_ENV).ok().as_deref());
@@ -116,6 +222,8 @@ pub fn main() -> ExitCode {
         Command::Server => serve(|shutdown| crate::server::run(loaded.config, security, shutdown)),
         #[cfg(feature = "virtual")]
         Command::Demo { .. } => unreachable!("handled before the configuration is loaded"),
+        #[cfg(feature = "virtual")]
+        Command::Fleet(_) => unreachable!("handled before the configuration is loaded"),
         Command::Release(_) => unreachable!("handled before the configuration is loaded"),
         Command::Update(Update::Apply { gate_wait_s }) => {
             let c = &loaded.config;

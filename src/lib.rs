@@ -44,6 +44,8 @@ pub mod controller;
 #[cfg(feature = "virtual")]
 pub mod demo;
 pub mod device;
+#[cfg(feature = "virtual")]
+pub mod fleet;
 pub mod homeassistant;
 pub mod led;
 pub mod link;
