@@ -105,3 +105,97 @@ fn a_broker_restart_loses_no_reading_and_the_fleet_reconverges() {
     // What was in flight when the broker went is sent again: counted, never more than a window each.
     assert!(r.duplicated <= (N * 16) as u64, "{r:?}");
 }
+
+/// A release key and a manifest of version 0.2.0 for any architecture, signed with it.
+fn release() -> (tempfile::TempDir, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let (code, _, err) = common::run_to_end(&["release", "keygen", keys.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    let deb = dir.path().join("nightlight_0.2.0_all.deb");
+    std::fs::write(&deb, vec![7u8; 4096]).unwrap();
+    let key = keys.join("release.key");
+    let args =
+        ["release", "sign", "--key", key.to_str().unwrap(), "--url", "http://127.0.0.1:9/x.deb", "--version", "0.2.0"];
+    let (code, manifest, err) =
+        common::run_to_end(&[&args[..], &["--arch", "all", deb.to_str().unwrap()]].concat(), &[]);
+    assert_eq!(code, 0, "{err}");
+    let path = dir.path().join("manifest.json");
+    std::fs::write(&path, manifest.trim()).unwrap();
+    let public = keys.join("release.pub").display().to_string();
+    (dir, public, path.display().to_string())
+}
+
+/// `fleet: U updated, R rolled back`.
+fn updates(out: &[String]) -> (u64, u64) {
+    let line = out.iter().find(|l| l.ends_with(" rolled back")).expect("the update line");
+    let n: Vec<u64> = line.split(' ').filter_map(|w| w.parse().ok()).collect();
+    (n[0], n[1])
+}
+
+/// `rollout: T targeted, S sent, U updated, F failed, halted: yes|no`.
+fn rollout_line(out: &str) -> (Vec<u64>, bool) {
+    let last = out.lines().last().unwrap_or_default();
+    assert!(last.starts_with("rollout: "), "not the contract's line: {out}");
+    (last.split(' ').filter_map(|w| w.trim_end_matches(',').parse().ok()).collect(), last.ends_with("halted: yes"))
+}
+
+fn rollout(port: u16, manifest: &str) -> (i32, String, String) {
+    let broker = format!("127.0.0.1:{port}");
+    common::run_to_end(
+        &[
+            "release",
+            "rollout",
+            "--broker",
+            &broker,
+            "--manifest",
+            manifest,
+            "--devices",
+            "fleet-*",
+            "--abort-after",
+            "100",
+            "--abort-at",
+            "5",
+        ],
+        &[],
+    )
+}
+
+#[test]
+fn a_rollout_with_too_many_failed_installs_halts_and_sends_nothing_after() {
+    let b = broker();
+    let (_keys, public, manifest) = release();
+    let d = fleet(b.port, 30, &["--update-keys", &public, "--fail-installs", "10"]);
+    d.wait_stderr(&format!("all {N} devices connected after"), 30 * S);
+    let (code, out, err) = rollout(b.port, &manifest);
+    assert_eq!(code, 1, "a halt exits 1:\n{out}\n{err}");
+    let (n, halted) = rollout_line(&out);
+    let (targeted, sent, updated, failed) = (n[0], n[1], n[2], n[3]);
+    assert!(halted && targeted == N as u64 && sent < targeted, "{out}");
+    assert!(failed * 100 > 5 * (updated + failed) && updated + failed >= 100, "halted by the rule: {out}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("rollout: failed fleet-")).count() as u64,
+        failed,
+        "each failed device listed"
+    );
+    let (r, fleet_out) = finish(d, 30);
+    assert_eq!(r.lost, 0);
+    // The devices that took the manifest are exactly those sent it: none after the halt.
+    let (took, rolled_back) = updates(&fleet_out);
+    assert_eq!((took + rolled_back, rolled_back), (sent, failed), "{fleet_out:?}\n{out}");
+}
+
+#[test]
+fn a_rollout_with_good_installs_completes_and_every_device_runs_the_new_version() {
+    let b = broker();
+    let (_keys, public, manifest) = release();
+    let d = fleet(b.port, 30, &["--update-keys", &public]);
+    d.wait_stderr(&format!("all {N} devices connected after"), 30 * S);
+    let (code, out, err) = rollout(b.port, &manifest);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (n, halted) = rollout_line(&out);
+    assert!(!halted && n[..4] == [N as u64, N as u64, N as u64, 0], "{out}");
+    let (r, fleet_out) = finish(d, 30);
+    assert_eq!(r.lost, 0);
+    assert_eq!(updates(&fleet_out), (N as u64, 0));
+}

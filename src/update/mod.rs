@@ -8,4 +8,5 @@ pub mod fetch;
 pub mod install;
 pub mod manifest;
 pub mod release;
+pub mod rollout;
 pub mod state;

@@ -5,7 +5,10 @@
 //! - `sign --key FILE --url URL DEB` prints the signed manifest of `DEB`: its size and SHA-256
 //!   measured here, its version and architecture from its control file (`dpkg-deb`), or given.
 //!
-//! Exit codes: 0 done, 2 bad usage or input (named), 1 anything else.
+//! - `rollout --broker HOST:PORT --manifest FILE --devices PATTERN ...` sends it to a fleet in
+//!   waves that halt themselves ([`super::rollout`]).
+//!
+//! Exit codes: 0 done, 2 bad usage or input (named), 1 anything else (a rollout that halted).
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -42,13 +45,19 @@ pub enum Command {
         /// The .deb
         deb: PathBuf,
     },
+    /// Send a signed manifest to matching devices in growing waves; halt when too many fail
+    Rollout(super::rollout::Args),
 }
 
 /// Runs it; prints what it made or why not.
 pub fn run(cmd: Command) -> ExitCode {
+    if let Command::Rollout(a) = &cmd {
+        return super::rollout::run(a);
+    }
     let result = match cmd {
         Command::Keygen { dir } => keygen(&dir),
         Command::Sign { key, url, version, arch, deb } => sign(&key, &url, version, arch, &deb),
+        Command::Rollout(_) => unreachable!("run above"),
     };
     match result {
         Ok(out) => {
