@@ -4,17 +4,22 @@
 # mosquitto on a free loopback port, and prints the fleet's own line (sent, acked, lost,
 # duplicated, reading-to-PUBACK p50/p99, the process's peak RSS and CPU) and mosquitto's CPU and
 # RSS beside it. The goals (docs/fleet.md): 10,000 devices in at most 64 MiB and 10 % of one core.
+# CONTROLLERS (2) `nightlight server` instances in one shared group decide the fleet's readings
+# meanwhile: their readings must add up to what the broker delivered to the fleet's observer
+# (every reading decided exactly once), their commands to what the devices obeyed; their CPU
+# gives readings decided per second per core.
 # SMOKE=1 runs 200 devices for 5 s (CI: it checks the script, not the figures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DEVICES=${DEVICES:-10000} INTERVAL_MS=${INTERVAL_MS:-5000} DURATION_S=${DURATION_S:-120}
+DEVICES=${DEVICES:-10000} INTERVAL_MS=${INTERVAL_MS:-5000} DURATION_S=${DURATION_S:-120} CONTROLLERS=${CONTROLLERS:-2}
 if [ "${SMOKE:-0}" = 1 ]; then DEVICES=200 DURATION_S=5 INTERVAL_MS=500; fi
 export PATH="$PATH:/usr/sbin"
 tdir=$(scripts/target-dir.sh)
 cargo build --release --no-default-features --features virtual --bin nightlight
 bin="$tdir/release/nightlight"
 work=$(mktemp -d)
-trap 'kill "$mpid" 2>/dev/null || true; rm -rf "$work"' EXIT
+pids=()
+trap 'kill "${pids[@]}" "$mpid" 2>/dev/null || true; rm -rf "$work"' EXIT
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 cat >"$work/mosquitto.conf" <<CONF
 listener $port 127.0.0.1
@@ -27,12 +32,38 @@ ulimit -n "$(ulimit -Hn)"
 mosquitto -c "$work/mosquitto.conf" >"$work/mosquitto.log" 2>&1 &
 mpid=$!
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
-ticks() { awk '{ print $14 + $15 }' "/proc/$mpid/stat"; }
-t0=$(ticks)
+ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+for c in $(seq "$CONTROLLERS"); do
+  NIGHTLIGHT__MQTT__HOST=127.0.0.1 NIGHTLIGHT__MQTT__PORT=$port NIGHTLIGHT__SERVER__SHARED_GROUP=bench \
+    RUST_LOG=info "$bin" --config device.toml server 2>"$work/server$c.log" &
+  pids+=($!)
+done
+for c in $(seq "$CONTROLLERS"); do
+  for _ in $(seq 100); do grep -q '"connected"\|connected' "$work/server$c.log" && break; sleep 0.05; done
+done
+t0=$(ticks "$mpid")
+c0=(); for p in "${pids[@]}"; do c0+=("$(ticks "$p")"); done
 "$bin" fleet --devices "$DEVICES" --broker "127.0.0.1:$port" --duration-s "$DURATION_S" --interval-ms "$INTERVAL_MS" \
   | tee "$work/fleet.out"
-t1=$(ticks)
+t1=$(ticks "$mpid")
+# The controllers take the fleet's last readings the moment the observer does; a second lets them
+# finish before they are asked to stop and count (a benchmark's settle, not a test's wait).
+[ "$CONTROLLERS" -eq 0 ] || sleep 1
 hz=$(getconf CLK_TCK)
+decided=0 cpu=0 each=""
+for i in "${!pids[@]}"; do
+  c=$(( $(ticks "${pids[$i]}") - ${c0[$i]} ))
+  kill -TERM "${pids[$i]}"; wait "${pids[$i]}" || true
+  n=$(sed -n 's/.*controller stopped.*readings=\([0-9]*\).*/\1/p' "$work/server$((i + 1)).log")
+  decided=$((decided + ${n:-0})) cpu=$((cpu + c)) each="$each ${n:-0}"
+done
+pids=()
+if [ "$CONTROLLERS" -gt 0 ]; then
+  delivered=$(sed -n 's/^fleet: \([0-9]*\) readings delivered.*/\1/p' "$work/fleet.out")
+  awk -v n="$decided" -v d="$delivered" -v each="$each" -v c="$cpu" -v hz="$hz" -v t="$DURATION_S" -v k="$CONTROLLERS" \
+    'BEGIN { printf "controllers: %d in a shared group decided %d readings (each:%s) of %d delivered; %.0f readings/s per core, %.1f %% of a core in all\n",
+             k, n, each, d, (c > 0 ? n / (c / hz) : 0), c / hz / t * 100 }'
+fi
 mrss=$(awk '/VmHWM/ { print $2 }' "/proc/$mpid/status")
 awk -v t="$((t1 - t0))" -v hz="$hz" -v d="$DURATION_S" -v rss="$mrss" \
   'BEGIN { printf "mosquitto: cpu %.1f %% (over the run), peak rss %.1f MiB\n", t / hz / d * 100, rss / 1024 }'

@@ -146,6 +146,7 @@ fn fleet(a: &FleetArgs) -> ExitCode {
     match crate::fleet::run(&opts) {
         Ok(r) => {
             println!("fleet: {} connections lost, {} connects failed", r.drops, r.connect_failures);
+            println!("fleet: {} readings delivered to the observer, {} commands obeyed", r.delivered, r.commands);
             for took in &r.reconverged {
                 println!("fleet: reconverged in {} ms", took.as_millis());
             }

@@ -5,6 +5,13 @@
 //! between), ignores readings older than the one behind its last decision (a device draining its
 //! offline queue), and sends a command only when the wanted state differs from the state the
 //! device last reported and that command is not already on its way.
+//!
+//! In a shared group (`server.shared_group`) each controller gets some of a device's readings
+//! and every one of its states. Then the state the device reported, which all of them see, is
+//! what a reading inside the hysteresis band keeps, and a state report alone sends nothing (the
+//! device's next reading corrects it): a controller's own last decision may be older than
+//! another's, and correcting toward it made two controllers switch a device back and forth
+//! (found by `nightlight fleet` with two controllers: four times as many commands as readings).
 
 use std::collections::HashMap;
 
@@ -40,6 +47,8 @@ pub struct Controller {
     max_devices: usize,
     /// Messages ignored because [`MAX_DEVICES`] were known already.
     ignored: u64,
+    /// One of a shared group (see the module doc).
+    shared: bool,
 }
 
 impl Controller {
@@ -50,7 +59,13 @@ impl Controller {
 
     /// As [`Controller::new`], keeping track of at most `max_devices`.
     pub fn with_capacity(threshold: u16, hysteresis: u16, max_devices: usize) -> Self {
-        Controller { threshold, hysteresis, devices: HashMap::new(), max_devices, ignored: 0 }
+        Controller { threshold, hysteresis, devices: HashMap::new(), max_devices, ignored: 0, shared: false }
+    }
+
+    /// One controller of a shared group (see the module doc).
+    pub fn shared(mut self) -> Self {
+        self.shared = true;
+        self
     }
 
     /// Messages ignored because the controller kept track of as many devices as it may.
@@ -69,12 +84,13 @@ impl Controller {
 
     /// A reading from `<id>/telemetry`.
     pub fn on_reading(&mut self, id: &str, light: u16, ts: u64) -> Option<Command> {
-        let (threshold, hysteresis) = (self.threshold, self.hysteresis);
+        let (threshold, hysteresis, shared) = (self.threshold, self.hysteresis, self.shared);
         let d = self.view(id)?;
         if d.wanted.is_some() && ts < d.decided_ts {
             return None; // late, from an offline queue: a newer reading already decided
         }
-        let wanted = match d.wanted {
+        let previous = if shared { d.reported.or(d.wanted) } else { d.wanted };
+        let wanted = match previous {
             _ if light < threshold => true,
             _ if u32::from(light) >= u32::from(threshold) + u32::from(hysteresis) => false,
             Some(previous) => previous,
@@ -87,9 +103,13 @@ impl Controller {
 
     /// A state report from `<id>/state`.
     pub fn on_state(&mut self, id: &str, led_on: bool) -> Option<Command> {
+        let shared = self.shared;
         let d = self.view(id)?;
         d.reported = Some(led_on);
         d.sent = None;
+        if shared {
+            return None; // its next reading decides (see the module doc)
+        }
         Self::command_for(id, d)
     }
 
@@ -121,6 +141,35 @@ mod tests {
         assert_eq!(c.on_state("a", true), None);
         assert_eq!(c.on_reading("a", 200, 4), None);
         assert_eq!(c.on_reading("a", 330, 5), cmd(false));
+    }
+
+    #[test]
+    fn two_controllers_of_a_shared_group_never_undo_each_other() {
+        let (mut a, mut b) = (Controller::new(300, 20).shared(), Controller::new(300, 20).shared());
+        let mut led = false;
+        a.on_state("d", led);
+        b.on_state("d", led);
+        let (mut commands, mut changes) = (0, 0);
+        // Readings alternate between the two; both see every state.
+        let lights = [500, 250, 310, 305, 330, 100, 315, 600, 290, 310, 319, 321, 0, 1000];
+        for (i, light) in lights.into_iter().enumerate() {
+            let c = if i % 2 == 0 { &mut a } else { &mut b };
+            if let Some(cmd) = c.on_reading("d", light, i as u64) {
+                commands += 1;
+                if cmd.on != led {
+                    changes += 1;
+                }
+                led = cmd.on;
+                assert_eq!(a.on_state("d", led), None);
+                assert_eq!(b.on_state("d", led), None);
+            }
+            let want = if light < 300 { Some(true) } else if light >= 320 { Some(false) } else { None };
+            if let Some(w) = want {
+                assert_eq!(led, w, "reading {light}: the LED follows the light");
+            }
+        }
+        assert_eq!(commands, changes, "one command per change, none undone");
+        assert_eq!(commands, 8);
     }
 
     #[test]

@@ -58,8 +58,14 @@ pub async fn run(cfg: Config, security: Security, shutdown: impl Future<Output =
     let broker = cfg.mqtt.broker();
     let filter = topics::all_telemetry(&cfg.server.shared_group);
     let mut controller = Controller::new(cfg.server.threshold, cfg.server.hysteresis);
+    if !cfg.server.shared_group.is_empty() {
+        controller = controller.shared();
+    }
     let mut last_error: Option<String> = None;
     let mut connected = false;
+    // What this instance did, said at its stop: with a shared group, the instances' readings
+    // add up to the fleet's.
+    let (mut readings, mut commands) = (0u64, 0u64);
     info!(broker = %broker, threshold = cfg.server.threshold, hysteresis = cfg.server.hysteresis,
         telemetry = %filter, "controller started");
     tokio::pin!(shutdown);
@@ -92,6 +98,7 @@ pub async fn run(cfg: Config, security: Security, shutdown: impl Future<Output =
                     let cmd = match leaf {
                         "telemetry" => match serde_json::from_slice::<Reading>(&m.payload) {
                             Ok(r) => {
+                                readings += 1;
                                 trace!(device = %payload::printable(id, 80), light = r.light, "reading");
                                 controller.on_reading(id, r.light, r.ts)
                             }
@@ -110,6 +117,7 @@ pub async fn run(cfg: Config, security: Security, shutdown: impl Future<Output =
                             "tracking as many devices as a controller may: messages from more are ignored (use server.shared_group to share the fleet)");
                     }
                     if let Some(Command { id, on }) = cmd {
+                        commands += 1;
                         info!(device = %id, led_on = on, "sending command");
                         let json = payload::Command { led_on: on, ts: Some(crate::clock::unix_ms()) }.to_json();
                         let topic = topics::commands(&id);
@@ -140,6 +148,6 @@ pub async fn run(cfg: Config, security: Security, shutdown: impl Future<Output =
         let _ = client.publish(&status_topic, Qos::AtLeastOnce, true, Vec::new());
         poller.close(&client, STOP_GRACE).await;
     }
-    info!("controller stopped");
+    info!(readings, commands, "controller stopped");
     Ok(())
 }

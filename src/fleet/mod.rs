@@ -139,6 +139,9 @@ pub struct Report {
     pub reconverged: Vec<Duration>,
     pub updated: u64,
     pub rolled_back: u64,
+    /// Readings the observer was delivered (every copy), and commands the devices obeyed.
+    pub delivered: u64,
+    pub commands: u64,
     /// Connections lost (not cut by a scenario), and attempts that failed.
     pub drops: u64,
     pub connect_failures: u64,
@@ -313,6 +316,8 @@ async fn run_async(opts: &Options) -> anyhow::Result<(Report, Duration)> {
         rolled_back: shared.rolled_back.load(Relaxed),
         drops: shared.drops.load(Relaxed),
         connect_failures: shared.connect_failures.load(Relaxed),
+        delivered: seen.iter().map(Seen::copies).sum(),
+        commands: shared.commands.load(Relaxed),
     };
     Ok((report, wall))
 }
@@ -393,6 +398,8 @@ mod tests {
             rolled_back: 0,
             drops: 0,
             connect_failures: 0,
+            delivered: 0,
+            commands: 0,
         };
         assert_eq!(
             r.to_string(),

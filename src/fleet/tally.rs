@@ -44,6 +44,11 @@ impl Seen {
         }
     }
 
+    /// Every copy delivered: the distinct readings and their duplicates.
+    pub fn copies(&self) -> u64 {
+        self.below.saturating_sub(1) + self.above.len() as u64 + self.duplicated
+    }
+
     /// How many of the readings 1..=`acked` (those the device let go of) were never seen.
     pub fn lost(&self, acked: u64) -> u64 {
         let seen_below = self.below.saturating_sub(1).min(acked);
@@ -113,7 +118,7 @@ mod tests {
     fn a_resend_after_a_reconnect_is_duplicated_not_lost() {
         let mut s = Seen::default();
         [1, 2, 3, 4, 3, 4, 5].iter().for_each(|q| s.saw(*q));
-        assert_eq!((s.lost(5), s.duplicated), (0, 2));
+        assert_eq!((s.lost(5), s.duplicated, s.copies()), (0, 2, 7));
     }
 
     #[test]
