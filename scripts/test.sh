@@ -65,6 +65,7 @@ cross/update-test.sh
 echo "==> benchmark script smoke (one short repetition beside the lesson's device; no figures asserted)"
 SMOKE=1 bench/compare.sh >/dev/null
 SMOKE=1 bench/metrics.sh >/dev/null
+SMOKE=1 bench/fleet.sh >/dev/null
 
 log=$(mktemp)
 echo "==> the demo's page in a real browser (headless chromium)"

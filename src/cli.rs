@@ -145,6 +145,10 @@ fn fleet(a: &FleetArgs) -> ExitCode {
     };
     match crate::fleet::run(&opts) {
         Ok(r) => {
+            match r.connected_after {
+                Some(t) => println!("fleet: all {} devices connected {} ms after the start", r.devices, t.as_millis()),
+                None => println!("fleet: never were all {} devices connected at once", r.devices),
+            }
             println!("fleet: {} connections lost, {} connects failed", r.drops, r.connect_failures);
             println!("fleet: {} readings delivered to the observer, {} commands obeyed", r.delivered, r.commands);
             for took in &r.reconverged {

@@ -163,7 +163,13 @@ mod tests {
                 assert_eq!(a.on_state("d", led), None);
                 assert_eq!(b.on_state("d", led), None);
             }
-            let want = if light < 300 { Some(true) } else if light >= 320 { Some(false) } else { None };
+            let want = if light < 300 {
+                Some(true)
+            } else if light >= 320 {
+                Some(false)
+            } else {
+                None
+            };
             if let Some(w) = want {
                 assert_eq!(led, w, "reading {light}: the LED follows the light");
             }

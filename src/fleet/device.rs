@@ -19,6 +19,7 @@
 //!   DISCONNECT, and holds the device off the broker until the cut ends.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,10 +28,10 @@ use rumqttc::mqttbytes::v4::{PubAck, Subscribe};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::{Packet, Publish};
 use tokio::sync::watch;
-use tokio::time::{sleep_until, Instant};
+use tokio::time::{sleep_until, Instant, Sleep};
 
 use super::conn::{Conn, ConnError, Hello};
-use super::{Cut, Shared};
+use super::{Control, Shared};
 use crate::link::Backoff;
 use crate::update::manifest::Manifest;
 use crate::update::state::{Phase, UpdateState};
@@ -76,10 +77,33 @@ struct Sim<'a> {
     failed: Option<String>,
     update: Option<UpdateState>,
     other_pkid: u16,
+    /// When a packet last went to the broker: keep-alive needs a PINGREQ only after silence.
+    last_sent: Instant,
 }
 
-/// Runs one device until `stop` says so.
-pub async fn run(spec: Spec, shared: Arc<Shared>, mut cut: watch::Receiver<Cut>, mut stop: watch::Receiver<bool>) {
+/// The device's next reading: one timer, moved on rather than made anew at every turn of its
+/// loop (10,000 devices turning twice per reading made timer churn the fleet's largest cost).
+struct Clock {
+    next: Instant,
+    timer: Pin<Box<Sleep>>,
+    interval: Duration,
+}
+
+impl Clock {
+    fn new(first: Instant, interval: Duration) -> Self {
+        Clock { next: first, timer: Box::pin(sleep_until(first)), interval }
+    }
+
+    /// Waits for the next reading's time; then it is one interval later.
+    async fn tick(&mut self) {
+        self.timer.as_mut().await;
+        self.next += self.interval;
+        self.timer.as_mut().reset(self.next);
+    }
+}
+
+/// Runs one device until its control says stop.
+pub async fn run(spec: Spec, shared: Arc<Shared>, mut control: watch::Receiver<Control>) {
     let id = super::device_id(spec.index);
     let mut sim = Sim {
         spec,
@@ -92,24 +116,27 @@ pub async fn run(spec: Spec, shared: Arc<Shared>, mut cut: watch::Receiver<Cut>,
         failed: None,
         update: None,
         other_pkid: OTHER_PKIDS,
+        last_sent: Instant::now(),
     };
     let interval = shared.interval;
-    let mut next_reading = Instant::now() + interval.mul_f64(fastrand::f64());
+    let mut clock = Clock::new(Instant::now() + interval.mul_f64(fastrand::f64()), interval);
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     // The first connects spread over a second, as a fleet powered on together.
     let mut connect_at = Instant::now() + Duration::from_millis(fastrand::u64(0..1000));
     loop {
         // Away from the broker: readings queue until it is time to try again.
         loop {
-            let held_until = cut.borrow().until(sim.spec.index);
+            let (stop, held_until) = {
+                let c = control.borrow_and_update();
+                (c.stop, c.cut.until(sim.spec.index))
+            };
+            if stop {
+                return;
+            }
             let at = connect_at.max(held_until.unwrap_or(connect_at));
             tokio::select! {
-                _ = stop.changed() => return,
-                _ = cut.changed() => continue,
-                _ = sleep_until(next_reading) => {
-                    sim.take_reading();
-                    next_reading += interval;
-                }
+                _ = control.changed() => continue,
+                _ = clock.tick() => sim.take_reading(),
                 _ = sleep_until(at) => break,
             }
         }
@@ -125,7 +152,7 @@ pub async fn run(spec: Spec, shared: Arc<Shared>, mut cut: watch::Receiver<Cut>,
         };
         let up = Instant::now();
         shared.connected.fetch_add(1, Relaxed);
-        let ended = sim.session(&mut conn, &mut next_reading, &mut cut, &mut stop).await;
+        let ended = sim.session(&mut conn, &mut clock, &mut control).await;
         shared.connected.fetch_sub(1, Relaxed);
         sim.queue.iter_mut().for_each(|r| r.sent = false);
         match ended {
@@ -176,38 +203,37 @@ impl Sim<'_> {
         self.shared.released_upto[self.spec.index].store(oldest - 1, Relaxed);
     }
 
-    async fn session(
-        &mut self,
-        conn: &mut Conn,
-        next_reading: &mut Instant,
-        cut: &mut watch::Receiver<Cut>,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Ended {
+    async fn session(&mut self, conn: &mut Conn, clock: &mut Clock, control: &mut watch::Receiver<Control>) -> Ended {
         if let Err(e) = self.hello(conn).await {
             return Ended::Lost(e);
         }
         let ping_every = Duration::from_secs(u64::from(KEEP_ALIVE) / 2);
-        let mut ping_at = Instant::now() + ping_every;
+        let ping = sleep_until(Instant::now() + ping_every);
+        tokio::pin!(ping);
         loop {
             if let Err(e) = self.pump(conn).await {
                 return Ended::Lost(e);
             }
             tokio::select! {
-                _ = stop.changed() => return Ended::Stop,
-                _ = cut.changed() => {
-                    if cut.borrow().takes(self.spec.index) {
+                _ = control.changed() => {
+                    let c = control.borrow_and_update();
+                    if c.stop {
+                        return Ended::Stop;
+                    }
+                    if c.cut.takes(self.spec.index) {
                         return Ended::Cut;
                     }
                 }
-                _ = sleep_until(*next_reading) => {
-                    self.take_reading();
-                    *next_reading += self.shared.interval;
-                }
-                _ = sleep_until(ping_at) => {
-                    ping_at = Instant::now() + ping_every;
-                    if let Err(e) = conn.send(&Packet::PingReq).await {
-                        return Ended::Lost(e);
+                _ = clock.tick() => self.take_reading(),
+                _ = &mut ping => {
+                    // Readings keep the connection alive; a PINGREQ only after ping_every of silence.
+                    if self.last_sent.elapsed() >= ping_every {
+                        if let Err(e) = conn.send(&Packet::PingReq).await {
+                            return Ended::Lost(e);
+                        }
+                        self.last_sent = Instant::now();
                     }
+                    ping.as_mut().reset(self.last_sent + ping_every);
                 }
                 packet = conn.recv() => match packet {
                     Ok(p) => if let Err(e) = self.on_packet(conn, p).await {
@@ -282,6 +308,7 @@ impl Sim<'_> {
             r.sent = true;
             self.shared.sent.fetch_add(1, Relaxed);
             conn.send(&Packet::Publish(p)).await?;
+            self.last_sent = Instant::now();
         }
         Ok(())
     }

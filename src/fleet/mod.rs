@@ -65,6 +65,13 @@ pub enum Scenario {
     Storm,
 }
 
+/// What the fleet tells its devices: stop, or a cut.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Control {
+    pub stop: bool,
+    pub cut: Cut,
+}
+
 /// Which devices are held off the broker, and until when.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cut {
@@ -135,6 +142,8 @@ pub struct Report {
     pub p99_ms: u64,
     pub rss_mib: f64,
     pub cpu_percent: f64,
+    /// From the start until every device was connected (`None`: never all at once).
+    pub connected_after: Option<Duration>,
     /// Each time devices were off the broker: how long until all were connected again.
     pub reconverged: Vec<Duration>,
     pub updated: u64,
@@ -197,7 +206,6 @@ async fn run_async(opts: &Options) -> anyhow::Result<(Report, Duration)> {
         latency: Mutex::new(Latency::default()),
     });
     let seen: observer::Sightings = Arc::new(Mutex::new(vec![Seen::default(); n]));
-    let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, mut ready_rx) = watch::channel(false);
     // The observer outlives the devices: what they were acknowledged last is still on its way.
     let (obs_stop, obs_stop_rx) = watch::channel(false);
@@ -208,7 +216,7 @@ async fn run_async(opts: &Options) -> anyhow::Result<(Report, Duration)> {
         .map_err(|_| anyhow::anyhow!("the observer stopped"))?;
 
     let started = Instant::now();
-    let (cut_tx, cut_rx) = watch::channel(Cut::default());
+    let (control, control_rx) = watch::channel(Control::default());
     let mut devices = Vec::with_capacity(n);
     for index in 0..n {
         let spec = device::Spec {
@@ -216,7 +224,7 @@ async fn run_async(opts: &Options) -> anyhow::Result<(Report, Duration)> {
             skew_ms: if share(index, opts.skew, 1) { 3_600_000 } else { 0 },
             fail_installs: share(index, opts.fail_installs, 2),
         };
-        devices.push(tokio::spawn(device::run(spec, shared.clone(), cut_rx.clone(), stop_rx.clone())));
+        devices.push(tokio::spawn(device::run(spec, shared.clone(), control_rx.clone())));
     }
     eprintln!("fleet: {n} devices starting against {}", opts.broker);
 
@@ -227,6 +235,7 @@ async fn run_async(opts: &Options) -> anyhow::Result<(Report, Duration)> {
     let mut all_up = false;
     let mut down_since: Option<Instant> = None;
     let mut reconverged = Vec::new();
+    let mut connected_after = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(end) => break,
@@ -243,7 +252,7 @@ async fn run_async(opts: &Options) -> anyhow::Result<(Report, Duration)> {
                     }
                     None => Cut::default(),
                 };
-                let _ = cut_tx.send(cut);
+                control.send_modify(|c| c.cut = cut);
             }
             _ = watch_every.tick() => {
                 let up = shared.connected.load(Relaxed);
@@ -255,6 +264,7 @@ async fn run_async(opts: &Options) -> anyhow::Result<(Report, Duration)> {
                         reconverged.push(took);
                     } else {
                         eprintln!("fleet: all {n} devices connected after {} ms", started.elapsed().as_millis());
+                        connected_after = Some(started.elapsed());
                     }
                 } else if up < n && all_up {
                     all_up = false;
@@ -274,7 +284,7 @@ async fn run_async(opts: &Options) -> anyhow::Result<(Report, Duration)> {
     }
     let wall = started.elapsed();
     // The devices stop; the observer gets a bounded time to see what they were told is acknowledged.
-    let _ = stop_tx.send(true);
+    control.send_modify(|c| c.stop = true);
     for d in devices {
         let _ = d.await;
     }
@@ -311,6 +321,7 @@ async fn run_async(opts: &Options) -> anyhow::Result<(Report, Duration)> {
         p99_ms: latency.quantile(0.99),
         rss_mib: 0.0,
         cpu_percent: 0.0,
+        connected_after,
         reconverged,
         updated: shared.updated.load(Relaxed),
         rolled_back: shared.rolled_back.load(Relaxed),
@@ -393,6 +404,7 @@ mod tests {
             p99_ms: 7,
             rss_mib: 12.25,
             cpu_percent: 3.04,
+            connected_after: None,
             reconverged: vec![],
             updated: 0,
             rolled_back: 0,
