@@ -8,6 +8,9 @@
 # meanwhile: their readings must add up to what the broker delivered to the fleet's observer
 # (every reading decided exactly once), their commands to what the devices obeyed; their CPU
 # gives readings decided per second per core.
+# ROLLOUT_FAIL=P (unset: no rollout) gives the devices a release key and P % bad installs, and a
+# third into the run sends them a signed update with `nightlight release rollout --abort-after
+# 200 --abort-at 5`, printing its last line and how many failed devices it listed.
 # SMOKE=1 runs 200 devices for 5 s (CI: it checks the script, not the figures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,8 +46,26 @@ for c in $(seq "$CONTROLLERS"); do
 done
 t0=$(ticks "$mpid")
 c0=(); for p in "${pids[@]}"; do c0+=("$(ticks "$p")"); done
+update=()
+if [ -n "${ROLLOUT_FAIL:-}" ]; then
+  "$bin" release keygen "$work/keys" >/dev/null
+  head -c 100000 /dev/urandom >"$work/nightlight_9.9.9_all.deb"
+  "$bin" release sign --key "$work/keys/release.key" --url "http://127.0.0.1:9/nightlight_9.9.9_all.deb" \
+    --version 9.9.9 --arch all "$work/nightlight_9.9.9_all.deb" >"$work/manifest.json"
+  update=(--update-keys "$work/keys/release.pub" --fail-installs "$ROLLOUT_FAIL")
+fi
 "$bin" fleet --devices "$DEVICES" --broker "127.0.0.1:$port" --duration-s "$DURATION_S" --interval-ms "$INTERVAL_MS" \
-  | tee "$work/fleet.out"
+  "${update[@]}" 2>"$work/fleet.err" | tee "$work/fleet.out" &
+fleet=$!
+if [ -n "${ROLLOUT_FAIL:-}" ]; then
+  for _ in $(seq 600); do grep -q "devices connected after" "$work/fleet.err" && break; sleep 0.1; done
+  "$bin" release rollout --broker "127.0.0.1:$port" --manifest "$work/manifest.json" --devices 'fleet-*' \
+    --abort-after 200 --abort-at 5 >"$work/rollout.out" 2>"$work/rollout.err" || true
+  echo "rollout ($ROLLOUT_FAIL % bad installs, abort at 5 % after 200): $(grep -c '^rollout: failed' "$work/rollout.out") failed devices listed"
+  tail -1 "$work/rollout.out"
+fi
+wait "$fleet"
+tail -3 "$work/fleet.err" >&2
 t1=$(ticks "$mpid")
 # The controllers take the fleet's last readings the moment the observer does; a second lets them
 # finish before they are asked to stop and count (a benchmark's settle, not a test's wait).

@@ -343,6 +343,18 @@ async fn shell(a: &Args, manifest: &Manifest, bytes: Vec<u8>, password: Option<S
     }
     let mut r = Rollout::new(&manifest.version, targets, a);
     eprintln!("rollout: {} devices match {:?}; sending {} in waves", r.devices.len(), a.devices, manifest.version);
+    // The event loop runs on its own from here: a wave larger than the client's request channel
+    // is handed over while the loop writes it out (polled only between publishes, it deadlocked).
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let pump = tokio::spawn(async move {
+        loop {
+            let ev = events.poll().await.map_err(|e| e.to_string());
+            let end = ev.is_err() || matches!(ev, Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)));
+            if tx.send(ev).is_err() || end {
+                return;
+            }
+        }
+    });
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut waves = 0;
     while !r.over() {
@@ -355,8 +367,8 @@ async fn shell(a: &Args, manifest: &Manifest, bytes: Vec<u8>, password: Option<S
             }
         }
         tokio::select! {
-            ev = events.poll() => match ev {
-                Ok(Event::Incoming(Incoming::Publish(p))) => {
+            ev = rx.recv() => match ev {
+                Some(Ok(Event::Incoming(Incoming::Publish(p)))) => {
                     if let Some((id, s)) = state_of(&p.topic, &p.payload) {
                         let was = r.halted;
                         r.state(&id, &s);
@@ -365,22 +377,16 @@ async fn shell(a: &Args, manifest: &Manifest, bytes: Vec<u8>, password: Option<S
                         }
                     }
                 }
-                Ok(_) => {}
-                Err(e) => anyhow::bail!("{}: {e}", a.broker),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => anyhow::bail!("{}: {e}", a.broker),
+                None => anyhow::bail!("{}: the connection ended", a.broker),
             },
             _ = tick.tick() => r.tick(Instant::now()),
         }
     }
     // Hand over what is still queued in the client before leaving.
     let _ = client.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Ok(ev) = events.poll().await {
-            if matches!(ev, rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                break;
-            }
-        }
-    })
-    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), pump).await;
     Ok(r)
 }
 
