@@ -8,6 +8,9 @@
 # meanwhile: their readings must add up to what the broker delivered to the fleet's observer
 # (every reading decided exactly once), their commands to what the devices obeyed; their CPU
 # gives readings decided per second per core.
+# KILL=1 kills the first controller (SIGKILL) halfway through and says how many readings no
+# controller decided: the gap before the other took over, in readings and in seconds of the
+# fleet's rate (the killed one's share comes from its last once-a-second count).
 # ROLLOUT_FAIL=P (unset: no rollout) gives the devices a release key and P % bad installs, and a
 # third into the run sends them a signed update with `nightlight release rollout --abort-after
 # 200 --abort-at 5`, printing its last line and how many failed devices it listed.
@@ -38,7 +41,7 @@ for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && brea
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 for c in $(seq "$CONTROLLERS"); do
   NIGHTLIGHT__MQTT__HOST=127.0.0.1 NIGHTLIGHT__MQTT__PORT=$port NIGHTLIGHT__SERVER__SHARED_GROUP=bench \
-    RUST_LOG=info "$bin" --config device.toml server 2>"$work/server$c.log" &
+    RUST_LOG=info,nightlight::server=debug "$bin" --config device.toml server 2>"$work/server$c.log" &
   pids+=($!)
 done
 for c in $(seq "$CONTROLLERS"); do
@@ -57,6 +60,11 @@ fi
 "$bin" fleet --devices "$DEVICES" --broker "127.0.0.1:$port" --duration-s "$DURATION_S" --interval-ms "$INTERVAL_MS" \
   "${update[@]}" 2>"$work/fleet.err" | tee "$work/fleet.out" &
 fleet=$!
+if [ "${KILL:-0}" = 1 ] && [ "$CONTROLLERS" -ge 2 ]; then
+  sleep $((DURATION_S / 2))
+  kill -9 "${pids[0]}"
+  echo "killed controller 1 (SIGKILL) at $((DURATION_S / 2)) s"
+fi
 if [ -n "${ROLLOUT_FAIL:-}" ]; then
   for _ in $(seq 600); do grep -q "devices connected after" "$work/fleet.err" && break; sleep 0.1; done
   "$bin" release rollout --broker "127.0.0.1:$port" --manifest "$work/manifest.json" --devices 'fleet-*' \
@@ -73,12 +81,23 @@ t1=$(ticks "$mpid")
 hz=$(getconf CLK_TCK)
 decided=0 cpu=0 each=""
 for i in "${!pids[@]}"; do
-  c=$(( $(ticks "${pids[$i]}") - ${c0[$i]} ))
-  kill -TERM "${pids[$i]}"; wait "${pids[$i]}" || true
+  c=0
+  if [ -e "/proc/${pids[$i]}" ]; then
+    c=$(( $(ticks "${pids[$i]}") - ${c0[$i]} ))
+    kill -TERM "${pids[$i]}"
+  fi
+  wait "${pids[$i]}" || true
   n=$(sed -n 's/.*controller stopped.*readings=\([0-9]*\).*/\1/p' "$work/server$((i + 1)).log")
+  # A killed controller never says stopped: its last count says what it decided.
+  [ -n "$n" ] || n=$(sed -n 's/.*decided so far.*readings=\([0-9]*\).*/\1/p' "$work/server$((i + 1)).log" | tail -1)
   decided=$((decided + ${n:-0})) cpu=$((cpu + c)) each="$each ${n:-0}"
 done
 pids=()
+if [ "${KILL:-0}" = 1 ] && [ "$CONTROLLERS" -ge 2 ]; then
+  sent=$(sed -n 's/^fleet: [0-9]* devices, \([0-9]*\) sent.*/\1/p' "$work/fleet.out")
+  awk -v s="$sent" -v n="$decided" -v t="$DURATION_S" \
+    'BEGIN { u = s - n; printf "after the kill: %d readings decided by neither controller (%.2f s of the fleet'"'"'s readings; the killed one'"'"'s last count is up to 1 s old)\n", u, u / (s / t) }'
+fi
 if [ "$CONTROLLERS" -gt 0 ]; then
   delivered=$(sed -n 's/^fleet: \([0-9]*\) readings delivered.*/\1/p' "$work/fleet.out")
   awk -v n="$decided" -v d="$delivered" -v each="$each" -v c="$cpu" -v hz="$hz" -v t="$DURATION_S" -v k="$CONTROLLERS" \

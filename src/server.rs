@@ -10,7 +10,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tracing::{info, trace, warn};
+use tracing::{debug, info, trace, warn};
 
 use crate::config::Config;
 use crate::controller::{Command, Controller};
@@ -63,9 +63,12 @@ pub async fn run(cfg: Config, security: Security, shutdown: impl Future<Output =
     }
     let mut last_error: Option<String> = None;
     let mut connected = false;
-    // What this instance did, said at its stop: with a shared group, the instances' readings
-    // add up to the fleet's.
+    // What this instance did, said at its stop (and every second at debug level, so a killed
+    // instance's share is known too): with a shared group, the instances' readings add up to
+    // the fleet's.
     let (mut readings, mut commands) = (0u64, 0u64);
+    let mut tally = tokio::time::interval(Duration::from_secs(1));
+    tally.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     info!(broker = %broker, threshold = cfg.server.threshold, hysteresis = cfg.server.hysteresis,
         telemetry = %filter, "controller started");
     tokio::pin!(shutdown);
@@ -74,6 +77,10 @@ pub async fn run(cfg: Config, security: Security, shutdown: impl Future<Output =
         let events = tokio::select! {
             _ = &mut shutdown => break,
             events = poller.next() => events,
+            _ = tally.tick(), if tracing::enabled!(tracing::Level::DEBUG) => {
+                debug!(readings, commands, "decided so far");
+                continue;
+            }
         };
         let mut failed = false;
         for ev in events {
