@@ -12,10 +12,7 @@ use tracing_subscriber::prelude::*;
 use crate::config::{self, Config, Loaded};
 use crate::link::Security;
 
-/// Exit status for bad usage or a bad configuration (systemd: `RestartPreventExitStatus=2`).
-pub const EXIT_CONFIG: u8 = 2;
-/// Exit status for any other fatal error.
-pub const EXIT_FAILURE: u8 = 1;
+use crate::{EXIT_CONFIG, EXIT_FAILURE};
 
 /// Firmware for an internet-connected nightlight: light sensor, LED, MQTT, offline queue.
 #[derive(Debug, Parser)]

@@ -7,7 +7,8 @@
 //! README and `docs/`.
 //!
 //! # Layout
-//! - [`cli`]: command-line parsing, logging set-up, exit codes (`main.rs` only calls it).
+//! - [`cli`]: command-line parsing and logging set-up (`main.rs` only calls it); the exit codes
+//!   every command shares are [`EXIT_CONFIG`] and [`EXIT_FAILURE`], here at the root.
 //! - [`clock`]: the wall clock a device is given, whether it is synchronized; re-stamping.
 //! - [`config`]: the configuration schema, layered loading and validation.
 //! - [`device`]: the device loop over its parts (sampler, lamp, connection, inbox, subscriptions,
@@ -30,7 +31,10 @@
 //! - [`led`]: the `Led` trait, the GPIO LED and the virtual LED.
 //! - [`controller`]: the controller's decisions (threshold, hysteresis, late readings).
 //! - [`server`]: `nightlight server`, the controller over MQTT.
+//! - [`update`]: updates over MQTT: signed manifests, the device's agent, the root installer,
+//!   and `nightlight release` (keys, signing, rollouts in waves).
 //! - [`demo`]: `nightlight demo` (virtual builds): broker, device, controller and a view.
+//! - [`fleet`]: `nightlight fleet` (virtual builds): many simulated devices in one process.
 //! - [`broker`]: the demo's small embedded MQTT broker (virtual builds).
 //! - [`shutdown`]: the SIGINT/SIGTERM future.
 //! - [`systemd`]: READY, the watchdog and the status line systemd shows.
@@ -70,6 +74,11 @@ pub const VERSION: &str = match option_env!("NIGHTLIGHT_VERSION") {
     Some(v) => v,
     None => env!("CARGO_PKG_VERSION"),
 };
+
+/// Exit status for bad usage or a bad configuration (systemd: `RestartPreventExitStatus=2`).
+pub const EXIT_CONFIG: u8 = 2;
+/// Exit status for any other fatal error.
+pub const EXIT_FAILURE: u8 = 1;
 
 pub use config::{Config, ConfigError};
 pub use queue::{DiskQueue, QueueError};

@@ -94,10 +94,10 @@ pub fn apply(keys: &[PublicKey], paths: &Paths, gate_wait_s: u64) -> ExitCode {
     let mut i = Installer { keys, paths, gate_wait_s };
     match i.run() {
         Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
+        Ok(false) => ExitCode::from(crate::EXIT_FAILURE),
         Err(e) => {
             eprintln!("nightlight update: {e}");
-            ExitCode::from(1)
+            ExitCode::from(crate::EXIT_FAILURE)
         }
     }
 }

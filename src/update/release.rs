@@ -18,7 +18,7 @@ use std::process::ExitCode;
 
 use super::fetch::{sha256_of, Url};
 use super::manifest::{Manifest, SigningKey};
-use crate::cli::{EXIT_CONFIG, EXIT_FAILURE};
+use crate::{EXIT_CONFIG, EXIT_FAILURE};
 
 /// What to do (`nightlight release ...`).
 #[derive(Debug, Clone, clap::Subcommand)]

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use super::manifest::{compare_versions, Manifest};
 use super::state::{Phase, UpdateState};
-use crate::cli::{EXIT_CONFIG, EXIT_FAILURE};
+use crate::{EXIT_CONFIG, EXIT_FAILURE};
 
 /// `nightlight release rollout`'s flags.
 #[derive(Debug, Clone, clap::Args)]
