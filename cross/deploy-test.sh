@@ -172,6 +172,18 @@ new_run() {
 # (sudo: the image has no D-Bus, so only root reaches systemd, through its private socket.)
 pi_prop() { on_pi sudo systemctl show nightlight -p "$1" --value; }
 pi_version() { on_pi dpkg-query -W -f '\${Version}' nightlight; }
+# Waits until the Pi's queue has grown N times: readings written to its segments while the
+# broker is away (after queue.spill_ms).
+pi_queued() {
+  on_pi sudo bash -s "$1" <<'EOF'
+bytes() { cat /var/lib/nightlight/*.seg 2>/dev/null | wc -c; }
+for _ in $(seq "$1"); do
+  before=$(bytes)
+  for _ in $(seq 300); do [ "$(bytes)" -gt "$before" ] && break; sleep 0.1; done
+  [ "$(bytes)" -gt "$before" ] || exit 1
+done
+EOF
+}
 
 echo "==> 1. first install, built by deploy.sh, with its configuration"
 deploy 0 "$work/install.log" "${opts[@]}" -l pi --config "$work/device.toml" --require-delivery \
@@ -184,7 +196,7 @@ echo "==> 2. an edit on the Pi, the broker down, an upgrade (through an ~/.ssh/c
 on_pi "sudo sed -i 's/^interval_ms = 200$/interval_ms = 250/' /etc/nightlight/device.toml && echo '# edited on the Pi' | sudo tee -a /etc/nightlight/device.toml >/dev/null && sudo systemctl restart nightlight"
 edited=$(new_run "$first") || fail "no telemetry after the edit"
 vm_broker_stop
-sleep 5 # readings queue on the Pi
+pi_queued 5 || fail "no readings queued on the Pi while the broker was down"
 deploy 0 "$work/upgrade.log" -F "$work/ssh_config" --deb "$work/debs/new.deb" "$target" emulated-pi
 [ "$(pi_version)" = "$new_version" ] || fail "after the upgrade $(pi_version) is installed, expected $new_version"
 on_pi 'sudo grep -q "^# edited on the Pi$" /etc/nightlight/device.toml && sudo grep -q "^interval_ms = 250$" /etc/nightlight/device.toml' \
@@ -192,7 +204,7 @@ on_pi 'sudo grep -q "^# edited on the Pi$" /etc/nightlight/device.toml && sudo g
 on_pi 'sudo grep -q "default of '"$new_version"'" /etc/nightlight/device.toml.dpkg-dist' \
   || fail "the new default conffile is not beside the kept one (.dpkg-dist)"
 [ "$(pi_prop ActiveState)" = active ] || fail "the upgraded service is not active"
-sleep 3 # the new version queues readings too
+pi_queued 3 || fail "the upgraded version queued no readings while the broker was down"
 vm_broker_start
 upgraded=$(new_run "$(printf '%s\n' "$first" "$edited")") || fail "no telemetry from the upgraded version"
 # Everything the edited run queued while the broker was down arrives, with no gap, up to its end.

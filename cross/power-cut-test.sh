@@ -67,6 +67,17 @@ wait_new_run() {
   done
   return 1
 }
+# Readings the newest run has delivered so far.
+newest_run_readings() { python3 -c '
+import json, sys
+runs = {}
+for line in open(sys.argv[1], errors="replace"):
+    try:
+        r = json.loads(line)["run"]
+    except Exception:
+        continue
+    runs[r] = runs.get(r, 0) + 1
+print(runs[max(runs)] if runs else 0)' "$work/observed.jsonl"; }
 now_ms() { date +%s%3N; }
 pause() { python3 -c "import random, time; time.sleep(random.uniform($1, $2))"; }
 
@@ -99,9 +110,10 @@ for i in $(seq "$CUTS"); do
   echo "$at" >>"$work/cuts.txt"
   echo "power-cut: cut $i ($what)"
 done
-# A last boot, after the last cut, drains what it left.
+# A last boot, after the last cut, drains what it left: oldest first, so once its own readings
+# arrive (ten of them), what the cuts left has arrived before them.
 if boot_and_wait final; then
-  sleep 8
+  for _ in $(seq 240); do [ "$(newest_run_readings)" -ge 10 ] && break; sleep 0.5; done
   kill -9 "$qemu"; wait "$qemu" 2>/dev/null || true; qemu=""
 fi
 stop_broker
