@@ -14,6 +14,9 @@
 # ROLLOUT_FAIL=P (unset: no rollout) gives the devices a release key and P % bad installs, and a
 # third into the run sends them a signed update with `nightlight release rollout --abort-after
 # 200 --abort-at 5`, printing its last line and how many failed devices it listed.
+# BROKER=HOST:PORT runs against a broker of yours instead of the private mosquitto (a cluster's
+# node, say), and CONTROLLER_BROKERS="HOST:PORT ..." puts the controllers on other brokers (the
+# i-th on the i-th, cycling): with a cluster, readings and commands then cross its nodes.
 # SMOKE=1 runs 200 devices for 5 s (CI: it checks the script, not the figures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,29 +28,35 @@ cargo build --release --no-default-features --features virtual --bin nightlight
 bin="$tdir/release/nightlight"
 work=$(mktemp -d)
 pids=()
-trap 'kill "${pids[@]}" "$mpid" 2>/dev/null || true; rm -rf "$work"' EXIT
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat >"$work/mosquitto.conf" <<CONF
+mpid=""
+trap 'kill "${pids[@]}" $mpid 2>/dev/null || true; rm -rf "$work"' EXIT
+# One descriptor per device on each side, and then some.
+ulimit -n "$(ulimit -Hn)"
+if [ -z "${BROKER:-}" ]; then
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  cat >"$work/mosquitto.conf" <<CONF
 listener $port 127.0.0.1
 allow_anonymous true
 max_queued_messages 0
 CONF
-[ "$(id -u)" -ne 0 ] || echo "user root" >>"$work/mosquitto.conf"
-# One descriptor per device on each side, and then some.
-ulimit -n "$(ulimit -Hn)"
-mosquitto -c "$work/mosquitto.conf" >"$work/mosquitto.log" 2>&1 &
-mpid=$!
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
+  [ "$(id -u)" -ne 0 ] || echo "user root" >>"$work/mosquitto.conf"
+  mosquitto -c "$work/mosquitto.conf" >"$work/mosquitto.log" 2>&1 &
+  mpid=$!
+  BROKER="127.0.0.1:$port"
+fi
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/${BROKER%:*}/${BROKER##*:}") 2>/dev/null && break; sleep 0.05; done
+read -r -a cbrokers <<<"${CONTROLLER_BROKERS:-$BROKER}"
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 for c in $(seq "$CONTROLLERS"); do
-  NIGHTLIGHT__MQTT__HOST=127.0.0.1 NIGHTLIGHT__MQTT__PORT=$port NIGHTLIGHT__SERVER__SHARED_GROUP=bench \
+  cb=${cbrokers[$(((c - 1) % ${#cbrokers[@]}))]}
+  NIGHTLIGHT__MQTT__HOST=${cb%:*} NIGHTLIGHT__MQTT__PORT=${cb##*:} NIGHTLIGHT__SERVER__SHARED_GROUP=bench \
     RUST_LOG=info,nightlight::server=debug "$bin" --config device.toml server 2>"$work/server$c.log" &
   pids+=($!)
 done
 for c in $(seq "$CONTROLLERS"); do
   for _ in $(seq 100); do grep -q '"connected"\|connected' "$work/server$c.log" && break; sleep 0.05; done
 done
-t0=$(ticks "$mpid")
+[ -z "$mpid" ] || t0=$(ticks "$mpid")
 c0=(); for p in "${pids[@]}"; do c0+=("$(ticks "$p")"); done
 update=()
 if [ -n "${ROLLOUT_FAIL:-}" ]; then
@@ -57,7 +66,7 @@ if [ -n "${ROLLOUT_FAIL:-}" ]; then
     --version 9.9.9 --arch all "$work/nightlight_9.9.9_all.deb" >"$work/manifest.json"
   update=(--update-keys "$work/keys/release.pub" --fail-installs "$ROLLOUT_FAIL")
 fi
-"$bin" fleet --devices "$DEVICES" --broker "127.0.0.1:$port" --duration-s "$DURATION_S" --interval-ms "$INTERVAL_MS" \
+"$bin" fleet --devices "$DEVICES" --broker "$BROKER" --duration-s "$DURATION_S" --interval-ms "$INTERVAL_MS" \
   "${update[@]}" 2>"$work/fleet.err" | tee "$work/fleet.out" &
 fleet=$!
 if [ "${KILL:-0}" = 1 ] && [ "$CONTROLLERS" -ge 2 ]; then
@@ -67,14 +76,14 @@ if [ "${KILL:-0}" = 1 ] && [ "$CONTROLLERS" -ge 2 ]; then
 fi
 if [ -n "${ROLLOUT_FAIL:-}" ]; then
   for _ in $(seq 600); do grep -q "devices connected after" "$work/fleet.err" && break; sleep 0.1; done
-  "$bin" release rollout --broker "127.0.0.1:$port" --manifest "$work/manifest.json" --devices 'fleet-*' \
+  "$bin" release rollout --broker "$BROKER" --manifest "$work/manifest.json" --devices 'fleet-*' \
     --abort-after 200 --abort-at 5 >"$work/rollout.out" 2>"$work/rollout.err" || true
   echo "rollout ($ROLLOUT_FAIL % bad installs, abort at 5 % after 200): $(grep -c '^rollout: failed' "$work/rollout.out") failed devices listed"
   tail -1 "$work/rollout.out"
 fi
 wait "$fleet"
 tail -3 "$work/fleet.err" >&2
-t1=$(ticks "$mpid")
+[ -z "$mpid" ] || t1=$(ticks "$mpid")
 # The controllers take the fleet's last readings the moment the observer does; a second lets them
 # finish before they are asked to stop and count (a benchmark's settle, not a test's wait).
 [ "$CONTROLLERS" -eq 0 ] || sleep 1
@@ -104,7 +113,9 @@ if [ "$CONTROLLERS" -gt 0 ]; then
     'BEGIN { printf "controllers: %d in a shared group decided %d readings (each:%s) of %d delivered; %.0f readings/s per core, %.1f %% of a core in all\n",
              k, n, each, d, (c > 0 ? n / (c / hz) : 0), c / hz / t * 100 }'
 fi
-mrss=$(awk '/VmHWM/ { print $2 }' "/proc/$mpid/status")
-awk -v t="$((t1 - t0))" -v hz="$hz" -v d="$DURATION_S" -v rss="$mrss" \
-  'BEGIN { printf "mosquitto: cpu %.1f %% (over the run), peak rss %.1f MiB\n", t / hz / d * 100, rss / 1024 }'
+if [ -n "$mpid" ]; then
+  mrss=$(awk '/VmHWM/ { print $2 }' "/proc/$mpid/status")
+  awk -v t="$((t1 - t0))" -v hz="$hz" -v d="$DURATION_S" -v rss="$mrss" \
+    'BEGIN { printf "mosquitto: cpu %.1f %% (over the run), peak rss %.1f MiB\n", t / hz / d * 100, rss / 1024 }'
+fi
 tail -1 "$work/fleet.out" | grep -q '^fleet: .* 0 lost'
