@@ -85,13 +85,13 @@ struct FleetArgs {
     #[arg(long, value_name = "FILE")]
     update_keys: Option<PathBuf>,
     /// This share of the devices' simulated installs fail and roll back, in percent
-    #[arg(long, default_value_t = 0.0, value_name = "PERCENT", value_parser = percent)]
+    #[arg(long, default_value_t = 0.0, value_name = "PERCENT", value_parser = crate::update::rollout::percent)]
     fail_installs: f64,
     /// This share of the devices has a wall clock an hour ahead, in percent
-    #[arg(long, default_value_t = 0.0, value_name = "PERCENT", value_parser = percent)]
+    #[arg(long, default_value_t = 0.0, value_name = "PERCENT", value_parser = crate::update::rollout::percent)]
     skew: f64,
     /// A third into the run, this share of the fleet loses the broker (for --partition-s)
-    #[arg(long, value_name = "PERCENT", value_parser = percent, conflicts_with = "storm")]
+    #[arg(long, value_name = "PERCENT", value_parser = crate::update::rollout::percent, conflicts_with = "storm")]
     partition: Option<f64>,
     /// How long a partition lasts, in seconds
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -99,14 +99,6 @@ struct FleetArgs {
     /// A third into the run, every device drops its connection at once and reconnects
     #[arg(long)]
     storm: bool,
-}
-
-#[cfg(feature = "virtual")]
-fn percent(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
-        _ => Err(format!("{s} is not a percentage from 0 to 100")),
-    }
 }
 
 #[cfg(feature = "virtual")]

@@ -33,26 +33,62 @@ impl Topics {
     /// The topics under `<id>/`.
     pub fn new(id: &str) -> Self {
         Topics {
-            telemetry: format!("{id}/telemetry"),
+            telemetry: telemetry(id),
             commands: commands(id),
-            state: format!("{id}/state"),
-            status: format!("{id}/status"),
+            state: state(id),
+            status: status(id),
             health: format!("{id}/health"),
             virtual_light: format!("{id}/virtual/light"),
             read: format!("{id}/read"),
             config_set: format!("{id}/config/set"),
             config: format!("{id}/config"),
             reading: format!("{id}/reading"),
-            update: format!("{id}/update"),
-            update_state: format!("{id}/update/state"),
+            update: update(id),
+            update_state: update_state(id),
             update_install: format!("{id}/update/install"),
         }
     }
 }
 
+// One device's topics one at a time, for code that holds many devices and builds a topic when
+// it sends rather than keeping a [`Topics`] for each (`nightlight fleet`, a rollout).
+
+/// A device's readings.
+pub fn telemetry(id: &str) -> String {
+    format!("{id}/telemetry")
+}
+
 /// A device's commands topic (what a controller publishes to).
 pub fn commands(id: &str) -> String {
     format!("{id}/commands")
+}
+
+/// A device's LED state.
+pub fn state(id: &str) -> String {
+    format!("{id}/state")
+}
+
+/// A device's presence (`online`, its Last Will `offline`).
+pub fn status(id: &str) -> String {
+    format!("{id}/status")
+}
+
+/// Signed update manifests to a device.
+pub fn update(id: &str) -> String {
+    format!("{id}/update")
+}
+
+/// A device's update state.
+pub fn update_state(id: &str) -> String {
+    format!("{id}/update/state")
+}
+
+/// Every device's update state (what a rollout watches).
+pub const ALL_UPDATE_STATES: &str = "+/update/state";
+
+/// The device whose update state `topic` is.
+pub fn update_state_of(topic: &str) -> Option<&str> {
+    topic.strip_suffix("/update/state").filter(|id| !id.is_empty() && !id.contains('/'))
 }
 
 /// Where `nightlight status --read` asks a device to answer: below `<id>/reply/`, the one place

@@ -33,6 +33,7 @@ use tokio::time::{sleep_until, Instant, Sleep};
 use super::conn::{Conn, ConnError, Hello};
 use super::{Control, Shared};
 use crate::link::Backoff;
+use crate::topics;
 use crate::update::manifest::Manifest;
 use crate::update::state::{Phase, UpdateState};
 
@@ -140,7 +141,7 @@ pub async fn run(spec: Spec, shared: Arc<Shared>, mut control: watch::Receiver<C
                 _ = sleep_until(at) => break,
             }
         }
-        let will = Some((format!("{}/status", sim.id), &b"offline"[..]));
+        let will = Some((topics::status(&sim.id), &b"offline"[..]));
         let hello = Hello { client_id: &sim.id, keep_alive_s: KEEP_ALIVE, clean: true, will };
         let mut conn = match Conn::open(&shared.broker, &hello, Duration::from_secs(10)).await {
             Ok((c, _)) => c,
@@ -247,15 +248,15 @@ impl Sim<'_> {
 
     /// What a connect sends: subscriptions, then the retained reports.
     async fn hello(&mut self, conn: &mut Conn) -> Result<(), ConnError> {
-        let mut filters = vec![format!("{}/commands", self.id)];
+        let mut filters = vec![topics::commands(&self.id)];
         if self.shared.keys.is_some() {
-            filters.push(format!("{}/update", self.id));
+            filters.push(topics::update(&self.id));
         }
-        let sub = Subscribe::new_many(filters.into_iter().map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce)));
-        let mut sub = sub;
+        let mut sub =
+            Subscribe::new_many(filters.into_iter().map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce)));
         sub.pkid = 1;
         conn.send(&Packet::Subscribe(sub)).await?;
-        self.publish(conn, "status", b"online".to_vec()).await?;
+        self.publish(conn, topics::status(&self.id), b"online".to_vec()).await?;
         self.publish_state(conn).await?;
         let discovery = format!(
             concat!(
@@ -266,11 +267,11 @@ impl Sim<'_> {
             ),
             id = self.id
         );
-        let topic = format!("homeassistant/device/{}/config", self.id);
-        self.publish_to(conn, topic, discovery.into_bytes()).await?;
+        let topic = topics::ha_device_config("homeassistant", &self.id);
+        self.publish(conn, topic, discovery.into_bytes()).await?;
         if self.shared.keys.is_some() {
             let state = self.update_state();
-            self.publish(conn, "update/state", state.to_json()).await?;
+            self.publish(conn, topics::update_state(&self.id), state.to_json()).await?;
         }
         Ok(())
     }
@@ -281,16 +282,11 @@ impl Sim<'_> {
 
     async fn publish_state(&mut self, conn: &mut Conn) -> Result<(), ConnError> {
         let state = crate::payload::state_json(self.led, "remote");
-        self.publish(conn, "state", state).await
+        self.publish(conn, topics::state(&self.id), state).await
     }
 
-    /// A retained QoS 1 message on `<id>/<leaf>` (not a reading).
-    async fn publish(&mut self, conn: &mut Conn, leaf: &str, payload: Vec<u8>) -> Result<(), ConnError> {
-        let topic = format!("{}/{leaf}", self.id);
-        self.publish_to(conn, topic, payload).await
-    }
-
-    async fn publish_to(&mut self, conn: &mut Conn, topic: String, payload: Vec<u8>) -> Result<(), ConnError> {
+    /// A retained QoS 1 message (not a reading).
+    async fn publish(&mut self, conn: &mut Conn, topic: String, payload: Vec<u8>) -> Result<(), ConnError> {
         let mut p = Publish::new(topic, QoS::AtLeastOnce, payload);
         p.retain = true;
         self.other_pkid = if self.other_pkid == u16::MAX { OTHER_PKIDS } else { self.other_pkid + 1 };
@@ -303,7 +299,7 @@ impl Sim<'_> {
         let in_flight = self.queue.iter().take_while(|r| r.sent).count();
         for r in self.queue.iter_mut().skip(in_flight).take(WINDOW.saturating_sub(in_flight)) {
             let payload = format!(r#"{{"light":{},"ts":{},"seq":{},"run":{}}}"#, r.light, r.ts, r.seq, self.shared.run);
-            let mut p = Publish::new(format!("{}/telemetry", self.id), QoS::AtLeastOnce, payload);
+            let mut p = Publish::new(topics::telemetry(&self.id), QoS::AtLeastOnce, payload);
             p.pkid = reading_pkid(r.seq);
             r.sent = true;
             self.shared.sent.fetch_add(1, Relaxed);
@@ -359,7 +355,7 @@ impl Sim<'_> {
                 let state = UpdateState { state: Phase::Failed, ..UpdateState::idle(&self.version) }
                     .with_reason(why.to_string());
                 self.update = Some(state.clone());
-                return self.publish(conn, "update/state", state.to_json()).await;
+                return self.publish(conn, topics::update_state(&self.id), state.to_json()).await;
             }
         };
         if self.failed.as_deref() == Some(manifest.version.as_str()) {
@@ -374,7 +370,7 @@ impl Sim<'_> {
             (Phase::Gating, None),
         ] {
             let state = UpdateState { percent, ..UpdateState::toward(phase, &from, &to) };
-            self.publish(conn, "update/state", state.to_json()).await?;
+            self.publish(conn, topics::update_state(&self.id), state.to_json()).await?;
             // A step of the install takes a moment; readings go on meanwhile on the real device,
             // and here they wait: the steps are short.
             tokio::time::sleep(Duration::from_millis(fastrand::u64(50..200))).await;
@@ -390,7 +386,7 @@ impl Sim<'_> {
             UpdateState { version: to.clone(), ..UpdateState::toward(Phase::Done, &from, &to) }
         };
         self.update = Some(state.clone());
-        self.publish(conn, "update/state", state.to_json()).await
+        self.publish(conn, topics::update_state(&self.id), state.to_json()).await
     }
 }
 

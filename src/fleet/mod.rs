@@ -289,12 +289,10 @@ async fn run_async(opts: &Options) -> anyhow::Result<(Report, Duration)> {
         let _ = d.await;
     }
     // Lost: a reading the device let go of that never arrived, unless the queue's cap dropped it.
-    let lost = |seen: &[Seen]| -> u64 {
-        seen.iter()
-            .zip(shared.released_upto.iter().zip(&shared.dropped_by))
-            .map(|(s, (r, d))| s.lost(r.load(Relaxed)).saturating_sub(d.load(Relaxed)))
-            .sum()
+    let lost_by = |i: usize, s: &Seen| {
+        s.lost(shared.released_upto[i].load(Relaxed)).saturating_sub(shared.dropped_by[i].load(Relaxed))
     };
+    let lost = |seen: &[Seen]| -> u64 { seen.iter().enumerate().map(|(i, s)| lost_by(i, s)).sum() };
     let settle = Instant::now() + SETTLE;
     let mut lost_now = lost(&seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
     while lost_now > 0 && Instant::now() < settle {
@@ -305,7 +303,7 @@ async fn run_async(opts: &Options) -> anyhow::Result<(Report, Duration)> {
     let _ = obs.await;
     let seen = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     // The first few devices that lost readings, and what was seen of them.
-    let losers = seen.iter().enumerate().filter(|(i, s)| s.lost(shared.released_upto[*i].load(Relaxed)) > 0);
+    let losers = seen.iter().enumerate().filter(|(i, s)| lost_by(*i, s) > 0);
     for (i, s) in losers.take(5) {
         let released = shared.released_upto[i].load(Relaxed);
         eprintln!("fleet: {} lost readings: it let go of 1 to {released}; seen: {s:?}", device_id(i));

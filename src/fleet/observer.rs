@@ -37,7 +37,7 @@ pub async fn run(
                 }
             }
         };
-        let mut sub = Subscribe::new("+/telemetry", QoS::AtLeastOnce);
+        let mut sub = Subscribe::new(crate::topics::all_telemetry(""), QoS::AtLeastOnce);
         sub.pkid = 1;
         if conn.send(&Packet::Subscribe(sub)).await.is_err() {
             continue;

@@ -51,13 +51,10 @@ pub enum Command {
 
 /// Runs it; prints what it made or why not.
 pub fn run(cmd: Command) -> ExitCode {
-    if let Command::Rollout(a) = &cmd {
-        return super::rollout::run(a);
-    }
     let result = match cmd {
         Command::Keygen { dir } => keygen(&dir),
         Command::Sign { key, url, version, arch, deb } => sign(&key, &url, version, arch, &deb),
-        Command::Rollout(_) => unreachable!("run above"),
+        Command::Rollout(a) => return super::rollout::run(&a),
     };
     match result {
         Ok(out) => {

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use super::manifest::{compare_versions, Manifest};
 use super::state::{Phase, UpdateState};
-use crate::{EXIT_CONFIG, EXIT_FAILURE};
+use crate::{topics, EXIT_CONFIG, EXIT_FAILURE};
 
 /// `nightlight release rollout`'s flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -64,7 +64,8 @@ pub struct Args {
     pub password_file: Option<PathBuf>,
 }
 
-fn percent(s: &str) -> Result<f64, String> {
+/// A share in percent, 0 to 100 (clap's parser for `--abort-at`, and `nightlight fleet`'s shares).
+pub fn percent(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
         _ => Err(format!("{s} is not a percentage from 0 to 100")),
@@ -311,9 +312,9 @@ async fn shell(a: &Args, manifest: &Manifest, bytes: Vec<u8>, password: Option<S
         opts.set_credentials(user.clone(), password.unwrap_or_default());
     }
     let (client, mut events) = AsyncClient::new(opts, 1024);
-    client.subscribe("+/update/state", QoS::AtLeastOnce).await?;
+    client.subscribe(topics::ALL_UPDATE_STATES, QoS::AtLeastOnce).await?;
     let state_of = |topic: &str, payload: &[u8]| -> Option<(String, UpdateState)> {
-        let id = topic.strip_suffix("/update/state")?;
+        let id = topics::update_state_of(topic)?;
         let s: UpdateState = serde_json::from_slice(payload).ok()?;
         Some((id.to_owned(), s))
     };
@@ -363,7 +364,7 @@ async fn shell(a: &Args, manifest: &Manifest, bytes: Vec<u8>, password: Option<S
             waves += 1;
             eprintln!("rollout: wave {waves}: {} devices ({} sent in all)", wave.len(), r.sent);
             for id in wave {
-                client.publish(format!("{id}/update"), QoS::AtLeastOnce, true, bytes.clone()).await?;
+                client.publish(topics::update(&id), QoS::AtLeastOnce, true, bytes.clone()).await?;
             }
         }
         tokio::select! {
