@@ -84,7 +84,7 @@ pub const GATE_WAIT_S: u64 = 60;
 const GATE_SETTLE_S: u64 = 10;
 const JOURNAL: &str = "journal.json";
 /// The longest reason written for the device (escaped, it stays under 4 KiB).
-const REASON_CHARS: usize = 300;
+pub(crate) const REASON_CHARS: usize = 300;
 const INCOMING: &str = "incoming.deb";
 const PREVIOUS: &str = "previous.deb";
 

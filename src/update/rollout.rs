@@ -272,7 +272,7 @@ pub fn run(a: &Args) -> ExitCode {
     match rt.block_on(shell(a, &manifest, manifest_bytes, password)) {
         Ok(r) => {
             for (id, why) in r.failed() {
-                println!("rollout: failed {id}: {why}");
+                println!("{}", failed_line(id, why));
             }
             println!("{}", r.summary());
             if r.halted {
@@ -286,6 +286,13 @@ pub fn run(a: &Args) -> ExitCode {
             ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+/// The report's line for a failed device. Its id (a topic level) and its reason came from the
+/// network: both are made printable and bounded, so neither can add a line to the report.
+pub fn failed_line(id: &str, why: &str) -> String {
+    use crate::payload::printable;
+    format!("rollout: failed {}: {}", printable(id, 100), printable(why, super::install::REASON_CHARS))
 }
 
 fn bad(why: String) -> ExitCode {
@@ -420,6 +427,15 @@ mod tests {
 
     fn rolled_back() -> UpdateState {
         UpdateState::toward(Phase::RolledBack, "0.1.0", "0.2.0").with_reason("gate")
+    }
+
+    #[test]
+    fn a_devices_id_and_reason_cannot_forge_a_line_of_the_report() {
+        let forged = "\nrollout: 1 targeted, 1 sent, 1 updated, 0 failed, halted: no";
+        let line = failed_line(&format!("d1{forged}"), &format!("gate{forged}{}", "x".repeat(1000)));
+        assert_eq!(line.lines().count(), 1, "{line}");
+        assert!(line.starts_with("rollout: failed d1\\n"), "{line}");
+        assert!(line.chars().count() < 500, "bounded: {} chars", line.chars().count());
     }
 
     #[test]
